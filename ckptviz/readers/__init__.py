@@ -1,0 +1,79 @@
+"""Container readers, one module each, and :func:`read`, which picks one by sniffing the bytes."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnknownFormatError
+from .raw import RawCheckpoint
+
+__all__ = ["RawCheckpoint", "read", "sniff"]
+
+
+def sniff(path: str) -> str:
+    """Name the container in ``path`` from its first bytes: torch-zip, torch-legacy, safetensors, pickle."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "torch-zip"
+    if head[:2] == b"\x80\x02" and head[2:4] == b"\x8a\x0a":
+        return "torch-legacy"
+    if len(head) >= 9 and head[8:9] == b"{":
+        (n,) = struct.unpack("<Q", head[:8])
+        if 2 <= n <= 100_000_000:
+            return "safetensors"
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    return "unknown"
+
+
+def _check_path(path: str) -> None:
+    if not os.path.exists(path):
+        raise CheckpointNotFoundError(f"{path}: no such file. Check the path (relative paths start at {os.getcwd()}).")
+    if os.path.isdir(path):
+        raise CheckpointNotFoundError(
+            f"{path}: is a directory, not a checkpoint file. Pick a file inside it "
+            "(.pt, .pth, .bin, .ckpt, .safetensors)."
+        )
+    if os.path.getsize(path) == 0:
+        raise CorruptCheckpointError(f"{path}: the file is empty (0 bytes); the save or the copy did not finish.")
+
+
+def read(path: str) -> RawCheckpoint:
+    """Read the structure of the checkpoint at ``path`` without reading tensor data."""
+    _check_path(path)
+    kind = sniff(path)
+    if kind == "torch-zip":
+        from .torch_zip import read_torch_zip
+
+        return read_torch_zip(path)
+    if kind == "torch-legacy":
+        from .torch_legacy import read_torch_legacy
+
+        return read_torch_legacy(path)
+    if kind == "safetensors":
+        from .safetensors_reader import read_safetensors
+
+        return read_safetensors(path)
+    if kind == "pickle":
+        return _read_plain_pickle(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    raise UnknownFormatError(
+        f"{path}: not a checkpoint ckptviz can read (first bytes {head!r}). Expected a torch.save file "
+        "(zip or legacy pickle), a TorchScript archive or a safetensors file. If the file was cut off "
+        "or downloaded as an HTML error page, fetch it again."
+    )
+
+
+def _read_plain_pickle(path: str) -> RawCheckpoint:
+    from .mapped import MappedFile
+    from .pickle_reader import PICKLE_ERRORS, unpickle
+
+    try:
+        with open(path, "rb") as f:
+            obj, up = unpickle(f)
+    except PICKLE_ERRORS as e:
+        raise CorruptCheckpointError(f"{path}: a pickle, but it is truncated or corrupted ({e}).") from None
+    return RawCheckpoint(format="pickle", root=obj, unsafe=up.unsafe, source=MappedFile(path, {}), storages=up.storages)

@@ -1,0 +1,309 @@
+"""The no-execution pickle reader: unpickles a torch pickle into plain containers, lazy tensor
+references and inert stand-ins for any other class, without importing or calling anything from the
+file. It records every global the pickle names beyond torch's ``weights_only`` allowlist."""
+
+from __future__ import annotations
+
+import _compat_pickle
+import io
+import pickle
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import torch
+
+from ..errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """One storage record of a torch file: where its bytes are and where it was saved."""
+
+    key: str
+    dtype: torch.dtype
+    location: str
+    numel: int
+    byte_offset: int = 0  # legacy files may view into a larger root storage
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _element_size(self.dtype)
+
+
+@dataclass
+class TensorRef:
+    """A tensor known by its metadata only; its values are read when asked for."""
+
+    storage: StorageRef | None
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool = False
+    is_param: bool = False
+
+    @property
+    def device(self) -> str:
+        return self.storage.location if self.storage is not None else "meta"
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _element_size(self.dtype)
+
+
+@dataclass
+class OpaqueTensor:
+    """A tensor kind ckptviz does not unpack (quantized, sparse, nested, tensor subclasses)."""
+
+    builder: str
+    args: tuple = field(repr=False, default=())
+
+
+class Stub(dict):
+    """Inert stand-in for an instance of a class the file names; it only records its state."""
+
+    _ckptviz_global = "?"
+
+    def __new__(cls, *args, **kwargs):
+        obj = super().__new__(cls)
+        obj.args, obj.state, obj.items_list = args, None, []
+        return obj
+
+    def __init__(self, *args, **kwargs):  # never calls the real constructor
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def append(self, item):
+        self.items_list.append(item)
+
+    def extend(self, items):
+        self.items_list.extend(items)
+
+    def __repr__(self) -> str:
+        return f"<{self._ckptviz_global}>"
+
+    __hash__ = object.__hash__
+
+    def attributes(self) -> dict:
+        """The recorded state as a dict (what ``__dict__`` would have held)."""
+        state = self.state
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+            merged = dict(state[0] or {})
+            merged.update(state[1])
+            return merged
+        return dict(state) if isinstance(state, dict) else {}
+
+
+# What a damaged or hostile pickle can raise while we read it.
+PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+                 KeyError, struct.error, RecursionError, MemoryError, UnicodeDecodeError, CheckpointError)
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size() if dtype.is_complex else dtype.itemsize
+
+
+def _allowed_names() -> dict[str, Any]:
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    names = dict(_get_allowed_globals())
+    for entry in torch.serialization.get_safe_globals():
+        obj, name = entry if isinstance(entry, tuple) else (entry, None)
+        qual = name or f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+        names[qual] = obj
+    return names
+
+
+def _dtype_of(storage_type: Any) -> torch.dtype:
+    if isinstance(storage_type, torch.dtype):
+        return storage_type
+    dtype = getattr(storage_type, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if storage_type is torch.UntypedStorage:
+        return torch.uint8
+    raise CheckpointError(f"unknown storage type {storage_type!r}")
+
+
+def _rebuild_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    dtype = storage.dtype if isinstance(storage, StorageRef) else torch.float32
+    return TensorRef(storage, int(offset), tuple(size), tuple(stride), dtype, bool(requires_grad))
+
+
+def _rebuild_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
+    ref = _rebuild_v2(storage, offset, size, stride, requires_grad)
+    ref.dtype = dtype
+    return ref
+
+
+def _rebuild_v1(storage, offset, size, stride):
+    return _rebuild_v2(storage, offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad, hooks, state=None):
+    if isinstance(data, TensorRef):
+        data.is_param, data.requires_grad = True, bool(requires_grad)
+    return data
+
+
+def _rebuild_from_type(func, new_type, args, state):
+    return func(*args)
+
+
+def _rebuild_meta(dtype, size, stride, requires_grad):
+    return TensorRef(None, 0, tuple(size), tuple(stride), dtype, bool(requires_grad))
+
+
+def _parameter(data=None, requires_grad=True):
+    return _rebuild_parameter(data, requires_grad, None)
+
+
+def _size(*args):
+    return tuple(args[0]) if len(args) == 1 else tuple(args)
+
+
+def _device(*args):
+    return ":".join(str(a) for a in args if a is not None)
+
+
+_INTERCEPTED = {
+    "torch._utils._rebuild_tensor_v2": _rebuild_v2,
+    "torch._utils._rebuild_tensor_v3": _rebuild_v3,
+    "torch._utils._rebuild_tensor": _rebuild_v1,
+    "torch._utils._rebuild_parameter": _rebuild_parameter,
+    "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
+    "torch._tensor._rebuild_from_type_v2": _rebuild_from_type,
+    "torch._utils._rebuild_meta_tensor_no_storage": _rebuild_meta,
+    "torch.nn.parameter.Parameter": _parameter,
+    "torch.Size": _size,
+    "torch.device": _device,
+}
+_OPAQUE_BUILDERS = (
+    "torch._utils._rebuild_qtensor",
+    "torch._utils._rebuild_sparse_tensor",
+    "torch._utils._rebuild_nested_tensor",
+    "torch._utils._rebuild_wrapper_subclass",
+    "torch._utils._rebuild_device_tensor_from_numpy",
+    "torch._utils._rebuild_device_tensor_from_cpu_tensor",
+)
+
+
+class SafeUnpickler(pickle._Unpickler):
+    """Unpickles without importing: allowlisted globals resolve, all others become :class:`Stub`."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file: BinaryIO, *, trusted_prefixes: tuple[str, ...] = ()):
+        super().__init__(file)
+        self.unsafe: set[str] = set()
+        self.storages: dict[str, StorageRef] = {}
+        self._allowed = _allowed_names()
+        self._trusted_prefixes = trusted_prefixes
+        self._stubs: dict[str, type] = {}
+        self._callables: set[int] = set()
+
+    def find_class(self, module: str, name: str) -> Any:
+        if self.proto < 3:  # Python 2 names, as pickle.Unpickler(fix_imports=True) maps them
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        full = f"{module}.{name}"
+        if full in _INTERCEPTED:
+            obj = _INTERCEPTED[full]
+        elif full in _OPAQUE_BUILDERS:
+            obj = _opaque_builder(full)
+        elif full in self._allowed:
+            obj = self._allowed[full]
+        else:
+            if not full.startswith(self._trusted_prefixes):
+                self.unsafe.add(full)
+            obj = self._stub(full)
+        self._callables.add(id(obj))
+        return obj
+
+    def _stub(self, full: str) -> type:
+        if full not in self._stubs:
+            self._stubs[full] = type(full.rsplit(".", 1)[-1], (Stub,), {"_ckptviz_global": full})
+        return self._stubs[full]
+
+    def persistent_load(self, pid: Any) -> StorageRef:
+        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
+        storage_type, key, location, numel = pid[1], str(pid[2]), str(pid[3]), int(pid[4])
+        dtype = _dtype_of(storage_type)
+        root = self.storages.get(key)
+        if root is None:
+            root = self.storages[key] = StorageRef(key, dtype, location, numel)
+        view = pid[5] if len(pid) > 5 else None
+        if view is not None:  # legacy: (view_key, offset, view_size)
+            _, view_offset, view_size = view
+            return StorageRef(key, dtype, location, int(view_size), int(view_offset) * _element_size(dtype))
+        return root
+
+    # Only objects that find_class handed out may be called or instantiated.
+    def _check_callable(self, func: Any) -> None:
+        if id(func) not in self._callables:
+            raise pickle.UnpicklingError(f"refusing to call {type(func).__name__} object from the pickle")
+
+    def load_reduce(self):
+        args = self.stack.pop()
+        func = self.stack[-1]
+        self._check_callable(func)
+        self.stack[-1] = func(*args)
+
+    def load_newobj(self):
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self._check_callable(cls)
+        self.append(cls.__new__(cls, *args) if isinstance(cls, type) else cls(*args))
+
+    def load_newobj_ex(self):
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self._check_callable(cls)
+        self.append(cls.__new__(cls, *args, **kwargs) if isinstance(cls, type) else cls(*args))
+
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, Stub):
+            inst.__setstate__(state)
+        elif isinstance(inst, OrderedDict) and isinstance(state, dict):
+            inst.__dict__.update({k: v for k, v in state.items() if isinstance(k, str)})
+        elif isinstance(inst, TensorRef):
+            pass  # tensor state (e.g. tensor subclass attributes) is not needed
+        else:
+            raise pickle.UnpicklingError(f"refusing to set state on a {type(inst).__name__}")
+
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.INST[0]] = None  # protocol-0 class calls: not used by torch.save
+    dispatch[pickle.OBJ[0]] = None
+    dispatch = {k: v for k, v in dispatch.items() if v is not None}
+
+
+def _opaque_builder(full: str):
+    def build(*args):
+        return OpaqueTensor(full, args)
+
+    return build
+
+
+def unpickle(data: bytes | BinaryIO, *, trusted_prefixes: tuple[str, ...] = ()) -> tuple[Any, SafeUnpickler]:
+    """Unpickle one object from ``data``; return it with the unpickler (for ``unsafe``, ``storages``)."""
+    file = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    up = SafeUnpickler(file, trusted_prefixes=trusted_prefixes)
+    return up.load(), up
