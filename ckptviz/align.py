@@ -137,7 +137,9 @@ def align(
     clashes = {n: [c for c in ckpt_keys if names[c] == n] for n, k in Counter(names.values()).items() if k > 1}
     if clashes:
         shown = "; ".join(f"{n!r} <- {cs}" for n, cs in list(clashes.items())[:5])
-        raise AlignmentError(f"the rename rules map several checkpoint keys to one name: {shown}. Make the rules more specific.")
+        raise AlignmentError(
+            f"the rename rules map several checkpoint keys to one name: {shown}. Make the rules more specific."
+        )
 
     model_set = set(model_keys)
     for c, n in names.items():

@@ -82,10 +82,18 @@ class LoadResult:
         return f"<div class='ckptviz-loadresult'><p><b>{head}</b></p>{styled.to_html()}</div>"
 
 
-def _restore(live: dict[str, torch.Tensor], backup: dict[str, torch.Tensor]) -> None:
+def _restore(live: dict[str, torch.Tensor], backup: dict[str, torch.Tensor], keys: list[str] | None = None) -> None:
+    """Copy backups back; with ``keys`` (a failed load), only into tensors that were written to."""
+    if keys is None:
+        keys = list(backup)
+    by_tensor = {id(live[k]): b for k, b in backup.items()}
     with torch.no_grad():
-        for k, b in backup.items():
-            live[k].copy_(b)
+        for i, k in enumerate(keys):
+            try:
+                live[k].copy_(by_tensor[id(live[k])])
+            except RuntimeError:
+                if i != len(keys) - 1:  # the tensor whose copy failed may refuse writes altogether
+                    raise
 
 
 def _plan(report: Report, live: dict[str, torch.Tensor], keys: Iterable[str] | None):
@@ -138,17 +146,18 @@ def load_partial(model: nn.Module, report: Report, *, keys: Iterable[str] | None
             seen.add(id(live[k]))
             backup[k] = live[k].detach().clone()
     total = sum(t.numel() * t.element_size() for t in sources.values())
-    key = None
+    written: list[str] = []
     try:
         with torch.no_grad(), tqdm(total=total, unit="B", unit_scale=True, desc="loading",
                                    disable=total < PROGRESS_BYTES) as bar:
             for key, src in sources.items():
+                written.append(key)
                 live[key].copy_(src)
                 bar.update(src.numel() * src.element_size())
     except Exception as e:
-        _restore(live, backup)
+        _restore(live, backup, written)
         raise LoadError(
-            f"copying {key!r} into the model failed ({type(e).__name__}: {e}). The model was restored to "
+            f"copying {written[-1]!r} into the model failed ({type(e).__name__}: {e}). The model was restored to "
             "exactly its previous values; nothing was loaded."
         ) from e
     return LoadResult(model, report, list(sources), skipped, backup)

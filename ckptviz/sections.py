@@ -134,10 +134,10 @@ def plain(obj: Any, depth: int = 0) -> Any:
     """A readable, plain-data copy of ``obj``: stand-ins become dicts, tensors become short strings."""
     if depth > MAX_DEPTH:
         return "..."
-    if isinstance(obj, TensorRef):
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1 and obj.device.type != "meta":
+        return obj.item()
+    if isinstance(obj, (TensorRef, torch.Tensor)):
         return f"tensor({str(obj.dtype).removeprefix('torch.')}, shape={list(obj.shape)})"
-    if isinstance(obj, torch.Tensor):
-        return obj.item() if obj.numel() == 1 else f"tensor({str(obj.dtype).removeprefix('torch.')}, shape={list(obj.shape)})"
     if isinstance(obj, OpaqueTensor):
         return f"<{obj.builder}>"
     if isinstance(obj, Stub):

@@ -52,7 +52,9 @@ def read_torch_zip(path: str) -> RawCheckpoint:
             "Re-download or re-save the file; a partial copy cannot be read."
         ) from None
     if byteorder != "little":
-        raise CorruptCheckpointError(f"{path}: big-endian checkpoints are not supported; re-save it on a little-endian machine")
+        raise CorruptCheckpointError(
+            f"{path}: big-endian checkpoints are not supported; re-save it on a little-endian machine"
+        )
     source = MappedFile(path, offsets)
     return RawCheckpoint(
         format="torchscript" if is_script else "torch-zip",
