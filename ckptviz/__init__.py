@@ -20,8 +20,18 @@ from .load import LoadResult, load_optimizer, load_partial
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # The widgets import ipywidgets; load them only when asked for, so the core stays headless.
+    if name == "CheckpointInspector":
+        from .widgets import CheckpointInspector
+
+        return CheckpointInspector
+    raise AttributeError(f"module 'ckptviz' has no attribute {name!r}")
+
+
 __all__ = [
-    "STATUSES", "AlignmentError", "Checkpoint", "CheckpointError", "CheckpointNotFoundError",
+    "STATUSES", "AlignmentError", "Checkpoint", "CheckpointInspector", "CheckpointError", "CheckpointNotFoundError",
     "CorruptCheckpointError", "LoadError", "LoadResult", "ModelError", "NoTensorsError",
     "OptimizerMismatchError", "Report", "Rule", "SectionError", "UnknownFormatError",
     "UnsafeCheckpointError", "compare", "load_optimizer", "load_partial", "open_checkpoint",

@@ -52,6 +52,12 @@ class Report:
         ok = self.frame["status"].isin(["match", "dtype_mismatch"])
         return self.frame.loc[ok, "key"].tolist()
 
+    def device_moves(self) -> pd.DataFrame:
+        """For the loadable rows: how many tensors go from each saved device to each model device."""
+        rows = self.frame[self.frame["status"].isin(["match", "dtype_mismatch"])]
+        moves = rows.groupby(["ckpt_device", "model_device"]).size().rename("tensors").reset_index()
+        return moves.sort_values("tensors", ascending=False, ignore_index=True)
+
     def problems(self) -> pd.DataFrame:
         """The rows that are not a clean match."""
         return self.frame[self.frame["status"] != "match"]

@@ -106,8 +106,10 @@ class Stub(dict):
 
 
 # What a damaged or hostile pickle can raise while we read it.
-PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-                 KeyError, struct.error, RecursionError, MemoryError, UnicodeDecodeError, CheckpointError)
+# Allowlisted callables run on the file's arguments, so this includes what they raise (torch's
+# RuntimeError, int overflow, unknown codecs).
+PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, LookupError,
+                 struct.error, RecursionError, MemoryError, OverflowError, RuntimeError, CheckpointError)
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -136,14 +138,35 @@ def _dtype_of(storage_type: Any) -> torch.dtype:
     raise CheckpointError(f"unknown storage type {storage_type!r}")
 
 
+def _ints(what: str, values: Any, minimum: int | None = None) -> tuple[int, ...]:
+    if not isinstance(values, (tuple, list)) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and (minimum is None or v >= minimum) for v in values
+    ):
+        raise pickle.UnpicklingError(f"tensor record has an invalid {what}: {values!r}")
+    return tuple(values)
+
+
 def _rebuild_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    dtype = storage.dtype if isinstance(storage, StorageRef) else torch.float32
-    return TensorRef(storage, int(offset), tuple(size), tuple(stride), dtype, bool(requires_grad))
+    if isinstance(storage, Stub):  # e.g. pickle.dump's torch.storage._load_from_bytes: not unpacked
+        return OpaqueTensor("torch._utils._rebuild_tensor_v2", (storage, offset, size, stride))
+    if not isinstance(storage, StorageRef):
+        raise pickle.UnpicklingError(
+            f"tensor record without a torch storage (got {type(storage).__name__}); "
+            "not a torch.save file, or a damaged one"
+        )
+    (offset,) = _ints("storage offset", (offset,), minimum=0)
+    size, stride = _ints("size", size, minimum=0), _ints("stride", stride, minimum=0)
+    if len(size) != len(stride):
+        raise pickle.UnpicklingError(f"tensor record has size {size} but stride {stride}")
+    return TensorRef(storage, offset, size, stride, storage.dtype, bool(requires_grad))
 
 
 def _rebuild_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
     ref = _rebuild_v2(storage, offset, size, stride, requires_grad)
-    ref.dtype = dtype
+    if isinstance(ref, TensorRef):
+        if not isinstance(dtype, torch.dtype):
+            raise pickle.UnpicklingError(f"tensor record has an invalid dtype: {dtype!r}")
+        ref.dtype = dtype
     return ref
 
 
@@ -237,6 +260,8 @@ class SafeUnpickler(pickle._Unpickler):
         return self._stubs[full]
 
     def persistent_load(self, pid: Any) -> StorageRef:
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module":
+            return pid[1]  # legacy whole-module saves: ('module', cls, source_file, source); cls is a Stub
         if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
         storage_type, key, location, numel = pid[1], str(pid[2]), str(pid[3]), int(pid[4])
@@ -290,9 +315,12 @@ class SafeUnpickler(pickle._Unpickler):
     dispatch[pickle.NEWOBJ[0]] = load_newobj
     dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
     dispatch[pickle.BUILD[0]] = load_build
-    dispatch[pickle.INST[0]] = None  # protocol-0 class calls: not used by torch.save
-    dispatch[pickle.OBJ[0]] = None
-    dispatch = {k: v for k, v in dispatch.items() if v is not None}
+    def load_inst_or_obj(self):
+        raise pickle.UnpicklingError("the pickle instantiates classes with protocol-0 INST/OBJ, "
+                                     "which torch.save never writes")
+
+    dispatch[pickle.INST[0]] = load_inst_or_obj
+    dispatch[pickle.OBJ[0]] = load_inst_or_obj
 
 
 def _opaque_builder(full: str):

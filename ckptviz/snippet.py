@@ -1,0 +1,191 @@
+"""``torch_code()``: the plain-PyTorch code (``torch.load``, pick the section, ``re.sub`` renames, keep
+the keys that fit, ``load_state_dict(strict=False)``) that loads exactly what a :class:`LoadResult`
+loaded, or what ``load_partial`` would load from a :class:`Report`, so a notebook can teach the fix."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .checkpoint import Checkpoint
+from .compare import Report
+from .errors import LoadError
+from .load import LoadResult
+from .sections import _is_module_stub
+
+INLINE_LIMIT = 100  # a set literal longer than this is written one key per line
+
+
+def _q(s: str) -> str:
+    """``s`` as a double-quoted Python string literal."""
+    out = json.dumps(s, ensure_ascii=False)
+    return out if ast.literal_eval(out) == s else repr(s)
+
+
+def _regex(s: str) -> str:
+    """``s`` as a raw string literal where that is valid and reads better, else as :func:`_q`."""
+    if "\\" in s and not re.search(r'["\x00-\x1f]|\\$', s) and ast.literal_eval(f'r"{s}"') == s:
+        return f'r"{s}"'
+    return _q(s)
+
+
+def _selection(obj: LoadResult | Report, keys: Iterable[str] | None) -> tuple[Report, set[str]]:
+    """The report and the model keys that were (or ``load_partial`` would be) loaded."""
+    if isinstance(obj, LoadResult):
+        if keys is not None:
+            raise TypeError("keys= applies to a Report; a LoadResult already records which keys were loaded")
+        return obj.report, set(obj.loaded)
+    if not isinstance(obj, Report):
+        raise TypeError(f"expected a ckptviz LoadResult or Report, got {type(obj).__name__}")
+    rows = {r.key: r for r in obj.frame.itertuples(index=False) if isinstance(r.key, str)}
+    chosen = obj.loadable if keys is None else list(dict.fromkeys([keys] if isinstance(keys, str) else keys))
+    unknown = [k for k in chosen if k not in rows]
+    if unknown:
+        raise LoadError(f"keys not in the model: {unknown[:10]}; pass model keys (the report's 'key' column)")
+    return obj, {k for k in chosen if _reason(rows[k]) is None}
+
+
+def _reason(row: Any) -> str | None:
+    """Why ``load_partial`` would skip this row, or None if it loads."""
+    if row.status == "missing":
+        return "not in the checkpoint"
+    if row.status == "shape_mismatch":
+        return f"shape {tuple(row.ckpt_shape)} in the checkpoint, {tuple(row.model_shape)} in the model"
+    if str(row.ckpt_dtype).startswith("complex") and not str(row.model_dtype).startswith("complex"):
+        return f"complex {row.ckpt_dtype} into real {row.model_dtype}"
+    return None
+
+
+def _items(node: Any) -> list[tuple[Any, Any]]:
+    if isinstance(node, Mapping):
+        return list(node.items())
+    if isinstance(node, (list, tuple)):
+        return list(enumerate(node))
+    return []
+
+
+def _locate(node: Any, section: str) -> tuple[list[Any], Any] | None:
+    """The real keys (str or int) leading from ``node`` to the dotted ``section``, and what is there."""
+    if section == "":
+        return [], node
+    for key, child in _items(node):
+        name = str(key)
+        if section == name or section.startswith(name + "."):
+            found = _locate(child, section[len(name) + 1:])
+            if found is not None:
+                return [key, *found[0]], found[1]
+    return None
+
+
+FLATTEN = '''
+def flatten(tree, prefix=""):
+    """Nested dicts of tensors -> one dict with dotted keys."""
+    out = {}
+    for k, v in tree.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+'''
+
+
+def _read(ck: Checkpoint, section: str, path: str | None) -> tuple[list[str], str, list[str]]:
+    """(import lines, code that binds ``sd`` to the section, the keys ``sd`` will hold)."""
+    imports, lines = ["import torch"], []
+    keys = list(ck._section(section))
+    if ck.format == "safetensors":
+        imports.append("from safetensors.torch import load_file")
+        return imports, f"sd = load_file({_q(path or ck.path)})\n", keys
+    if ck.format == "torchscript":
+        lines.append(f'ckpt = torch.jit.load({_q(path or ck.path)}, map_location="cpu")  # a TorchScript archive')
+    elif path is None and ck.format == "state-dict":
+        lines.append("ckpt = state_dict  # the mapping that was given to ckptviz.compare()")
+    elif ck.format == "pickle":
+        imports.append("import pickle")
+        lines.append("# a plain pickle, which torch.load cannot read; unpickling runs code: only for files you trust")
+        lines.append(f"with open({_q(path or ck.path)}, 'rb') as f:\n    ckpt = pickle.load(f)")
+    elif ck.unsafe_globals:
+        named = ", ".join(ck.unsafe_globals[:3]) + (", ..." if len(ck.unsafe_globals) > 3 else "")
+        lines.append(f"# the file pickles {named}:")
+        lines.append("# weights_only=False imports and runs them, so do this only if you trust the file's origin")
+        lines.append(f'ckpt = torch.load({_q(path or ck.path)}, map_location="cpu", weights_only=False)')
+    else:
+        lines.append(f'ckpt = torch.load({_q(path or ck.path)}, map_location="cpu", weights_only=True)')
+    found = _locate(ck._root, section)
+    steps, node = found if found is not None else (section.split(".") if section else [], None)
+    expr = "ckpt" + "".join(f"[{_q(k) if isinstance(k, str) else repr(k)}]" for k in steps)
+    where = f"section {section!r}" if section else "the file is the state dict itself"
+    if _is_module_stub(node):
+        expr += ".state_dict()"
+        where = "the saved module's weights"
+    elif isinstance(node, Mapping) and not set(keys) <= {str(k) for k in node}:
+        lines.insert(0, FLATTEN)
+        expr = f"flatten({expr})"
+    elif isinstance(node, Mapping):
+        keys = [str(k) for k in node]  # torch.load also returns the entries that are not tensors
+    lines.append(f"sd = {expr}  # {where}")
+    return imports, "\n".join(lines) + "\n", keys
+
+
+def _renamed(keys: list[str], rules: list[tuple[str, str]]) -> dict[str, str] | None:
+    """What the ``re.sub`` comprehensions turn ``keys`` into (new name -> original), None on a collision."""
+    names = {k: k for k in keys}
+    for pattern, repl in rules:
+        names = {re.sub(pattern, repl, k): orig for k, orig in names.items()}
+    return names if len(names) == len(keys) else None
+
+
+def _set_literal(name: str, keys: list[str], notes: Mapping[str, str] | None = None) -> str:
+    if not keys:
+        return f"{name} = set()\n"
+    inline = f"{name} = {{{', '.join(_q(k) for k in keys)}}}\n"
+    if not notes and len(inline) <= INLINE_LIMIT:
+        return inline
+    body = "".join(f"    {_q(k)},{f'  # {notes[k]}' if notes and notes.get(k) else ''}\n" for k in keys)
+    return f"{name} = {{\n{body}}}\n"
+
+
+def torch_code(
+    result_or_report: LoadResult | Report, *, keys: Iterable[str] | None = None, path: str | None = None
+) -> str:
+    """Plain-PyTorch code that loads exactly what ``load_partial`` loaded (or would load).
+
+    Give a :class:`LoadResult`, or a :class:`Report` with optional ``keys`` (default: its loadable
+    rows). ``path`` replaces the checkpoint's own path in the code. Run the code with ``model``
+    bound to the model; it leaves ``missing`` and ``unexpected`` as ``load_state_dict`` reports them.
+    """
+    report, loaded = _selection(result_or_report, keys)
+    rows = [r for r in report.frame.itertuples(index=False) if isinstance(r.key, str)]
+    pairs = {r.ckpt_key: r.key for r in rows if r.key in loaded}
+    imports, code, raw_keys = _read(report.checkpoint, report.section, path)
+    body = []
+    names = _renamed(raw_keys, report.rules)
+    if names is not None and all(names.get(m) == c for c, m in pairs.items()):
+        if report.rules:
+            imports.insert(0, "import re")
+            body.append("# rename checkpoint keys to the model's names (the rules ckptviz inferred or was given)\n")
+            for pattern, repl in report.rules:
+                body.append(f"sd = {{re.sub({_regex(pattern)}, {_regex(repl)}, k): v for k, v in sd.items()}}\n")
+        model_keys = {r.key: r for r in rows}
+        skip = [n for n in names if n in model_keys and n not in loaded]
+        keep = [r.key for r in rows if r.key in loaded]
+        if skip and len(keep) <= len(skip):
+            body.append(f"# keep only the {len(keep)} key(s) that load\n")
+            body.append(_set_literal("keep", keep))
+            body.append("sd = {k: v for k, v in sd.items() if k in keep}\n")
+        elif skip:
+            body.append("# leave out what does not fit, or was not selected\n")
+            body.append(_set_literal("skip", skip, {k: _reason(model_keys[k]) or "not selected" for k in skip}))
+            body.append("sd = {k: v for k, v in sd.items() if k not in skip}\n")
+    else:  # the rules alone would not reproduce the pairing: spell it out
+        body.append("# checkpoint key -> model key, as ckptviz paired them (only the keys that load)\n")
+        items = "".join(f"    {_q(c)}: {_q(m)},\n" for c, m in pairs.items())
+        body.append(f"names = {{\n{items}}}\n" if items else "names = {}\n")
+        body.append("sd = {names[k]: v for k, v in sd.items() if k in names}\n")
+    body.append("# strict=False: model keys absent from sd keep their values. No key left in sd has a mismatched\n")
+    body.append("# shape, so every one is copied (cast to the model's dtype and device) and nothing fails half-way\n")
+    body.append("missing, unexpected = model.load_state_dict(sd, strict=False)\n")
+    head = "\n".join(imports).rstrip("\n") + "\n\n"
+    return head + code + "".join(body)
