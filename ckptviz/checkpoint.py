@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -106,8 +107,10 @@ class Checkpoint:
         """One row per tensor: shape, dtype, device (where it was saved), numel, nbytes. Reads no data."""
         entries = self._section(section)
         rows = [tensor_info(v) for v in entries.values()]
-        frame = pd.DataFrame(rows, columns=TENSOR_COLUMNS, index=pd.Index(list(entries), name="key"))
-        return frame.astype({"numel": "int64", "nbytes": "int64"}) if rows else frame
+        cols = list(zip(*rows)) if rows else [()] * len(TENSOR_COLUMNS)
+        data = {c: np.array(v, dtype=np.int64) if c in ("numel", "nbytes") else list(v)
+                for c, v in zip(TENSOR_COLUMNS, cols)}
+        return pd.DataFrame(data, index=pd.Index(list(entries), name="key"))
 
     def tensor(self, key: str, section: str | None = None) -> torch.Tensor:
         """The value of one tensor, on the CPU (memory-mapped where the container allows)."""
@@ -118,13 +121,21 @@ class Checkpoint:
 
     def state_dict(self, section: str | None = None) -> dict[str, torch.Tensor]:
         """``{key: tensor}`` for a section; tensors are views of a private map of the file."""
-        return {k: self._value(v) for k, v in self._section(section).items()}
+        entries = self._section(section)
+        whole = self._map() if any(isinstance(v, TensorRef) for v in entries.values()) else None
+        return {k: self._value(v, whole) for k, v in entries.items()}
 
-    def _value(self, v: TensorRef | torch.Tensor) -> torch.Tensor:
+    def _map(self) -> torch.UntypedStorage | None:
+        try:
+            return self._raw.source.map() if self._raw is not None and self._raw.source.size else None
+        except RuntimeError as e:
+            raise CorruptCheckpointError(f"{self.path}: could not map the file ({e}).") from None
+
+    def _value(self, v: TensorRef | torch.Tensor, whole: torch.UntypedStorage | None = None) -> torch.Tensor:
         if isinstance(v, torch.Tensor):
             return v
         try:
-            return materialize(v, self._raw.source)
+            return materialize(v, self._raw.source, whole if whole is not None else self._map())
         except (RuntimeError, OSError, ValueError) as e:
             raise CorruptCheckpointError(f"{self.path}: could not read a tensor's bytes ({e}).") from None
 

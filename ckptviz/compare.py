@@ -117,7 +117,7 @@ def _build_frame(model: dict[str, torch.Tensor], entries: dict[str, Any], al: Al
         if c not in al.pairs:
             c_shape, c_dtype, c_device, _, _ = tensor_info(v)
             rows.append((None, c, "unexpected", None, c_shape, None, c_dtype, None, c_device, None))
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return pd.DataFrame(rows, columns=COLUMNS, dtype=object)  # empty cells stay None
 
 
 def compare(

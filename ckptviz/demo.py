@@ -88,11 +88,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dir", default=os.path.expanduser("~/ckptviz-demo"),
                         help="where to write the demo checkpoint")
+    parser.add_argument("--build-only", action="store_true", help="only make the checkpoint (if missing)")
     args = parser.parse_args(argv)
     path = Path(args.dir) / "digits_cnn.pth.tar"
     if not path.exists():
         print(f"training a small CNN on scikit-learn's digits -> {path}")
         make_demo_checkpoint(path)
+    if args.build_only:
+        return
     ck = cv.open_checkpoint(path)
     print(f"\n{ck}\nmetadata: {ck.metadata}\n")
     model = DigitsCNN(num_classes=5)  # a new head: the transfer-learning case

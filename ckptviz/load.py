@@ -24,7 +24,7 @@ class LoadResult:
     """What :func:`load_partial` did: keys loaded, skipped (with reasons), missing, unexpected."""
 
     def __init__(self, model: nn.Module, report: Report, loaded: list[str], skipped: dict[str, str],
-                 backup: dict[str, torch.Tensor]):
+                 backup: dict[str, torch.Tensor] | None):
         self._model = weakref.ref(model)
         self._backup = backup
         self.report = report
@@ -55,6 +55,9 @@ class LoadResult:
         """Put back exactly the values that this load overwrote."""
         if self.undone:
             raise LoadError("this load was already undone")
+        if self._backup is None:
+            raise LoadError("this load kept no copy of what it overwrote (it ran with undo=False); "
+                            "load with load_partial(model, report) to be able to undo")
         model = self._model()
         if model is None:
             raise LoadError("the model this load went into no longer exists")
@@ -121,46 +124,63 @@ def _plan(report: Report, live: dict[str, torch.Tensor], keys: Iterable[str] | N
     return plan, skipped
 
 
-def load_partial(model: nn.Module, report: Report, *, keys: Iterable[str] | None = None) -> LoadResult:
+def load_partial(model: nn.Module, report: Report, *, keys: Iterable[str] | None = None,
+                 undo: bool = True) -> LoadResult:
     """Copy checkpoint tensors into ``model`` in place (``strict=False`` semantics, shape-safe).
 
     Loads every ``match`` and ``dtype_mismatch`` row of ``report`` (or exactly ``keys``), casting to
-    each model tensor's dtype and device. Everything is checked before the first copy; if a copy
-    still fails, every tensor is restored and :class:`LoadError` is raised.
+    each model tensor's dtype and device. Everything is checked before the first copy. Each tensor is
+    copied aside just before it is overwritten, so a copy that still fails restores the model bit
+    for bit and ``LoadResult.undo()`` works. ``undo=False`` keeps no such copy (for models too big to
+    hold twice, and as fast as ``load_state_dict``): a failure then names the tensors already written.
     """
     live = model_tensors(model)
     plan, skipped = _plan(report, live, keys)
     sources: dict[str, torch.Tensor] = {}
     for k, c in plan.items():
         src, dst = report.checkpoint.tensor(c, report.section), live[k]
-        if src.shape != dst.shape:
-            skipped[k] = f"shape {tuple(src.shape)} in the checkpoint, {tuple(dst.shape)} in the model"
-        elif src.is_complex() and not dst.is_complex():
-            skipped[k] = f"complex {src.dtype} into real {dst.dtype} would drop the imaginary part"
+        reason = _cannot_copy(src, dst)
+        if reason:
+            skipped[k] = reason
         else:
             sources[k] = src
-    backup: dict[str, torch.Tensor] = {}
+    backup: dict[str, torch.Tensor] | None = {} if undo else None
     seen: set[int] = set()
-    for k in sources:
-        if id(live[k]) not in seen:  # tied weights are backed up once
-            seen.add(id(live[k]))
-            backup[k] = live[k].detach().clone()
     total = sum(t.numel() * t.element_size() for t in sources.values())
     written: list[str] = []
     try:
         with torch.no_grad(), tqdm(total=total, unit="B", unit_scale=True, desc="loading",
                                    disable=total < PROGRESS_BYTES) as bar:
             for key, src in sources.items():
+                dst = live[key]
+                if backup is not None and id(dst) not in seen:  # tied weights are backed up once
+                    seen.add(id(dst))
+                    backup[key] = dst.detach().clone()
                 written.append(key)
-                live[key].copy_(src)
+                dst.copy_(src)
                 bar.update(src.numel() * src.element_size())
     except Exception as e:
+        what = f"copying {written[-1]!r} into the model failed ({type(e).__name__}: {e})" if written else (
+            f"loading failed before the first copy ({type(e).__name__}: {e})")
+        if backup is None:
+            raise LoadError(
+                f"{what}. {len(written) - 1} tensor(s) before it were loaded ({written[:-1][:5]}); "
+                "load with undo=True (the default) for an all-or-nothing load."
+            ) from e
         _restore(live, backup, written)
-        raise LoadError(
-            f"copying {written[-1]!r} into the model failed ({type(e).__name__}: {e}). The model was restored to "
-            "exactly its previous values; nothing was loaded."
-        ) from e
+        raise LoadError(f"{what}. The model was restored to exactly its previous values; nothing was loaded.") from e
     return LoadResult(model, report, list(sources), skipped, backup)
+
+
+def _cannot_copy(src: torch.Tensor, dst: torch.Tensor) -> str | None:
+    """Why ``src`` cannot be copied into ``dst`` in place, or None."""
+    if src.shape != dst.shape:
+        return f"shape {tuple(src.shape)} in the checkpoint, {tuple(dst.shape)} in the model"
+    if src.is_complex() and not dst.is_complex():
+        return f"complex {src.dtype} into real {dst.dtype} would drop the imaginary part"
+    if dst.numel() > 1 and torch._debug_has_internal_overlap(dst) == 1:
+        return "the model tensor has overlapping memory (e.g. an expand()ed buffer) and cannot be written in place"
+    return None
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, source: Any, *, section: str | None = None) -> dict[str, int]:
@@ -174,7 +194,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, source: Any, *, section: st
     groups = saved.get("param_groups")
     if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g for g in groups):
         raise OptimizerMismatchError(f"{ck.path}: the optimizer state has no usable 'param_groups'")
-    where = f"{ck.path} [{section or 'first optimizer state'}]"
+    where = f"{ck.path} [{section if section is not None else ck.optimizer_sections[0]}]"
     saved_sizes = [len(g["params"]) for g in groups]
     sizes = [len(g["params"]) for g in optimizer.param_groups]
     if saved_sizes != sizes:

@@ -97,13 +97,15 @@ def test_missing_and_unexpected_keys_in_torch_sense(tmp_path):
 
 
 class Fragile(nn.Module):
-    """A model whose last buffer cannot be written in place: a real mid-load failure."""
+    """A model whose last buffer refuses in-place writes (an inference-mode tensor): a real mid-load failure."""
 
     def __init__(self):
         super().__init__()
         self.a = nn.Linear(4, 4)
         self.b = nn.Linear(4, 4)
-        self.register_buffer("shared", torch.zeros(4).expand(3, 4))  # overlapping memory
+        self.c = nn.Module()  # last in state-dict order
+        with torch.inference_mode():
+            self.c.register_buffer("frozen", torch.zeros(3, 4))
 
 
 def test_failure_mid_load_leaves_model_bit_identical(tmp_path):
@@ -111,13 +113,44 @@ def test_failure_mid_load_leaves_model_bit_identical(tmp_path):
     randomized(model.a, seed=7), randomized(model.b, seed=8)
     before = snapshot(model)
     src = {"a.weight": torch.randn(4, 4), "a.bias": torch.randn(4), "b.weight": torch.randn(4, 4),
-           "b.bias": torch.randn(4), "shared": torch.randn(3, 4)}
+           "b.bias": torch.randn(4), "c.frozen": torch.randn(3, 4)}
     rep = cv.compare(model, save(src, tmp_path / "f.pt"))
     assert rep.summary["match"] == 5
     with pytest.raises(cv.LoadError, match="restored") as err:
         cv.load_partial(model, rep)
-    assert "'shared'" in str(err.value)
+    assert "'c.frozen'" in str(err.value)
     assert bit_identical(model, before)
+
+
+def test_without_undo_a_failure_names_what_was_written(tmp_path):
+    model = Fragile()
+    src = {"a.weight": torch.randn(4, 4), "c.frozen": torch.randn(3, 4)}
+    rep = cv.compare(model, save(src, tmp_path / "f.pt"))
+    with pytest.raises(cv.LoadError, match=r"1 tensor\(s\) before it were loaded \(\['a.weight'\]\)"):
+        cv.load_partial(model, rep, undo=False)
+    assert torch.equal(model.a.weight, src["a.weight"])
+
+
+def test_fast_load_without_undo(tmp_path):
+    src = randomized(SmallCNN(), seed=9)
+    model = SmallCNN()
+    res = cv.load_partial(model, cv.compare(model, save(src.state_dict(), tmp_path / "m.pt")), undo=False)
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
+    with pytest.raises(cv.LoadError, match="kept no copy"):
+        res.undo()
+
+
+def test_overlapping_model_tensor_is_skipped_before_any_copy(tmp_path):
+    class Expanded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(2, 2)
+            self.register_buffer("shared", torch.zeros(2).expand(3, 2))
+
+    model = Expanded()
+    rep = cv.compare(model, save({"a.weight": torch.ones(2, 2), "shared": torch.ones(3, 2)}, tmp_path / "e.pt"))
+    res = cv.load_partial(model, rep)
+    assert res.loaded == ["a.weight"] and "overlapping memory" in res.skipped["shared"]
 
 
 def test_report_for_another_model_is_refused(tmp_path):

@@ -477,3 +477,13 @@ def test_cuda_tag_does_not_leak(save_tagged_cuda, tmp_path):
     plain = write("torch-zip", sd, tmp_path / "cpu.pt")
     assert set(cv.open_checkpoint(plain).tensors()["device"]) == {"cpu"}
     assert torch.load(plain, weights_only=True)["w"].device == torch.device("cpu")
+
+
+def test_values_changed_in_memory_never_reach_a_later_read(tmp_path):
+    path = tmp_path / "m.pt"
+    torch.save({"w": torch.arange(6.0)}, path)
+    ck = cv.open_checkpoint(path)
+    sd = ck.state_dict()
+    sd["w"].add_(100)
+    assert torch.equal(ck.state_dict()["w"], torch.arange(6.0))
+    assert torch.equal(ck.tensor("w"), torch.arange(6.0))

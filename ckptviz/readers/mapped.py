@@ -1,5 +1,6 @@
-"""Byte access to a checkpoint file: one private (copy-on-write) memory map shared by all tensors,
-so reading a tensor touches only its own pages and nothing can ever be written back to the file."""
+"""Byte access to a checkpoint file through private (copy-on-write) memory maps: reading a tensor
+touches only its own pages, and nothing can ever be written back to the file. Each read call gets a
+map of its own, so a tensor changed in memory never leaks into a later read."""
 
 from __future__ import annotations
 
@@ -17,14 +18,13 @@ class MappedFile:
         self.path = path
         self.size = os.path.getsize(path)
         self.offsets = offsets or {}  # storage key -> absolute byte offset of its data
-        self._whole: torch.UntypedStorage | None = None
 
-    def _map(self) -> torch.UntypedStorage:
-        if self._whole is None:
-            self._whole = torch.UntypedStorage.from_file(self.path, shared=False, nbytes=self.size)
-        return self._whole
+    def map(self) -> torch.UntypedStorage:
+        """A new private map of the whole file (costs address space only, no reads)."""
+        return torch.UntypedStorage.from_file(self.path, shared=False, nbytes=self.size)
 
-    def storage(self, ref: StorageRef) -> torch.UntypedStorage:
+    def storage(self, ref: StorageRef, whole: torch.UntypedStorage | None = None) -> torch.UntypedStorage:
+        """The bytes of ``ref``: a view of ``whole`` (a map from :meth:`map`), or a copy if misaligned."""
         start = self.offsets[ref.key] + ref.byte_offset
         nbytes = ref.nbytes
         if start % _element_size(ref.dtype):  # misaligned for its dtype: copy instead of mapping
@@ -32,7 +32,7 @@ class MappedFile:
                 f.seek(start)
                 buf = bytearray(f.read(nbytes))
             return torch.frombuffer(buf, dtype=torch.uint8).untyped_storage() if buf else torch.UntypedStorage(0)
-        return self._map()[start : start + nbytes]
+        return (whole if whole is not None else self.map())[start : start + nbytes]
 
     def check(self, ref: StorageRef, limit: int | None = None) -> str | None:
         """Why ``ref``'s bytes lie outside the file (or its zip entry), or None if they fit."""
@@ -45,9 +45,9 @@ class MappedFile:
         return None
 
 
-def materialize(ref: TensorRef, source: MappedFile) -> torch.Tensor:
+def materialize(ref: TensorRef, source: MappedFile, whole: torch.UntypedStorage | None = None) -> torch.Tensor:
     """Build a CPU tensor viewing ``ref``'s bytes (no copy where the bytes are aligned)."""
     if ref.storage is None:
         return torch.empty_strided(ref.shape, ref.stride, dtype=ref.dtype, device="meta")
-    storage = source.storage(ref.storage)
+    storage = source.storage(ref.storage, whole)
     return torch.empty((0,), dtype=ref.dtype).set_(storage, ref.offset, ref.shape, ref.stride)

@@ -1,0 +1,406 @@
+"""Streaming statistics and histograms of tensors: one pass over a tensor's memory in bounded blocks,
+never a whole-tensor float copy, so a multi-GB memory-mapped tensor costs only a block of working
+memory. Dtypes of one or two bytes (bf16, fp16, float8, int8/16, uint8/16, bool) are reduced to a
+table counting each of their 256 or 65536 bit patterns (``numpy.bincount`` over the raw bits); every
+statistic and any histogram then follow exactly from that table. Wider dtypes are read in float64
+blocks (sum, centred sum of squares merged across blocks, min, max, zeros), and their histogram takes
+one more pass once the range is known. NaN and ±Inf are counted apart and excluded from everything
+else. This module takes tensors and never opens files; ``StatsCache`` remembers results per file."""
+
+from __future__ import annotations
+
+import builtins
+import functools
+import math
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+CHUNK_BYTES = 64 * 2**20  # default cap on the bytes of a tensor processed at once
+PROGRESS_BYTES = 256 * 2**20  # stats_frame shows a progress bar above this total, unless told
+STATS_KEYS = ("numel", "mean", "std", "min", "max", "abs_max", "l2", "zero_frac", "nan", "inf")
+_TABLE_BLOCK = 1 << 18  # elements per bincount call: its int64 index copy (2 MiB) stays in cache
+_FLOAT_BLOCK_BYTES = 4 * 2**20  # bytes per block on the float64 path
+_WIDE = {torch.float32, torch.float64, torch.int32, torch.int64, torch.uint32, torch.uint64,
+         torch.complex32, torch.complex64, torch.complex128}
+
+Tick = Callable[[int], None]
+
+
+@dataclass(frozen=True, eq=False)
+class Histogram:
+    """Counts of the finite values in ``len(counts)`` bins bounded by ``edges`` (numpy's convention:
+    half-open bins, the last one closed). NaN, ±Inf and finite values outside the edges are counted
+    apart and never binned."""
+
+    counts: np.ndarray  # int64, (bins,)
+    edges: np.ndarray  # float64, (bins + 1,)
+    nan: int = 0
+    inf: int = 0
+    outside: int = 0  # finite values outside [edges[0], edges[-1]] (only with an explicit range)
+
+    @property
+    def bins(self) -> int:
+        return len(self.counts)
+
+    @property
+    def total(self) -> int:
+        """Number of values in the bins."""
+        return int(self.counts.sum())
+
+    @property
+    def centers(self) -> np.ndarray:
+        return (self.edges[:-1] + self.edges[1:]) / 2
+
+    @property
+    def mode(self) -> float:
+        """Centre of the fullest bin (NaN when the histogram is empty)."""
+        return float(self.centers[int(self.counts.argmax())]) if self.total else math.nan
+
+    def __repr__(self) -> str:
+        return (f"Histogram(bins={self.bins}, range=({self.edges[0]:.4g}, {self.edges[-1]:.4g}), "
+                f"total={self.total}, nan={self.nan}, inf={self.inf}, outside={self.outside})")
+
+
+# ---- public verbs --------------------------------------------------------------------------------
+def tensor_stats(t: torch.Tensor, *, chunk_bytes: int = CHUNK_BYTES) -> dict[str, float]:
+    """Statistics of ``t`` in one streaming pass: ``STATS_KEYS`` mapped to floats.
+
+    ``mean``, ``std`` (population, ddof=0), ``min``, ``max``, ``abs_max`` and ``l2`` are over the
+    finite values only; ``nan`` and ``inf`` (either sign) count the rest; ``zero_frac`` is zeros over
+    ``numel``. Undefined values (empty tensor, no finite value, meta tensor, unsupported dtype such as
+    quantized or packed float4) are NaN. Complex tensors are summarised by their magnitudes ``|z|``;
+    bool as 0/1; uint64 beyond 2**53 is rounded to float64.
+    """
+    return _summarize(t, None, None, chunk_bytes, None)[0]
+
+
+def histogram(t: torch.Tensor, bins: int = 64, range: tuple[float, float] | None = None, *,
+              chunk_bytes: int = CHUNK_BYTES) -> Histogram:
+    """Histogram of the finite values of ``t``; ``range`` defaults to their (min, max).
+
+    Counts equal ``numpy.histogram(finite_values_as_float64, bins=h.edges)``.
+    """
+    return _summarize(t, bins, range, chunk_bytes, None)[1]
+
+
+def summarize(t: torch.Tensor, bins: int = 64, *, range: tuple[float, float] | None = None,
+              chunk_bytes: int = CHUNK_BYTES) -> tuple[dict[str, float], Histogram]:
+    """``(tensor_stats(t), histogram(t, bins, range))`` in the fewest passes: one for dtypes of one or
+    two bytes or when ``range`` is given, otherwise two (the second bins with the range found)."""
+    return _summarize(t, bins, range, chunk_bytes, None)
+
+
+def stats_frame(tensors: Mapping[str, torch.Tensor], *, progress: bool | None = None,
+                chunk_bytes: int = CHUNK_BYTES) -> pd.DataFrame:
+    """One row of ``tensor_stats`` per key (index ``key``, columns ``STATS_KEYS``).
+
+    A ``tqdm.auto`` bar over bytes is shown when ``progress`` is True, or when it is None and the
+    tensors hold more than 256 MiB.
+    """
+    total = sum(_nbytes(t) for t in tensors.values())
+    bar = None
+    if progress or (progress is None and total > PROGRESS_BYTES):
+        from tqdm.auto import tqdm  # imported only when shown: in a notebook it brings its own widget
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="statistics")
+    try:
+        rows = [_summarize(t, None, None, chunk_bytes, bar.update if bar else None)[0] for t in tensors.values()]
+    finally:
+        if bar is not None:
+            bar.close()
+    return pd.DataFrame(rows, columns=list(STATS_KEYS), index=pd.Index(list(tensors), name="key"), dtype="float64")
+
+
+class StatsCache:
+    """LRU cache of ``summarize`` results keyed by (file, its mtime and size, section, key, bins, range),
+    so a view can show them again at once. Only tensors of an existing file are cached; in-memory
+    tensors (a live model's) may change, so they are always recomputed. Thread-safe."""
+
+    def __init__(self, maxsize: int = 4096):
+        self.maxsize = maxsize
+        self.hits = self.misses = 0
+        self._entries: OrderedDict[tuple, tuple[dict[str, float], Histogram]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(path: str | os.PathLike | None, section: str | None, key: str, bins: int = 64,
+            range: tuple[float, float] | None = None) -> tuple | None:
+        """The cache key, or None when ``path`` names no existing file."""
+        try:
+            st = os.stat(path) if path is not None else None
+        except (OSError, TypeError, ValueError):
+            st = None
+        if st is None:
+            return None
+        return (os.path.realpath(path), st.st_mtime_ns, st.st_size, section, key, bins,
+                tuple(map(float, range)) if range is not None else None)
+
+    def summarize(self, path: str | os.PathLike | None, section: str | None, key: str,
+                  tensor: torch.Tensor | Callable[[], torch.Tensor], bins: int = 64, *,
+                  range: tuple[float, float] | None = None) -> tuple[dict[str, float], Histogram]:
+        """Cached ``summarize(tensor, bins, range=range)``; ``tensor`` may be a callable giving it,
+        so a hit reads nothing."""
+        ck = self.key(path, section, key, bins, range)
+        with self._lock:
+            if ck is not None and ck in self._entries:
+                self.hits += 1
+                self._entries.move_to_end(ck)
+                stats, hist = self._entries[ck]
+                return dict(stats), hist
+            self.misses += 1
+        value = summarize(tensor() if callable(tensor) else tensor, bins, range=range)
+        if ck is not None:
+            with self._lock:
+                self._entries[ck] = value
+                self._entries.move_to_end(ck)
+                while len(self._entries) > self.maxsize:
+                    self._entries.popitem(last=False)
+        return dict(value[0]), value[1]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._entries
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.hits = self.misses = 0
+
+
+# ---- dispatch ------------------------------------------------------------------------------------
+def _summarize(t: torch.Tensor, bins: int | None, rng: tuple[float, float] | None, chunk_bytes: int,
+               tick: Tick | None) -> tuple[dict[str, float], Histogram | None]:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(t).__name__}")
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    t = t.detach()
+    if t.is_neg():
+        t = t.resolve_neg()
+    numel = t.numel()
+    table = _value_table(t.dtype)
+    if t.device.type == "meta" or (table is None and t.dtype not in _WIDE):
+        return _undefined(numel), _empty_hist(bins, rng) if bins else None
+    if table is not None:
+        counts = _count_bits(t, chunk_bytes, tick)
+        return _table_stats(table, counts), _table_hist(table, counts, bins, rng) if bins else None
+    if bins is not None and rng is None:  # two passes: the range first, from the stats
+        stats = _wide_pass(t, chunk_bytes, tick, None)[0]
+        lo, hi = stats["min"], stats["max"]
+        if math.isnan(lo):
+            return stats, _empty_hist(bins, None, stats["nan"], stats["inf"])
+        return stats, _wide_pass(t, chunk_bytes, None, (bins, (lo, hi)))[1]
+    return _wide_pass(t, chunk_bytes, tick, (bins, rng) if bins else None)
+
+
+def _undefined(numel: int) -> dict[str, float]:
+    stats = dict.fromkeys(STATS_KEYS, math.nan)
+    stats["numel"] = float(numel)
+    return stats
+
+
+def _edges(bins: int, rng: tuple[float, float] | None) -> np.ndarray:
+    """numpy's edges for ``bins`` over ``rng`` (widened by 0.5 each side when empty; (0, 1) if None)."""
+    return np.histogram_bin_edges(np.empty(0), bins=bins, range=rng).astype(np.float64)
+
+
+def _empty_hist(bins: int, rng: tuple[float, float] | None, nan: float = 0, inf: float = 0) -> Histogram:
+    return Histogram(np.zeros(bins, np.int64), _edges(bins, rng), int(nan), int(inf))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return 0 if t.device.type == "meta" else t.numel() * t.element_size()
+
+
+def _blocks(t: torch.Tensor, n: int) -> Iterator[torch.Tensor]:
+    """Contiguous 1-D pieces of ``t`` in memory order, each of at most ``n`` elements. Views where
+    ``t`` is contiguous; otherwise copies of at most ``n`` elements each."""
+    if t.numel() == 0:
+        return
+    if t.is_contiguous():
+        flat = t.view(-1)
+        for start in builtins.range(0, flat.numel(), n):
+            yield flat[start:start + n]
+        return
+    row = t[0].numel()
+    if row <= n:
+        step = n // row
+        for start in builtins.range(0, t.shape[0], step):
+            yield t[start:start + step].contiguous().view(-1)
+    else:
+        for i in builtins.range(t.shape[0]):
+            yield from _blocks(t[i], n)
+
+
+
+# ---- one and two byte dtypes: count every bit pattern ---------------------------------------------
+@functools.cache
+def _value_table(dtype: torch.dtype) -> np.ndarray | None:
+    """The float64 value of each bit pattern of a 1- or 2-byte dtype, or None for other dtypes."""
+    if dtype == torch.bool:
+        return (np.arange(256) != 0).astype(np.float64)
+    if dtype.is_complex or dtype.itemsize not in (1, 2):
+        return None
+    size = dtype.itemsize
+    bits = torch.arange(1 << (8 * size), dtype=torch.int32).to(torch.int16 if size == 2 else torch.uint8)
+    try:
+        return bits.view(dtype).to(torch.float64).numpy()
+    except (RuntimeError, NotImplementedError, TypeError):  # quantized, packed float4, bits8/16
+        return None
+
+
+def _count_bits(t: torch.Tensor, chunk_bytes: int, tick: Tick | None) -> np.ndarray:
+    size = t.element_size()
+    bits, k = (torch.int16, 1 << 16) if size == 2 else (torch.uint8, 256)
+    counts = np.zeros(k, np.int64)
+    cap = max(1, min(chunk_bytes // size, _TABLE_BLOCK))
+    pending: list[torch.Tensor] = []  # small blocks (tiny chunks, narrow rows), counted together
+    held = 0
+
+    def count(raw: torch.Tensor) -> None:
+        if raw.device.type == "cpu":
+            a = raw.numpy()
+            np.add(counts, np.bincount(a.view(np.uint16) if size == 2 else a, minlength=k), out=counts)
+        else:
+            np.add(counts, torch.bincount(raw.to(torch.int32) & (k - 1), minlength=k).cpu().numpy(), out=counts)
+
+    for block in _blocks(t, cap):
+        raw = block.view(bits)
+        if raw.numel() * 4 >= _TABLE_BLOCK:
+            count(raw)
+        else:
+            pending.append(raw)
+            held += raw.numel()
+            if held >= _TABLE_BLOCK // 4:
+                count(torch.cat(pending))
+                pending, held = [], 0
+        if tick:
+            tick(block.numel() * size)
+    if pending:
+        count(torch.cat(pending))
+    return counts
+
+
+def _table_stats(values: np.ndarray, counts: np.ndarray) -> dict[str, float]:
+    numel = int(counts.sum())
+    stats = _undefined(numel)
+    nan_mask = np.isnan(values)
+    stats["nan"] = float(counts[nan_mask].sum())
+    stats["inf"] = float(counts[np.isinf(values)].sum())
+    if numel:
+        stats["zero_frac"] = float(counts[values == 0].sum()) / numel
+    keep = np.isfinite(values) & (counts > 0)
+    v, c = values[keep], counts[keep].astype(np.float64)
+    n = c.sum()
+    if n == 0:
+        return stats
+    mean = float((v * c).sum() / n)
+    lo, hi = float(v.min()), float(v.max())
+    stats.update(mean=mean, std=math.sqrt(float((c * (v - mean) ** 2).sum() / n)), min=lo, max=hi,
+                 abs_max=max(abs(lo), abs(hi)), l2=math.sqrt(float((c * v * v).sum())))
+    return stats
+
+
+def _table_hist(values: np.ndarray, counts: np.ndarray, bins: int, rng: tuple[float, float] | None) -> Histogram:
+    keep = np.isfinite(values) & (counts > 0)
+    v, c = values[keep], counts[keep]
+    binned, edges = np.histogram(v, bins=bins, range=rng, weights=c.astype(np.float64))
+    binned = np.rint(binned).astype(np.int64)
+    return Histogram(binned, edges.astype(np.float64), int(counts[np.isnan(values)].sum()),
+                     int(counts[np.isinf(values)].sum()), int(c.sum() - binned.sum()))
+
+
+# ---- wider dtypes: float64 blocks ----------------------------------------------------------------
+class _Moments:
+    """Count, mean and centred sum of squares, merged across blocks (Chan et al.), plus extremes."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+        self.lo, self.hi = math.inf, -math.inf
+        self.zeros = self.nan = self.inf = 0
+
+    def add(self, n: int, mean: float, m2: float) -> None:
+        total = self.n + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta * delta * self.n * n / total
+        self.n = total
+
+    def stats(self, numel: int) -> dict[str, float]:
+        stats = _undefined(numel)
+        stats.update(nan=float(self.nan), inf=float(self.inf))
+        if numel:
+            stats["zero_frac"] = self.zeros / numel
+        if self.n:
+            stats.update(mean=self.mean, std=math.sqrt(max(self.m2, 0.0) / self.n), min=self.lo, max=self.hi,
+                         abs_max=max(abs(self.lo), abs(self.hi)),
+                         l2=math.sqrt(max(self.m2, 0.0) + self.n * self.mean * self.mean))
+        return stats
+
+
+def _as_real(block: torch.Tensor) -> torch.Tensor:
+    """A block in a dtype the reductions support: magnitudes for complex, int64/float64 for uints."""
+    if block.dtype == torch.complex32:
+        return block.to(torch.complex64).abs()
+    if block.dtype.is_complex:
+        return block.abs()
+    if block.dtype == torch.uint32:
+        return block.to(torch.int64)
+    if block.dtype == torch.uint64:
+        return block.to(torch.float64)
+    return block
+
+
+def _wide_pass(t: torch.Tensor, chunk_bytes: int, tick: Tick | None,
+               hist: tuple[int, tuple[float, float]] | None) -> tuple[dict[str, float], Histogram | None]:
+    """One pass over a float32/64, int32/64, uint32/64 or complex tensor; bins too when ``hist`` is
+    (bins, range)."""
+    size = t.element_size()
+    n_block = max(1, min(chunk_bytes, _FLOAT_BLOCK_BYTES) // size)
+    buf = torch.empty(min(n_block, t.numel()), dtype=torch.float64, device=t.device)
+    centred = torch.empty_like(buf)
+    acc = _Moments()
+    counts, edges = None, None
+    if hist is not None:
+        bins, rng = hist
+        edges = _edges(bins, rng)
+        counts = np.zeros(bins, np.int64)
+    for block in _blocks(t, n_block):
+        if tick:
+            tick(block.numel() * size)
+        w = _as_real(block)
+        n = w.numel()
+        total = float(w.sum(dtype=torch.float64))
+        if w.is_floating_point() and not math.isfinite(total):
+            finite = torch.isfinite(w)
+            kept, nans = int(finite.sum()), int(torch.isnan(w).sum())
+            acc.nan, acc.inf = acc.nan + nans, acc.inf + n - kept - nans
+            w, n = w[finite], kept
+            if n == 0:
+                continue
+            total = None
+        x = buf[:n]
+        x.copy_(w)
+        if total is None or not math.isfinite(total):
+            total = float(x.sum())
+        mean = total / n
+        torch.sub(x, mean, out=centred[:n])
+        acc.add(n, mean, float(torch.linalg.vector_norm(centred[:n])) ** 2)
+        lo, hi = torch.aminmax(w)
+        acc.lo, acc.hi = min(acc.lo, float(lo)), max(acc.hi, float(hi))
+        acc.zeros += n - int(torch.count_nonzero(w))
+        if counts is not None:
+            counts += np.histogram(x.cpu().numpy(), bins=bins, range=rng)[0]  # numpy's fast uniform path
+    stats = acc.stats(t.numel())
+    if counts is None:
+        return stats, None
+    return stats, Histogram(counts, edges, acc.nan, acc.inf, acc.n - int(counts.sum()))

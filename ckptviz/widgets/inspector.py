@@ -1,0 +1,299 @@
+"""CheckpointInspector: the notebook widget that replaces the hand-written torch.load / strict=False
+loop. It only arranges core objects (Checkpoint, Report, LoadResult) and calls the core verbs."""
+
+from __future__ import annotations
+
+import html
+import os
+import time
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import ipywidgets as w
+from torch import nn
+
+from ..checkpoint import Checkpoint, open_checkpoint
+from ..compare import Report, compare
+from ..errors import CheckpointError, UnsafeCheckpointError
+from ..load import LoadResult, load_partial
+from .files import FilePicker, human_size
+from .model_picker import ModelPicker
+from .panels import DevicePanel, ResultPanel, TensorPanel
+from .table import ReportTable
+
+
+def _user_namespace() -> Mapping[str, Any]:
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    except ImportError:  # pragma: no cover - IPython ships with ipywidgets
+        shell = None
+    return shell.user_ns if shell is not None else {}
+
+
+def _card(title: str, *children: w.Widget, css: str = "") -> w.VBox:
+    box = w.VBox([w.HTML(f"<b>{title}</b>"), *children],
+                 layout=w.Layout(border="1px solid #ddd", padding="6px", margin="2px", width="100%"))
+    if css:
+        box.add_class(css)
+    return box
+
+
+class CheckpointInspector(w.VBox):
+    """Open a checkpoint, compare it with a live model, look at tensors, load what fits, undo.
+
+    ``model`` is used as is (loads go into that very object); otherwise pick one in the widget.
+    Everything shown is available in code: ``.checkpoint``, ``.report``, ``.last_result``, ``.model``.
+    """
+
+    def __init__(self, model: nn.Module | None = None, path: str | os.PathLike | None = None, *,
+                 start_dir: str | os.PathLike | None = None, namespace: Mapping[str, Any] | None = None):
+        self.checkpoint: Checkpoint | None = None
+        self.report: Report | None = None
+        self.last_result: LoadResult | None = None
+        self.error: str | None = None
+        self.path: str | None = None
+        self.timings: dict[str, float] = {}
+        if start_dir is None and path is not None:
+            start_dir = os.path.dirname(os.path.abspath(os.fspath(path)))
+        self.files = FilePicker(start_dir)
+        self.message = w.HTML()
+        self.message.add_class("ckptviz-message")
+        self.trust = w.Checkbox(value=False, indent=False, layout=w.Layout(display="none"),
+                                description="Trust this file: I know where it comes from")
+        self.trust.add_class("ckptviz-trust")
+        self.section = w.Dropdown(description="section", options=[], layout=w.Layout(width="auto"))
+        self.section.add_class("ckptviz-section")
+        self.meta = w.HTML()
+        self.meta.add_class("ckptviz-metadata")
+        self.model_picker = ModelPicker(namespace if namespace is not None else _user_namespace())
+        self.devices = DevicePanel()
+        self.table = ReportTable()
+        self.tensor_panel = TensorPanel()
+        self.load_all_button = w.Button(description="Load all matching", button_style="success", icon="download",
+                                        layout=w.Layout(width="auto"))
+        self.load_selected_button = w.Button(description="Load selected rows", icon="check-square",
+                                             layout=w.Layout(width="auto"))
+        self.undo_button = w.Button(description="Undo last load", icon="undo", button_style="warning",
+                                    layout=w.Layout(width="auto"))
+        for button, css in ((self.load_all_button, "ckptviz-load-all"),
+                            (self.load_selected_button, "ckptviz-load-selected"), (self.undo_button, "ckptviz-undo")):
+            button.add_class(css)
+        self.result_panel = ResultPanel()
+
+        self.files.register_callback(lambda picker: self.open_file(picker.selected))
+        self.trust.observe(self._on_trust, names="value")
+        self.section.observe(self._on_section, names="value")
+        self.model_picker.register_callback(lambda picker: self._on_model(picker.model))
+        self.table.register_callback(lambda _: self._on_select())
+        self.load_all_button.on_click(lambda _: self.load_all())
+        self.load_selected_button.on_click(lambda _: self.load_selected())
+        self.undo_button.on_click(lambda _: self.undo())
+        self._quiet = False
+
+        top = w.HBox([
+            _card("Checkpoint", self.files, self.trust, w.HBox([self.section]), self.meta, css="ckptviz-file-card"),
+            _card("Model", self.model_picker, self.devices, css="ckptviz-model-card"),
+        ], layout=w.Layout(width="100%"))
+        actions = w.HBox([self.load_all_button, self.load_selected_button, self.undo_button])
+        bottom = w.HBox([
+            _card("Tensor", self.tensor_panel),
+            _card("Load", actions, self.result_panel, css="ckptviz-load-card"),
+        ], layout=w.Layout(width="100%"))
+        super().__init__([top, self.message, _card("Keys", self.table), bottom])
+        self.add_class("ckptviz-inspector")
+        self._update_buttons()
+        if model is not None:
+            self.model_picker.set_model(model)
+        if path is not None:
+            self.open_file(path)
+
+    # ---- public verbs --------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module | None:
+        return self.model_picker.model
+
+    def open_file(self, path: str | os.PathLike, *, trust: bool = False) -> Checkpoint | None:
+        """Open ``path`` (errors are shown in the widget and kept in ``.error``)."""
+        path = os.fspath(path)
+        self.path = path
+        self._quiet = True
+        self.trust.value = trust
+        self._quiet = False
+        self.checkpoint, self.report, self.last_result = None, None, None
+        started = time.perf_counter()
+        with self._work(f"opening <code>{html.escape(path)}</code>…"):
+            try:
+                self.checkpoint = open_checkpoint(path, trust=trust)
+            except UnsafeCheckpointError as e:
+                self._show_untrusted(e)
+                raise
+            self.trust.layout.display = "" if self.checkpoint.unsafe_globals else "none"
+            self._show_sections()
+            self._recompare()
+        self.timings["open_to_table"] = time.perf_counter() - started
+        return self.checkpoint
+
+    def set_model(self, model: nn.Module) -> None:
+        """Use ``model`` (the very object) for comparisons and loads."""
+        self.model_picker.set_model(model)
+
+    def load_all(self) -> LoadResult | None:
+        """Load every match and dtype_mismatch row into the model."""
+        return self._load(None, "Loaded all matching")
+
+    def load_selected(self) -> LoadResult | None:
+        """Load the rows selected in the table."""
+        if self.report is None:
+            return None
+        keys = [self.report.frame.loc[label, "key"] for label in self.table.selected]
+        keys = [k for k in keys if isinstance(k, str)]
+        if not keys:
+            self._say("Select one or more rows with a model key first.", error=True)
+            return None
+        return self._load(keys, f"Loaded {len(keys)} selected row(s)")
+
+    def undo(self) -> None:
+        """Undo the last load."""
+        if self.last_result is None or self.last_result.undone:
+            self._say("Nothing to undo.", error=True)
+            return
+        with self._work("undoing the last load…"):
+            self.last_result.undo()
+            self.result_panel.show(self.last_result, "Undone")
+            self.table.show(self.report, loaded=set())
+            self._say("The model's tensors are back to what they were before the last load.")
+        self._update_buttons()
+
+    # ---- internals -----------------------------------------------------------------------
+    @contextmanager
+    def _work(self, message: str):
+        """Say what the kernel is doing; turn errors into a message instead of a traceback."""
+        self._say(f"⏳ {message}")
+        for b in (self.load_all_button, self.load_selected_button, self.undo_button):
+            b.disabled = True
+        try:
+            yield
+            self.error = None
+            if self.message.value.startswith("⏳"):
+                self._say("")
+        except CheckpointError as e:
+            self.error = str(e)
+            if not isinstance(e, UnsafeCheckpointError):
+                self._say(str(e), error=True)
+        except Exception as e:  # noqa: BLE001 - the widget must never show a raw traceback
+            self.error = f"{type(e).__name__}: {e}"
+            self._say(f"Unexpected error ({type(e).__name__}): {e}", error=True)
+        finally:
+            self._update_buttons()
+
+    def _say(self, text: str, error: bool = False) -> None:
+        if error:
+            body = html.escape(text).replace("\n", "<br>")
+            self.message.value = f"<div class='ckptviz-error' style='color:#b00020;white-space:normal'>{body}</div>"
+        else:
+            self.message.value = text
+
+    def _show_untrusted(self, e: UnsafeCheckpointError) -> None:
+        items = "".join(f"<li><code>{html.escape(g)}</code></li>" for g in e.globals)
+        self.message.value = (
+            "<div class='ckptviz-error ckptviz-untrusted' style='color:#8a4b00'>"
+            f"<b>{html.escape(e.path)}</b> refers to {len(e.globals)} class(es) or function(s) beyond torch's "
+            f"safe allowlist:<ul>{items}</ul>Nothing from the file was imported or run. Tick <i>Trust this "
+            "file</i> only if you know where it comes from; ckptviz will then read its tensors (still "
+            "without running any of the above).</div>"
+        )
+        self.trust.layout.display = ""
+        self._show_sections()
+        self.table.show(None)
+
+    def _on_trust(self, change) -> None:
+        if not self._quiet and change["new"] and self.path:
+            self.open_file(self.path, trust=True)
+
+    def _show_sections(self) -> None:
+        ck = self.checkpoint
+        self._quiet = True
+        if ck is None:
+            self.section.options, self.meta.value = [], ""
+        else:
+            self.section.options = [(f"{s or '(top level)'} — {len(ck._section(s))} tensors", s)
+                                    for s in ck.sections]
+            self.meta.value = self._metadata_html(ck)
+        self._quiet = False
+
+    @staticmethod
+    def _metadata_html(ck: Checkpoint) -> str:
+        items = [f"<b>format</b>: {ck.format}", f"<b>size</b>: {human_size(ck.nbytes)}"]
+        for k, v in list(ck.metadata.items())[:12]:
+            text = repr(v)
+            items.append(f"<b>{html.escape(str(k))}</b>: {html.escape(text[:120] + ('…' if len(text) > 120 else ''))}")
+        if ck.optimizer_sections:
+            items.append(f"<b>optimizer state</b>: {html.escape(', '.join(ck.optimizer_sections))}")
+        return "<div style='font-size:90%'>" + "<br>".join(items) + "</div>"
+
+    def _on_section(self, change) -> None:
+        if not self._quiet and change["new"] is not None:
+            with self._work("comparing…"):
+                self._recompare(section=change["new"])
+
+    def _on_model(self, model: nn.Module | None) -> None:
+        self.last_result = None
+        with self._work("comparing…"):
+            self._recompare()
+
+    def _recompare(self, section: str | None = None) -> None:
+        self.tensor_panel.clear()
+        if self.checkpoint is None or self.model is None:
+            self.report = None
+            self.table.show(None)
+            self.devices.show(None, self.model)
+            if self.checkpoint is not None:
+                self._say("Now pick a model (right) to compare the checkpoint with.")
+            return
+        self.report = compare(self.model, self.checkpoint, section=section)
+        self._quiet = True
+        self.section.value = self.report.section
+        self._quiet = False
+        self.table.show(self.report)
+        self.devices.show(self.report, self.model)
+        self.result_panel.show(None)
+
+    def _on_select(self) -> None:
+        labels = self.table.selected
+        if not labels or self.report is None or self.model is None:
+            self.tensor_panel.clear()
+            return
+        with self._work("reading the tensor…"):
+            self.tensor_panel.show(self.report, self.model, labels[-1])
+
+    def _load(self, keys, message: str) -> LoadResult | None:
+        if self.report is None or self.model is None:
+            self._say("Open a checkpoint and pick a model first.", error=True)
+            return None
+        with self._work("loading into the model…"):
+            result = load_partial(self.model, self.report, keys=keys)
+            self.last_result = result
+            self.result_panel.show(result, message)
+            self.table.show(self.report, loaded=set(result.loaded))
+            self.devices.show(self.report, self.model)
+            hint = " The model is in train mode: switch to eval for inference." if self.model.training else ""
+            self._say(f"✅ {len(result.loaded)} tensors loaded into the live model.{hint}")
+            return result
+        return None
+
+    def _update_buttons(self) -> None:
+        ready = self.report is not None and self.model is not None
+        self.load_all_button.disabled = not ready
+        self.load_selected_button.disabled = not ready
+        self.undo_button.disabled = self.last_result is None or self.last_result.undone
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = super()._repr_mimebundle_(**kwargs)
+        if isinstance(bundle, dict):  # static exports (nbconvert) show the styled report instead
+            bundle["text/html"] = self.report._repr_html_() if self.report is not None else (
+                "<p class='ckptviz-inspector'>CheckpointInspector: no comparison yet; "
+                "run the notebook in Jupyter to use the widget.</p>")
+        return bundle

@@ -1,0 +1,127 @@
+"""ReportTable: the per-key table of a Report, with status filter, key search, sorting and row
+selection. Python holds the state; the browser table (itables' DataTables widget) only shows it."""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Callable
+
+import ipywidgets as w
+import pandas as pd
+from itables.widget import ITable
+
+from ..compare import STATUS_COLOURS, STATUSES, Report
+
+FILTERS = ("all", "problems", *STATUSES)
+DISPLAY_COLUMNS = ["key", "ckpt_key", "status", "model_shape", "ckpt_shape", "model_dtype", "ckpt_dtype",
+                   "model_device", "ckpt_device", "rule", "loaded"]
+
+
+def _shape(v) -> str:
+    return "" if not isinstance(v, tuple) else "(" + ", ".join(str(s) for s in v) + ")"
+
+
+def _badge(status: str) -> str:
+    return (f"<span class='ckptviz-status ckptviz-status-{status}' "
+            f"style='background:{STATUS_COLOURS[status]};padding:1px 5px;border-radius:3px'>{status}</span>")
+
+
+def display_frame(frame: pd.DataFrame, loaded: set[str]) -> pd.DataFrame:
+    """The report frame as the browser shows it: strings, status badges, a loaded mark."""
+    out = pd.DataFrame({
+        "key": frame["key"].fillna("").map(html.escape),
+        "ckpt_key": frame["ckpt_key"].fillna("").map(html.escape),
+        "status": frame["status"].map(_badge),
+        "model_shape": frame["model_shape"].map(_shape),
+        "ckpt_shape": frame["ckpt_shape"].map(_shape),
+        "model_dtype": frame["model_dtype"].fillna(""),
+        "ckpt_dtype": frame["ckpt_dtype"].fillna(""),
+        "model_device": frame["model_device"].fillna(""),
+        "ckpt_device": frame["ckpt_device"].fillna(""),
+        "rule": frame["rule"].fillna("").map(html.escape),
+        "loaded": frame["key"].map(lambda k: "✓" if k in loaded else ""),
+    })
+    return out.reset_index(drop=True)
+
+
+class ReportTable(w.VBox):
+    """Shows a Report's frame; ``selected`` gives the report rows (frame index labels) picked."""
+
+    def __init__(self):
+        self.report: Report | None = None
+        self.loaded: set[str] = set()
+        self._rows: list[int] = []  # frame index label of each displayed row
+        self._callbacks: list[Callable[[ReportTable], None]] = []
+        self.counts = w.HTML()
+        self.counts.add_class("ckptviz-counts")
+        self.filter = w.ToggleButtons(options=FILTERS, value="all", style={"button_width": "auto"})
+        self.filter.add_class("ckptviz-status-filter")
+        self.search = w.Text(placeholder="search keys (text or regex)", continuous_update=True,
+                             layout=w.Layout(width="260px"))
+        self.search.add_class("ckptviz-search")
+        self.table = ITable(pd.DataFrame(columns=DISPLAY_COLUMNS), select=True, allow_html=True, showIndex=False,
+                            maxBytes=0, pageLength=15, lengthMenu=[15, 50, 200, 1000], layout={"topEnd": None},
+                            classes="display compact nowrap", scrollX=True)
+        self.table.add_class("ckptviz-table")
+        self.filter.observe(lambda _: self.refresh(), names="value")
+        self.search.observe(lambda _: self.refresh(), names="value")
+        self.table.observe(self._on_select, names="selected_rows")
+        super().__init__([self.counts, w.HBox([self.filter, self.search]), self.table])
+        self.add_class("ckptviz-report-table")
+
+    def register_callback(self, callback: Callable[[ReportTable], None]) -> None:
+        """Call ``callback(table)`` whenever the selection changes."""
+        self._callbacks.append(callback)
+
+    def show(self, report: Report | None, loaded: set[str] | None = None) -> None:
+        self.report = report
+        self.loaded = set(loaded or ())
+        self.refresh()
+
+    def visible(self) -> pd.DataFrame:
+        """The report rows that pass the status filter and the key search."""
+        if self.report is None:
+            return pd.DataFrame(columns=DISPLAY_COLUMNS)
+        frame = self.report.frame
+        choice = self.filter.value
+        if choice == "problems":
+            frame = frame[frame["status"] != "match"]
+        elif choice != "all":
+            frame = frame[frame["status"] == choice]
+        text = self.search.value.strip()
+        if text:
+            try:
+                pattern = re.compile(text, re.IGNORECASE)
+            except re.error:
+                pattern = re.compile(re.escape(text), re.IGNORECASE)
+            keys = frame["key"].fillna("") + " " + frame["ckpt_key"].fillna("")
+            frame = frame[keys.map(lambda s: bool(pattern.search(s)))]
+        return frame
+
+    def refresh(self) -> None:
+        frame = self.visible()
+        self._rows = list(frame.index)
+        self.counts.value = self._counts_html()
+        self.table.update(display_frame(frame, self.loaded) if len(frame) else pd.DataFrame(columns=DISPLAY_COLUMNS),
+                          selected_rows=[])
+
+    def _counts_html(self) -> str:
+        if self.report is None:
+            return "<i>open a checkpoint and pick a model to see the comparison</i>"
+        badges = " ".join(f"{_badge(s)} {n}" for s, n in self.report.summary.items())
+        return f"<div>{badges} <span style='color:#666'>({len(self.report.frame)} rows)</span></div>"
+
+    @property
+    def selected(self) -> list[int]:
+        """Frame index labels of the selected rows."""
+        return [self._rows[i] for i in self.table.selected_rows if 0 <= i < len(self._rows)]
+
+    def select(self, labels: list[int]) -> None:
+        """Select report rows by frame index label (those not visible are ignored)."""
+        pos = {label: i for i, label in enumerate(self._rows)}
+        self.table.selected_rows = [pos[label] for label in labels if label in pos]
+
+    def _on_select(self, _change) -> None:
+        for cb in self._callbacks:
+            cb(self)

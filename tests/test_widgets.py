@@ -1,0 +1,163 @@
+"""The inspector driven from Python, as a notebook user's clicks would drive it: set values, click
+buttons through their handlers, and check the effects on the real live model."""
+
+import pytest
+import torch
+from models import SmallCNN, randomized, snapshot
+
+import ckptviz as cv
+from ckptviz.widgets.files import list_folder
+from ckptviz.widgets.panels import device_summary, tensor_comparison
+
+
+@pytest.fixture
+def folder(tmp_path):
+    src = randomized(SmallCNN(num_classes=10), seed=1)
+    torch.save({"epoch": 3, "model_state_dict": {"module." + k: v for k, v in src.state_dict().items()}},
+               tmp_path / "run.pth.tar")
+    torch.save(src, tmp_path / "whole_model.pt")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "weights.noext")
+    (tmp_path / "sub").mkdir()
+    return tmp_path, src
+
+
+def pick(insp, name):
+    label = next(o for o in insp.files.listing.options if o.startswith(name))
+    insp.files.listing.value = label
+
+
+def test_file_list_filters_by_name_and_content(folder):
+    tmp, _ = folder
+    labels = [label for label, _, _ in list_folder(tmp)]
+    assert labels[0] == "📁 sub/"
+    assert any(lbl.startswith("run.pth.tar") and "[torch-zip]" in lbl for lbl in labels)
+    assert any(lbl.startswith("weights.noext") for lbl in labels)  # sniffed by content, not by name
+    assert not any(lbl.startswith("notes.txt") for lbl in labels)
+
+
+def test_pick_file_then_model_load_and_undo(folder):
+    tmp, src = folder
+    model = randomized(SmallCNN(num_classes=5), seed=2)
+    before = snapshot(model)
+    insp = cv.CheckpointInspector(model=model, start_dir=tmp)
+    assert insp.load_all_button.disabled
+    pick(insp, "run.pth.tar")
+    assert insp.error is None
+    assert insp.report.summary["match"] == len(before) - 2 and insp.report.summary["shape_mismatch"] == 2
+    assert insp.section.value == "model_state_dict" and "epoch" in insp.meta.value
+    assert "match</span> " in insp.table.counts.value
+    assert len(insp.table.table.df) == len(before)
+    insp.table.filter.value = "shape_mismatch"
+    assert sorted(insp.table.table.df["key"]) == ["head.bias", "head.weight"]
+    insp.table.filter.value = "all"
+    insp.table.search.value = "features\\.0"
+    assert set(insp.table.table.df["key"]) == {"features.0.weight", "features.0.bias"}
+    insp.table.search.value = ""
+
+    assert not insp.load_all_button.disabled
+    insp.load_all_button.click()
+    assert insp.model is model and len(insp.last_result.loaded) == len(before) - 2
+    assert torch.equal(model.features[0].weight, src.features[0].weight)
+    assert torch.equal(model.head.weight, before["head.weight"])
+    assert "2 skipped" in insp.result_panel.summary.value
+    assert "strict=False" in insp.result_panel.code.value and "module" in insp.result_panel.code.value
+    assert set(insp.table.table.df.loc[insp.table.table.df["loaded"] == "✓", "key"]) == set(insp.last_result.loaded)
+
+    insp.undo_button.click()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert insp.undo_button.disabled and "Undone" in insp.result_panel.summary.value
+
+
+def test_load_selected_rows_only(folder):
+    tmp, src = folder
+    model = SmallCNN(num_classes=5)
+    before = snapshot(model)
+    insp = cv.CheckpointInspector(model=model, path=tmp / "run.pth.tar")
+    labels = insp.report.frame.index[insp.report.frame["key"].isin(["features.0.weight", "head.weight"])]
+    insp.table.select(list(labels))
+    insp.load_selected_button.click()
+    assert insp.last_result.loaded == ["features.0.weight"]
+    assert "shape" in insp.last_result.skipped["head.weight"]
+    assert torch.equal(model.features[0].weight, src.features[0].weight)
+    assert torch.equal(model.features[3].weight, before["features.3.weight"])
+
+
+def test_untrusted_file_needs_the_trust_box(folder):
+    tmp, _ = folder
+    model = SmallCNN(num_classes=10)
+    insp = cv.CheckpointInspector(model=model, start_dir=tmp)
+    pick(insp, "whole_model.pt")
+    assert insp.report is None and insp.checkpoint is None
+    assert "SmallCNN" in insp.message.value and "ckptviz-untrusted" in insp.message.value
+    assert insp.trust.layout.display == "" and insp.trust.value is False
+    insp.trust.value = True
+    assert insp.report is not None and insp.report.summary["match"] == len(model.state_dict())
+    pick(insp, "run.pth.tar")  # a new file starts untrusted again
+    assert insp.trust.value is False
+
+
+def test_bad_files_show_errors_not_tracebacks(tmp_path):
+    (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 truncated")
+    insp = cv.CheckpointInspector(model=SmallCNN())
+    insp.files.path.value = str(tmp_path / "broken.pt")
+    insp.files.open_button.click()
+    assert insp.checkpoint is None and "broken.pt" in insp.error
+    assert "ckptviz-error" in insp.message.value and "Traceback" not in insp.message.value
+    insp.load_all_button.click()  # disabled in the browser; from code it explains itself
+    assert insp.last_result is None
+
+
+def test_model_picker_builds_from_namespace_and_torchvision(folder):
+    tmp, _ = folder
+    ns = {"SmallCNN": SmallCNN}
+    insp = cv.CheckpointInspector(path=tmp / "run.pth.tar", namespace=ns)
+    assert insp.report is None and "pick a model" in insp.message.value
+    assert "SmallCNN" in insp.model_picker.spec.options and "torchvision:resnet18" in insp.model_picker.spec.options
+    insp.model_picker.spec.value = "SmallCNN"
+    insp.model_picker.kwargs.value = "num_classes=10"
+    insp.model_picker.build_button.click()
+    assert isinstance(insp.model, SmallCNN) and insp.report.summary["match"] == len(insp.model.state_dict())
+    insp.model_picker.spec.value = "torchvision:resnet18"
+    insp.model_picker.kwargs.value = "num_classes=oops("
+    insp.model_picker.build_button.click()
+    assert "ckptviz-error" in insp.model_picker.status.value and isinstance(insp.model, SmallCNN)
+
+
+def test_section_switch_and_train_mode(tmp_path):
+    a, b = randomized(SmallCNN(), seed=3), randomized(SmallCNN(), seed=4)
+    torch.save({"model": a.state_dict(), "ema": b.state_dict()}, tmp_path / "two.pt")
+    model = SmallCNN()
+    insp = cv.CheckpointInspector(model=model, path=tmp_path / "two.pt")
+    assert insp.section.value == "model"
+    insp.section.value = "ema"
+    assert insp.report.section == "ema"
+    insp.load_all_button.click()
+    assert torch.equal(model.head.weight, b.head.weight)
+    assert model.training and insp.devices.mode.value == "train"
+    insp.devices.mode.value = "eval"
+    assert not model.training
+
+
+def test_tensor_panel_data_and_device_summary(tmp_path):
+    src = randomized(SmallCNN(), seed=5)
+    torch.save(src.state_dict(), tmp_path / "m.pt")
+    model = SmallCNN()
+    rep = cv.compare(model, tmp_path / "m.pt")
+    table, hists = tensor_comparison(rep.checkpoint.tensor("head.weight"), model.head.weight.detach())
+    assert list(table.columns) == ["checkpoint", "model"]
+    assert table.loc["numel", "checkpoint"] == src.head.weight.numel()
+    assert abs(table.loc["mean", "checkpoint"] - src.head.weight.double().mean().item()) < 1e-6
+    assert set(hists) == {"checkpoint", "model"}
+    assert hists["checkpoint"].counts.sum() == src.head.weight.numel()
+    assert (hists["checkpoint"].edges == hists["model"].edges).all()  # one range, comparable bins
+    summary = device_summary(rep, model)
+    assert f"{len(model.state_dict())} tensors saved on <b>cpu</b> stay on <b>cpu</b>" in summary
+
+
+def test_static_export_falls_back_to_the_styled_table(tmp_path):
+    torch.save(SmallCNN().state_dict(), tmp_path / "m.pt")
+    insp = cv.CheckpointInspector(model=SmallCNN(), path=tmp_path / "m.pt")
+    bundle = insp._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert "ckptviz-report" in bundle["text/html"] and "features.0.weight" in bundle["text/html"]
