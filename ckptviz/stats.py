@@ -26,7 +26,7 @@ CHUNK_BYTES = 64 * 2**20  # default cap on the bytes of a tensor processed at on
 PROGRESS_BYTES = 256 * 2**20  # stats_frame shows a progress bar above this total, unless told
 STATS_KEYS = ("numel", "mean", "std", "min", "max", "abs_max", "l2", "zero_frac", "nan", "inf")
 _TABLE_BLOCK = 1 << 18  # elements per bincount call: its int64 index copy (2 MiB) stays in cache
-_FLOAT_BLOCK_BYTES = 4 * 2**20  # bytes per block on the float64 path
+_FLOAT_BLOCK_BYTES = 2 * 2**20  # bytes per block on the float64 path (two float64 buffers of it)
 _WIDE = {torch.float32, torch.float64, torch.int32, torch.int64, torch.uint32, torch.uint64,
          torch.complex32, torch.complex64, torch.complex128}
 
@@ -193,13 +193,18 @@ def _summarize(t: torch.Tensor, bins: int | None, rng: tuple[float, float] | Non
     if table is not None:
         counts = _count_bits(t, chunk_bytes, tick)
         return _table_stats(table, counts), _table_hist(table, counts, bins, rng) if bins else None
-    if bins is not None and rng is None:  # two passes: the range first, from the stats
-        stats = _wide_pass(t, chunk_bytes, tick, None)[0]
-        lo, hi = stats["min"], stats["max"]
-        if math.isnan(lo):
+    if bins is None:
+        return _wide_pass(t, chunk_bytes, tick)[0], None
+    if rng is not None:  # one pass: statistics and bins together
+        stats, counts = _wide_pass(t, chunk_bytes, tick, bins=bins, rng=rng)
+    else:  # two passes: the range is the (min, max) of the first
+        stats = _wide_pass(t, chunk_bytes, tick)[0]
+        if math.isnan(stats["min"]):
             return stats, _empty_hist(bins, None, stats["nan"], stats["inf"])
-        return stats, _wide_pass(t, chunk_bytes, None, (bins, (lo, hi)))[1]
-    return _wide_pass(t, chunk_bytes, tick, (bins, rng) if bins else None)
+        rng = (stats["min"], stats["max"])
+        counts = _wide_pass(t, chunk_bytes, None, bins=bins, rng=rng, moments=False)[1]
+    finite = stats["numel"] - stats["nan"] - stats["inf"]
+    return stats, Histogram(counts, _edges(bins, rng), int(stats["nan"]), int(stats["inf"]), int(finite - counts.sum()))
 
 
 def _undefined(numel: int) -> dict[str, float]:
@@ -239,7 +244,6 @@ def _blocks(t: torch.Tensor, n: int) -> Iterator[torch.Tensor]:
     else:
         for i in builtins.range(t.shape[0]):
             yield from _blocks(t[i], n)
-
 
 
 # ---- one and two byte dtypes: count every bit pattern ---------------------------------------------
@@ -360,47 +364,40 @@ def _as_real(block: torch.Tensor) -> torch.Tensor:
     return block
 
 
-def _wide_pass(t: torch.Tensor, chunk_bytes: int, tick: Tick | None,
-               hist: tuple[int, tuple[float, float]] | None) -> tuple[dict[str, float], Histogram | None]:
-    """One pass over a float32/64, int32/64, uint32/64 or complex tensor; bins too when ``hist`` is
-    (bins, range)."""
+def _wide_pass(t: torch.Tensor, chunk_bytes: int, tick: Tick | None, *, bins: int | None = None,
+               rng: tuple[float, float] | None = None, moments: bool = True) -> tuple[dict | None, np.ndarray | None]:
+    """One pass over a float32/64, int32/64, uint32/64 or complex tensor, through two preallocated
+    float64 block buffers: statistics when ``moments``, bin counts over ``rng`` when ``bins``."""
     size = t.element_size()
     n_block = max(1, min(chunk_bytes, _FLOAT_BLOCK_BYTES) // size)
     buf = torch.empty(min(n_block, t.numel()), dtype=torch.float64, device=t.device)
-    centred = torch.empty_like(buf)
+    centred = torch.empty_like(buf) if moments else buf
     acc = _Moments()
-    counts, edges = None, None
-    if hist is not None:
-        bins, rng = hist
-        edges = _edges(bins, rng)
-        counts = np.zeros(bins, np.int64)
+    counts = np.zeros(bins, np.int64) if bins else None
     for block in _blocks(t, n_block):
         if tick:
             tick(block.numel() * size)
         w = _as_real(block)
         n = w.numel()
-        total = float(w.sum(dtype=torch.float64))
-        if w.is_floating_point() and not math.isfinite(total):
-            finite = torch.isfinite(w)
-            kept, nans = int(finite.sum()), int(torch.isnan(w).sum())
-            acc.nan, acc.inf = acc.nan + nans, acc.inf + n - kept - nans
-            w, n = w[finite], kept
-            if n == 0:
-                continue
-            total = None
         x = buf[:n]
         x.copy_(w)
-        if total is None or not math.isfinite(total):
+        if moments:
             total = float(x.sum())
-        mean = total / n
-        torch.sub(x, mean, out=centred[:n])
-        acc.add(n, mean, float(torch.linalg.vector_norm(centred[:n])) ** 2)
-        lo, hi = torch.aminmax(w)
-        acc.lo, acc.hi = min(acc.lo, float(lo)), max(acc.hi, float(hi))
-        acc.zeros += n - int(torch.count_nonzero(w))
-        if counts is not None:
-            counts += np.histogram(x.cpu().numpy(), bins=bins, range=rng)[0]  # numpy's fast uniform path
-    stats = acc.stats(t.numel())
-    if counts is None:
-        return stats, None
-    return stats, Histogram(counts, edges, acc.nan, acc.inf, acc.n - int(counts.sum()))
+            if w.is_floating_point() and not math.isfinite(total):  # NaN or Inf inside: keep the finite
+                finite = torch.isfinite(x)
+                kept, nans = int(finite.sum()), int(torch.isnan(x).sum())
+                acc.nan, acc.inf = acc.nan + nans, acc.inf + n - kept - nans
+                w = x = x[finite]
+                n = kept
+                if n == 0:
+                    continue
+                total = float(x.sum())
+            mean = total / n
+            torch.sub(x, mean, out=centred[:n])
+            acc.add(n, mean, float(torch.linalg.vector_norm(centred[:n])) ** 2)
+            lo, hi = torch.aminmax(w)
+            acc.lo, acc.hi = min(acc.lo, float(lo)), max(acc.hi, float(hi))
+            acc.zeros += n - int(torch.count_nonzero(w))
+        if counts is not None:  # numpy's uniform-bins path; NaN and Inf fall outside any finite range
+            counts += np.histogram(x.cpu().numpy(), bins=bins, range=rng)[0]
+    return (acc.stats(t.numel()) if moments else None), counts

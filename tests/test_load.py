@@ -219,3 +219,20 @@ def test_load_optimizer_without_optimizer_state(tmp_path):
     path = save(SmallCNN().state_dict(), tmp_path / "m.pt")
     with pytest.raises(cv.SectionError, match="no optimizer state"):
         cv.load_optimizer(torch.optim.SGD(SmallCNN().parameters(), lr=0.1), path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_model_receives_cpu_checkpoint_and_cuda_file_reads_back(tmp_path):
+    src = randomized(SmallCNN(), seed=10)
+    path = save(src.state_dict(), tmp_path / "cpu.pt")
+    model = SmallCNN().cuda()
+    rep = cv.compare(model, path)
+    assert set(rep.frame["model_device"]) == {"cuda:0"} and set(rep.frame["ckpt_device"]) == {"cpu"}
+    res = cv.load_partial(model, rep)
+    assert model.head.weight.device.type == "cuda"
+    assert torch.equal(model.head.weight.cpu(), src.head.weight)
+    res.undo()
+    gpu_path = save(model.state_dict(), tmp_path / "gpu.pt")
+    ck = cv.open_checkpoint(gpu_path)
+    assert set(ck.tensors()["device"]) == {"cuda:0"}
+    assert torch.equal(ck.tensor("head.weight"), model.head.weight.cpu())

@@ -13,7 +13,7 @@ from ..readers import sniff
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".safetensors", ".pkl", ".pth.tar")
 MAX_SNIFFED = 300  # files sniffed by content per folder; beyond that, names decide
-UP = "📁 .."
+UP = "..  (parent folder)"
 
 
 def human_size(n: float) -> str:
@@ -45,7 +45,7 @@ def list_folder(folder: Path) -> list[tuple[str, Path, str]]:
             continue
         try:
             if e.is_dir():
-                dirs.append((f"📁 {e.name}/", Path(e.path), "dir"))
+                dirs.append((f"{e.name}/", Path(e.path), "dir"))
                 continue
             if not e.is_file():
                 continue
@@ -107,7 +107,7 @@ class FilePicker(w.VBox):
 
     def refresh(self) -> None:
         """Re-read the current folder."""
-        self.folder_label.value = f"<small>📂 <code>{self.folder}</code></small>"
+        self.folder_label.value = f"<small>folder <code>{self.folder}</code></small>"
         entries = list_folder(self.folder)
         self._entries = {label: (p, kind) for label, p, kind in entries}
         self._entries[UP] = (self.folder.parent, "dir")

@@ -152,5 +152,5 @@ class ResultPanel(w.VBox):
         code = torch_code(result)
         self.code.value = (
             "<details open><summary>the same load in plain PyTorch</summary>"
-            f"<pre style='background:#f6f8fa;padding:6px;user-select:text'>{html.escape(code)}</pre></details>"
+            f"<pre style='background:#f6f8fa;padding:6px;user-select:text;white-space:pre-wrap;word-break:normal;overflow-wrap:normal;font-size:85%'>{html.escape(code)}</pre></details>"
         )

@@ -16,6 +16,11 @@ from ..compare import STATUS_COLOURS, STATUSES, Report
 FILTERS = ("all", "problems", *STATUSES)
 DISPLAY_COLUMNS = ["key", "ckpt_key", "status", "model_shape", "ckpt_shape", "model_dtype", "ckpt_dtype",
                    "model_device", "ckpt_device", "rule", "loaded"]
+# itables' ITable.update() recomputes the table from its own defaults for every option it is not given
+# (allow_html, maxBytes, layout...), so every update must pass these again.
+TABLE_OPTIONS = dict(select=True, allow_html=True, showIndex=False, maxBytes=0, pageLength=15,
+                     lengthMenu=[15, 50, 200, 1000], layout={"topEnd": None}, classes="display compact nowrap",
+                     scrollX=True, deferRender=True)
 
 
 def _shape(v) -> str:
@@ -24,7 +29,8 @@ def _shape(v) -> str:
 
 def _badge(status: str) -> str:
     return (f"<span class='ckptviz-status ckptviz-status-{status}' "
-            f"style='background:{STATUS_COLOURS[status]};padding:1px 5px;border-radius:3px'>{status}</span>")
+            f"style='background:{STATUS_COLOURS[status]};color:#1f2328;padding:1px 5px;border-radius:3px'>"
+            f"{status}</span>")
 
 
 def display_frame(frame: pd.DataFrame, loaded: set[str]) -> pd.DataFrame:
@@ -60,9 +66,7 @@ class ReportTable(w.VBox):
         self.search = w.Text(placeholder="search keys (text or regex)", continuous_update=True,
                              layout=w.Layout(width="260px"))
         self.search.add_class("ckptviz-search")
-        self.table = ITable(pd.DataFrame(columns=DISPLAY_COLUMNS), select=True, allow_html=True, showIndex=False,
-                            maxBytes=0, pageLength=15, lengthMenu=[15, 50, 200, 1000], layout={"topEnd": None},
-                            classes="display compact nowrap", scrollX=True)
+        self.table = ITable(pd.DataFrame(columns=DISPLAY_COLUMNS), **TABLE_OPTIONS)
         self.table.add_class("ckptviz-table")
         self.filter.observe(lambda _: self.refresh(), names="value")
         self.search.observe(lambda _: self.refresh(), names="value")
@@ -104,7 +108,7 @@ class ReportTable(w.VBox):
         self._rows = list(frame.index)
         self.counts.value = self._counts_html()
         self.table.update(display_frame(frame, self.loaded) if len(frame) else pd.DataFrame(columns=DISPLAY_COLUMNS),
-                          selected_rows=[])
+                          selected_rows=[], **TABLE_OPTIONS)
 
     def _counts_html(self) -> str:
         if self.report is None:

@@ -1,0 +1,317 @@
+"""Streaming statistics and histograms, checked against plain float64 references on real tensors."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import ckptviz as cv
+from ckptviz.stats import STATS_KEYS, Histogram, StatsCache, histogram, stats_frame, summarize, tensor_stats
+
+FLOAT8 = [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]
+EXACT = ("numel", "min", "max", "abs_max", "zero_frac", "nan", "inf")
+
+
+def values64(t: torch.Tensor) -> torch.Tensor:
+    """The reference's view of ``t``: every element as float64 (magnitudes for complex)."""
+    if t.dtype == torch.complex32:
+        t = t.to(torch.complex64)
+    if t.is_complex():
+        t = t.abs()
+    return t.to(torch.float64).reshape(-1)
+
+
+def reference(t: torch.Tensor) -> dict[str, float]:
+    x = values64(t)
+    f = x[torch.isfinite(x)]
+    nan = math.nan
+    return {
+        "numel": float(x.numel()),
+        "mean": f.mean().item() if f.numel() else nan,
+        "std": f.std(correction=0).item() if f.numel() else nan,
+        "min": f.min().item() if f.numel() else nan,
+        "max": f.max().item() if f.numel() else nan,
+        "abs_max": f.abs().max().item() if f.numel() else nan,
+        "l2": f.norm().item() if f.numel() else nan,
+        "zero_frac": (x == 0).sum().item() / x.numel() if x.numel() else nan,
+        "nan": float(torch.isnan(x).sum()),
+        "inf": float(torch.isinf(x).sum()),
+    }
+
+
+def assert_stats_match(got: dict, want: dict) -> None:
+    assert list(got) == list(STATS_KEYS)
+    scale = want["abs_max"] if math.isfinite(want["abs_max"]) else 1.0
+    for k in STATS_KEYS:
+        g, w = got[k], want[k]
+        assert isinstance(g, float), k
+        if math.isnan(w):
+            assert math.isnan(g), (k, g, w)
+        elif k in EXACT:
+            assert g == w, (k, g, w)
+        else:
+            assert math.isclose(g, w, rel_tol=1e-12, abs_tol=1e-12 * scale), (k, g, w)
+
+
+def assert_hist_matches(h: Histogram, t: torch.Tensor, bins: int) -> None:
+    x = values64(t)
+    f = x[torch.isfinite(x)].numpy()
+    assert h.counts.dtype == np.int64 and h.edges.dtype == np.float64
+    assert len(h.counts) == bins and len(h.edges) == bins + 1
+    assert h.total == f.size and h.outside == 0
+    assert h.nan == int(np.isnan(x.numpy()).sum()) and h.inf == int(np.isinf(x.numpy()).sum())
+    np.testing.assert_array_equal(h.counts, np.histogram(f, bins=h.edges)[0])
+    if f.size and f.min() < f.max():
+        assert h.edges[0] == f.min() and h.edges[-1] == f.max()
+
+
+def sample(dtype: torch.dtype, n: int = 5000, *, specials: bool = True) -> torch.Tensor:
+    """Random values of ``dtype`` with zeros and, where the dtype has them, NaN and ±Inf."""
+    gen = torch.Generator().manual_seed(hash(str(dtype)) % 2**31)
+    if dtype == torch.bool:
+        return torch.rand(n, generator=gen) > 0.3
+    if dtype.is_complex:
+        base = torch.randn(n, generator=gen, dtype=torch.complex64) * 3
+    elif dtype.is_floating_point:
+        base = torch.randn(n, generator=gen) * 3
+    else:
+        info = torch.iinfo(dtype)
+        lo, hi = max(info.min, -(2**40)), min(info.max, 2**40)
+        return torch.randint(lo, hi, (n,), generator=gen, dtype=torch.int64).to(dtype)
+    base[:50] = 0
+    if specials:
+        base[100:103] = float("nan")
+        base[200] = float("inf")
+        base[201:203] = -float("inf")
+    return base.to(dtype)
+
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, *FLOAT8, torch.int8, torch.uint8,
+          torch.int16, torch.uint16, torch.int32, torch.int64, torch.uint32, torch.uint64, torch.bool,
+          torch.complex64, torch.complex128]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_stats_and_histogram_match_the_float64_reference(dtype):
+    t = sample(dtype).reshape(50, 100)
+    stats, h = summarize(t, bins=33)
+    assert_stats_match(stats, reference(t))
+    assert_stats_match(tensor_stats(t), reference(t))
+    assert_hist_matches(h, t, 33)
+    h2 = histogram(t, bins=33)
+    np.testing.assert_array_equal(h2.counts, h.counts)
+    np.testing.assert_array_equal(h2.edges, h.edges)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.int16, *FLOAT8, torch.uint8, torch.int8],
+                         ids=str)
+def test_every_bit_pattern_of_narrow_dtypes_is_counted_exactly(dtype):
+    # All 65536 (or 256) bit patterns: subnormals, -0, NaNs, ±Inf, the largest finite values.
+    size = dtype.itemsize
+    bits = torch.arange(1 << (8 * size), dtype=torch.int32).to(torch.int16 if size == 2 else torch.uint8)
+    t = bits.view(dtype)
+    stats, h = summarize(t, bins=128)
+    assert_stats_match(stats, reference(t))
+    assert_hist_matches(h, t, 128)
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+def test_complex32_uses_magnitudes():
+    z = torch.tensor([3 + 4j, 0, -1j, 6 - 8j], dtype=torch.complex64).to(torch.complex32)
+    stats = tensor_stats(z)
+    assert (stats["min"], stats["max"], stats["mean"], stats["zero_frac"]) == (0.0, 10.0, 4.0, 0.25)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool], ids=str)
+def test_empty_tensors(dtype):
+    t = torch.empty(0, 7, dtype=dtype)
+    stats, h = summarize(t, bins=8)
+    assert stats["numel"] == 0 and stats["nan"] == 0 and stats["inf"] == 0
+    assert all(math.isnan(stats[k]) for k in ("mean", "std", "min", "max", "abs_max", "l2", "zero_frac"))
+    assert h.total == 0 and len(h.edges) == 9 and (h.edges[0], h.edges[-1]) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_only_nan_and_inf(dtype):
+    t = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan")], dtype=dtype)
+    stats, h = summarize(t, bins=4)
+    assert (stats["numel"], stats["nan"], stats["inf"], stats["zero_frac"]) == (4.0, 2.0, 2.0, 0.0)
+    assert math.isnan(stats["mean"]) and math.isnan(stats["max"])
+    assert h.total == 0 and (h.nan, h.inf) == (2, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_constant_tensors_have_zero_std_and_numpy_edges(dtype):
+    t = torch.full((1000,), 0.1, dtype=dtype)
+    stats, h = summarize(t, bins=10)
+    assert stats["std"] == 0.0 and stats["min"] == stats["max"] == stats["mean"]
+    assert h.total == 1000 and h.edges[0] == stats["min"] - 0.5 and h.edges[-1] == stats["max"] + 0.5
+    assert_hist_matches(h, t, 10)
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
+def test_scalar_meta_and_unsupported_dtypes_do_not_crash():
+    assert tensor_stats(torch.tensor(-2.5))["abs_max"] == 2.5
+    meta = tensor_stats(torch.empty(3, 4, device="meta"))
+    assert meta["numel"] == 12 and all(math.isnan(meta[k]) for k in STATS_KEYS if k != "numel")
+    q = torch.quantize_per_tensor(torch.randn(8), 0.1, 0, torch.qint8)
+    stats, h = summarize(q)
+    assert stats["numel"] == 8 and math.isnan(stats["mean"]) and h.total == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_explicit_range_bins_in_one_pass_and_counts_outside(dtype):
+    t = torch.tensor([-3.0, -1.0, 0.0, 0.5, 1.0, 1.0, 2.0, float("nan")], dtype=dtype)
+    stats, h = summarize(t, bins=4, range=(-1.0, 1.0))
+    assert stats["min"] == -3.0 and stats["max"] == 2.0  # statistics ignore the range
+    np.testing.assert_array_equal(h.edges, np.linspace(-1, 1, 5))
+    np.testing.assert_array_equal(h.counts, [1, 0, 1, 3])  # the upper edge is in the last bin, as numpy does
+    assert (h.outside, h.nan, h.total) == (2, 1, 5)
+    assert h.mode == 0.75
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.complex64, torch.int32], ids=str)
+def test_results_do_not_depend_on_chunking_or_layout(dtype):
+    base = sample(dtype, 60_000).reshape(120, 500)
+    want_stats, want_h = summarize(base.contiguous(), bins=50, chunk_bytes=2**40)
+    views = {
+        "tiny chunks": (base, 1000),
+        "transposed": (base.t(), 4096),
+        "strided rows": (base[::3, 1::2], 777),
+        "expanded": (base[0].expand(120, 500), 3000),
+    }
+    for name, (t, chunk) in views.items():
+        ref_stats, ref_h = summarize(t.contiguous(), bins=50, chunk_bytes=2**40)
+        got_stats, got_h = summarize(t, bins=50, chunk_bytes=chunk)
+        assert_stats_match(got_stats, ref_stats)
+        np.testing.assert_array_equal(got_h.counts, ref_h.counts, err_msg=name)
+        np.testing.assert_array_equal(got_h.edges, ref_h.edges, err_msg=name)
+    if dtype.itemsize <= 2:  # the bit-pattern table: every number identical, whatever the chunking
+        assert summarize(base, bins=50, chunk_bytes=1000)[0] == want_stats
+        part = base[:40, ::2]
+        assert summarize(part, chunk_bytes=1)[0] == summarize(part.contiguous(), chunk_bytes=2**40)[0]
+
+
+def test_stats_frame_and_progress(tmp_path, capsys):
+    sd = {"a.weight": torch.randn(30, 20), "b.bias": torch.zeros(20, dtype=torch.bfloat16),
+          "c.count": torch.arange(5)}
+    frame = stats_frame(sd)
+    assert list(frame.index) == list(sd) and frame.index.name == "key" and list(frame.columns) == list(STATS_KEYS)
+    assert frame.loc["b.bias", "zero_frac"] == 1.0 and frame.loc["c.count", "max"] == 4.0
+    assert "statistics" not in capsys.readouterr().err  # small: no bar unless asked
+    stats_frame(sd, progress=True)
+    assert "statistics" in capsys.readouterr().err
+    assert stats_frame({}).empty
+
+    # The same numbers from memory-mapped tensors of a saved checkpoint.
+    path = tmp_path / "w.pt"
+    torch.save({"state_dict": sd, "epoch": 3}, path)
+    mapped = stats_frame(cv.open_checkpoint(path).state_dict())
+    pd.testing.assert_frame_equal(mapped, frame)
+
+
+def test_stats_cache_hits_misses_invalidation_and_lru(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.randn(100)}, path)
+    loads = []
+
+    def loader():
+        loads.append(1)
+        return cv.open_checkpoint(path).tensor("w")
+
+    cache = StatsCache(maxsize=2)
+    first = cache.summarize(path, "", "w", loader, bins=16)
+    second = cache.summarize(str(path), "", "w", loader, bins=16)
+    assert len(loads) == 1 and (cache.hits, cache.misses) == (1, 1)
+    assert first[0] == second[0] and second[1] is first[1]
+    cache.summarize(path, "", "w", loader, bins=32)  # other bins: another entry
+    assert len(loads) == 2 and len(cache) == 2
+
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file changed: recomputed
+    cache.summarize(path, "", "w", loader, bins=16)
+    assert len(loads) == 3 and len(cache) == 2  # LRU bound kept
+
+    t = torch.ones(4)
+    assert StatsCache.key(None, "", "w") is None
+    cache.summarize(None, "", "w", t)
+    t.mul_(2)  # in-memory tensors are never cached: a live model's weights change
+    assert cache.summarize(None, "", "w", t)[0]["mean"] == 2.0
+    cache.clear()
+    assert len(cache) == 0
+
+
+MEMORY_CHILD = textwrap.dedent("""
+    import importlib.util, json, os, sys, threading, time
+    import torch
+    spec = importlib.util.spec_from_file_location("stats_alone", sys.argv[1])
+    stats = sys.modules["stats_alone"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stats)  # stats.py on its own: no ckptviz package, no widgets
+
+    def anon_kb():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+
+    out = {"ipywidgets": "ipywidgets" in sys.modules}
+    for path, dtype in ((sys.argv[2], torch.bfloat16), (sys.argv[3], torch.float32)):
+        numel = os.path.getsize(path) // dtype.itemsize
+        t = torch.from_file(path, shared=False, size=numel, dtype=dtype)
+        base = anon_kb()
+        peak = [base]
+        done = threading.Event()
+
+        def watch():
+            while not done.is_set():
+                peak[0] = max(peak[0], anon_kb())
+                time.sleep(0.001)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        start = time.perf_counter()
+        s, h = stats.summarize(t, bins=64)
+        done.set()
+        watcher.join()
+        peak[0] = max(peak[0], anon_kb())
+        out[str(dtype)] = {"seconds": time.perf_counter() - start, "growth_mb": (peak[0] - base) / 1024,
+                           "numel": s["numel"], "total": h.total, "nan": s["nan"], "mean": s["mean"]}
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for RssAnon")
+def test_memory_stays_bounded_on_memory_mapped_files(tmp_path):
+    # 256 MiB of bf16 and 64 MiB of float32 in files, read through private maps in a fresh process:
+    # a whole-tensor float32 / float64 copy would add 512 / 128 MiB of anonymous memory; the blocks
+    # and buffers of a streaming pass take about 4 MiB (bf16) and 8 MiB (float32).
+    gen = torch.Generator().manual_seed(1)
+    block16 = torch.randn(2**20, generator=gen).to(torch.bfloat16)
+    block16[7] = float("nan")
+    block32 = torch.randn(2**20, generator=gen)
+    files = {}
+    for name, block, repeats in (("bf16.bin", block16, 128), ("f32.bin", block32, 16)):
+        files[name] = tmp_path / name
+        raw = block.view(torch.uint8).numpy().tobytes()
+        with open(files[name], "wb") as f:
+            for _ in range(repeats):
+                f.write(raw)
+    stats_py = Path(cv.__file__).with_name("stats.py")
+    proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(stats_py), str(files["bf16.bin"]),
+                           str(files["f32.bin"])], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["ipywidgets"] is False
+    bf16, f32 = out["torch.bfloat16"], out["torch.float32"]
+    assert bf16["numel"] == 128 * 2**20 and bf16["nan"] == 128 and bf16["total"] == 128 * (2**20 - 1)
+    assert math.isclose(bf16["mean"], tensor_stats(block16)["mean"], rel_tol=1e-9)
+    assert f32["numel"] == f32["total"] == 16 * 2**20
+    assert math.isclose(f32["mean"], tensor_stats(block32)["mean"], rel_tol=1e-9)
+    assert bf16["growth_mb"] < 64, bf16
+    assert f32["growth_mb"] < 48, f32
