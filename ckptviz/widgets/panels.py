@@ -18,6 +18,8 @@ from ..plots import figure_to_png, histogram_figure, shorten_key
 from ..snippet import torch_code
 from ..stats import histogram, tensor_stats
 
+CODE_STYLE = ("background:#f6f8fa;padding:6px;user-select:text;white-space:pre-wrap;word-break:normal;"
+              "overflow-wrap:normal;font-size:85%")
 STAT_ROWS = ["numel", "mean", "std", "min", "max", "abs_max", "l2", "zero_frac", "nan", "inf"]
 
 
@@ -152,5 +154,5 @@ class ResultPanel(w.VBox):
         code = torch_code(result)
         self.code.value = (
             "<details open><summary>the same load in plain PyTorch</summary>"
-            f"<pre style='background:#f6f8fa;padding:6px;user-select:text;white-space:pre-wrap;word-break:normal;overflow-wrap:normal;font-size:85%'>{html.escape(code)}</pre></details>"
+            f"<pre style='{CODE_STYLE}'>{html.escape(code)}</pre></details>"
         )
