@@ -17,6 +17,9 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .load import LoadResult, load_optimizer, load_partial
+from .models import build_model, find_models, parse_kwargs, torchvision_models
+from .snippet import torch_code
+from .stats import Histogram, StatsCache, histogram, stats_frame, summarize, tensor_stats
 
 __version__ = "0.1.0"
 
@@ -35,4 +38,6 @@ __all__ = [
     "CorruptCheckpointError", "LoadError", "LoadResult", "ModelError", "NoTensorsError",
     "OptimizerMismatchError", "Report", "Rule", "SectionError", "UnknownFormatError",
     "UnsafeCheckpointError", "compare", "load_optimizer", "load_partial", "open_checkpoint",
+    "build_model", "find_models", "parse_kwargs", "torchvision_models", "torch_code",
+    "Histogram", "StatsCache", "histogram", "stats_frame", "summarize", "tensor_stats",
 ]

@@ -51,6 +51,7 @@ class Checkpoint:
         taken = {name.split(".", 1)[0] for name in (*weights, *optimizers)}
         self.metadata: dict[str, Any] = {**metadata(root, taken), **(extra_metadata or {})}
         self.unsafe_globals: list[str] = sorted(raw.unsafe) if raw is not None else []
+        self._stats: dict[str, tuple] = {}
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any], name: str = "<state dict>") -> Checkpoint:
@@ -125,6 +126,26 @@ class Checkpoint:
         whole = self._map() if any(isinstance(v, TensorRef) for v in entries.values()) else None
         return {k: self._value(v, whole) for k, v in entries.items()}
 
+    def stats(self, section: str | None = None, *, progress: bool | None = None) -> pd.DataFrame:
+        """Statistics of every tensor (``ckptviz.stats.STATS_KEYS``), one streaming pass each, cached."""
+        from .stats import stats_frame
+
+        name = self.resolve(section)
+        stamp = _file_stamp(self.path)
+        cached = self._stats.get(name)
+        if cached is None or cached[0] != stamp or stamp is None:
+            cached = self._stats[name] = (stamp, stats_frame(self.state_dict(name), progress=progress))
+        return cached[1].copy()
+
+    def histogram(self, key: str, bins: int = 64, range: tuple[float, float] | None = None, *,
+                  section: str | None = None):
+        """Histogram of one tensor's finite values (NaN/Inf counted apart), cached per file and key."""
+        from .stats import CACHE
+
+        name = self.resolve(section)
+        self._section(name)
+        return CACHE.summarize(self.path, name, key, lambda: self.tensor(key, name), bins, range=range)[1]
+
     def _map(self) -> torch.UntypedStorage | None:
         try:
             return self._raw.source.map() if self._raw is not None and self._raw.source.size else None
@@ -187,6 +208,14 @@ class Checkpoint:
             f"({html.escape(self.format)}, {_human(self.nbytes)})</p>"
             f"<table><tr><th>section</th><th>tensors</th><th>size</th></tr>{rows}</table>{opt}{meta}</div>"
         )
+
+
+def _file_stamp(path: str | None) -> tuple | None:
+    try:
+        st = os.stat(path) if path else None
+    except (OSError, ValueError):
+        return None
+    return (st.st_mtime_ns, st.st_size) if st else None
 
 
 def _short(v: Any, limit: int = 200) -> str:

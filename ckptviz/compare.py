@@ -66,7 +66,7 @@ class Report:
         """A pandas Styler of ``frame`` (default: the whole report) coloured by status."""
         frame = self.frame if frame is None else frame
         return (
-            frame.style.apply(lambda row: [f"background-color: {STATUS_COLOURS[row['status']]}"] * len(row), axis=1)
+            frame.style.apply(lambda row: [_row_style(row)] * len(row), axis=1)
             .format(na_rep="—")
             .hide(axis="index")
         )
@@ -92,6 +92,11 @@ class Report:
             note = f"<p>showing {HTML_ROW_LIMIT} of {len(frame)} rows, problems first; see <code>.frame</code></p>"
             frame = frame.head(HTML_ROW_LIMIT)
         return f"<div class='ckptviz-report'>{self._summary_html()}{note}{self.styled(frame).to_html()}</div>"
+
+
+def _row_style(row: pd.Series) -> str:
+    style = f"background-color: {STATUS_COLOURS[row['status']]}"
+    return style + "; color: #b00020; font-weight: bold" if row.get("nonfinite") is True else style
 
 
 def _status(m_shape, c_shape, m_dtype, c_dtype) -> str:
@@ -127,12 +132,16 @@ def compare(
     section: str | None = None,
     rules: Iterable[tuple[str, str]] | None = None,
     auto_align: bool = True,
+    stats: bool = False,
 ) -> Report:
     """Compare ``model`` with a checkpoint (a path, a Checkpoint, or a mapping of tensors).
 
     With ``section=None`` every weights section is tried and the one pairing the most keys wins
     (ties go to the better-ranked name). ``rules`` are (regex, replacement) renames applied to
     checkpoint keys first; ``auto_align`` infers prefix and wrapper renames on top of them.
+    ``stats=True`` adds ``ckpt_*`` and ``model_*`` statistics (mean, std, min, max, nan, inf), a
+    ``nonfinite`` flag (NaN/Inf on either side) and ``still_initial``: a model tensor that still holds
+    exactly the value it had before ckptviz's first load into this model (it was never loaded).
     """
     live = model_tensors(model)
     ck = as_checkpoint(source)
@@ -148,4 +157,29 @@ def compare(
         if best is None or len(al.pairs) > len(best[2].pairs):
             best = (name, entries, al)
     name, entries, al = best
-    return Report(_build_frame(live, entries, al), ck, name, al.rules)
+    frame = _build_frame(live, entries, al)
+    if stats:
+        frame = _with_stats(frame, ck, name, model, live)
+    return Report(frame, ck, name, al.rules)
+
+
+STAT_COLUMNS = ("mean", "std", "min", "max", "nan", "inf")
+
+
+def _with_stats(frame: pd.DataFrame, ck: Checkpoint, section: str, model: nn.Module,
+                live: dict[str, torch.Tensor]) -> pd.DataFrame:
+    """Add checkpoint and model statistics, a ``nonfinite`` flag and a ``still_initial`` flag."""
+    from .provenance import still_initial
+    from .stats import tensor_stats
+
+    ck_stats = ck.stats(section)
+    model_stats = {k: tensor_stats(t.detach()) for k, t in live.items()}
+    initial = still_initial(model, live)
+    out = frame.copy()
+    for col in STAT_COLUMNS:
+        out[f"ckpt_{col}"] = [ck_stats.at[c, col] if isinstance(c, str) else float("nan") for c in frame["ckpt_key"]]
+        out[f"model_{col}"] = [model_stats[k][col] if isinstance(k, str) else float("nan") for k in frame["key"]]
+    bad = out[["ckpt_nan", "ckpt_inf", "model_nan", "model_inf"]].fillna(0).sum(axis=1) > 0
+    out["nonfinite"] = bad
+    out["still_initial"] = [bool(initial.get(k, False)) if isinstance(k, str) else False for k in frame["key"]]
+    return out

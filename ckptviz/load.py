@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .checkpoint import as_checkpoint
 from .compare import Report, model_tensors
 from .errors import LoadError, OptimizerMismatchError
+from .provenance import remember_initial
 
 PROGRESS_BYTES = 512 * 2**20  # show a progress bar when loading more than this
 
@@ -144,6 +145,7 @@ def load_partial(model: nn.Module, report: Report, *, keys: Iterable[str] | None
             skipped[k] = reason
         else:
             sources[k] = src
+    remember_initial(model, live, (k for k in live if k not in sources))
     backup: dict[str, torch.Tensor] | None = {} if undo else None
     seen: set[int] = set()
     total = sum(t.numel() * t.element_size() for t in sources.values())

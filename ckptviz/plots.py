@@ -86,7 +86,16 @@ def histogram_figure(hists: Mapping[str, Histogram], *, title: str = "", log: bo
     values outside the range when there are any. ``log`` puts the counts on a log scale."""
     fig = new_figure()
     ax = fig.add_subplot()
-    colors = colors_for(hists)
+    _draw_histograms(ax, hists, log=log)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def _draw_histograms(ax, hists: Mapping[str, Histogram], *, log: bool = False,
+                     colors: Mapping[str, str] | None = None) -> None:
+    """``hists`` overlaid on ``ax`` as filled steps with outlines, axis labels and a legend."""
+    colors = colors or colors_for(hists)
     baseline = 0.5 if log else 0  # on a log axis, fill down to just below one count
     for label, h in hists.items():
         color = colors[label]
@@ -103,11 +112,8 @@ def histogram_figure(hists: Mapping[str, Histogram], *, title: str = "", log: bo
                 ha="center", va="center", color="0.4")
     ax.set_xlabel("value")
     ax.set_ylabel("count (log scale)" if log else "count")
-    if title:
-        ax.set_title(title)
     if hists:
         ax.legend(loc="best")
-    return fig
 
 
 @_styled

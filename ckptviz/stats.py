@@ -176,6 +176,9 @@ class StatsCache:
             self.hits = self.misses = 0
 
 
+CACHE = StatsCache()  # shared by Checkpoint.histogram and the widgets
+
+
 # ---- dispatch ------------------------------------------------------------------------------------
 def _summarize(t: torch.Tensor, bins: int | None, rng: tuple[float, float] | None, chunk_bytes: int,
                tick: Tick | None) -> tuple[dict[str, float], Histogram | None]:

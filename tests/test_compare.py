@@ -149,3 +149,44 @@ def test_meta_device_model_compares_without_memory(tmp_path):
 def test_non_module_model_is_a_clear_error(tmp_path):
     with pytest.raises(cv.ModelError, match="nn.Module"):
         cv.compare({"a": 1}, save(SmallCNN().state_dict(), tmp_path / "m.pt"))
+
+
+def test_stats_columns_flag_nonfinite_and_never_loaded_tensors(tmp_path):
+    src = randomized(SmallCNN(num_classes=10), seed=11)
+    sd = src.state_dict()
+    sd["features.0.bias"][1] = float("nan")
+    path = save(sd, tmp_path / "s.pt")
+    model = SmallCNN(num_classes=5)
+    head_before = model.head.weight.detach().clone()
+    rep = cv.compare(model, path, stats=True)
+    row = rep.frame.set_index("key").loc["features.0.weight"]
+    ref = sd["features.0.weight"].double()
+    assert abs(row["ckpt_mean"] - ref.mean().item()) < 1e-9
+    assert abs(row["ckpt_std"] - ref.std(unbiased=False).item()) < 1e-9
+    assert row["model_max"] == model.features[0].weight.max().item()
+    assert rep.frame.set_index("key").loc["features.0.bias", "nonfinite"]
+    assert rep.frame["nonfinite"].sum() == 1
+    assert not rep.frame["still_initial"].any()  # nothing loaded yet: no claim
+    cv.load_partial(model, rep)
+    after = cv.compare(model, path, stats=True).frame.set_index("key")
+    assert after.loc["head.weight", "still_initial"] and after.loc["head.bias", "still_initial"]
+    assert not after.loc["features.0.weight", "still_initial"]
+    with torch.no_grad():
+        model.head.weight.add_(1)  # trained since: no longer initial
+    assert not cv.compare(model, path, stats=True).frame.set_index("key").loc["head.weight", "still_initial"]
+    assert torch.allclose(model.head.weight - 1, head_before)
+    assert "font-weight: bold" in rep._repr_html_()
+
+
+def test_checkpoint_stats_and_histogram(tmp_path):
+    t = torch.randn(1000)
+    t[3] = float("inf")
+    path = save({"w": t, "b": torch.zeros(3, dtype=torch.bfloat16)}, tmp_path / "h.pt")
+    ck = cv.open_checkpoint(path)
+    st = ck.stats()
+    finite = t[torch.isfinite(t)].double()
+    assert st.loc["w", "inf"] == 1 and abs(st.loc["w", "mean"] - finite.mean().item()) < 1e-9
+    assert st.loc["b", "zero_frac"] == 1.0
+    h = ck.histogram("w", bins=16)
+    assert h.inf == 1 and h.counts.sum() == 999 and len(h.edges) == 17
+    assert ck.stats().equals(st)  # cached, same values
