@@ -1,5 +1,7 @@
-"""ipywidgets views over the core objects: pickers, the report table, panels, CheckpointInspector."""
+"""ipywidgets views over the core objects: pickers, the report table, panels, CheckpointInspector,
+CheckpointDiff."""
 
+from .diff_view import CheckpointDiff
 from .inspector import CheckpointInspector
 
-__all__ = ["CheckpointInspector"]
+__all__ = ["CheckpointDiff", "CheckpointInspector"]

@@ -19,7 +19,7 @@ from ..errors import CheckpointError, UnsafeCheckpointError
 from ..load import LoadResult, load_partial
 from .files import FilePicker, human_size
 from .model_picker import ModelPicker
-from .panels import DevicePanel, ResultPanel, TensorPanel
+from .panels import DevicePanel, ResultPanel, ScanPanel, TensorPanel
 from .table import ReportTable
 
 
@@ -72,6 +72,7 @@ class CheckpointInspector(w.VBox):
         self.devices = DevicePanel()
         self.table = ReportTable()
         self.tensor_panel = TensorPanel()
+        self.scan_panel = ScanPanel(lambda: (self.checkpoint, self.section.value))
         self.load_all_button = w.Button(description="Load all matching", button_style="success", icon="download",
                                         layout=w.Layout(width="auto"))
         self.load_selected_button = w.Button(description="Load selected rows", icon="check-square",
@@ -88,6 +89,7 @@ class CheckpointInspector(w.VBox):
         self.section.observe(self._on_section, names="value")
         self.model_picker.register_callback(lambda picker: self._on_model(picker.model))
         self.table.register_callback(lambda _: self._on_select())
+        self.scan_panel.register_callback(lambda panel: self.table.mark_nonfinite(panel.nonfinite))
         self.load_all_button.on_click(lambda _: self.load_all())
         self.load_selected_button.on_click(lambda _: self.load_selected())
         self.undo_button.on_click(lambda _: self.undo())
@@ -102,7 +104,7 @@ class CheckpointInspector(w.VBox):
             _card("Tensor", self.tensor_panel),
             _card("Load", actions, self.result_panel, css="ckptviz-load-card"),
         ], layout=w.Layout(width="100%"))
-        super().__init__([top, self.message, _card("Keys", self.table), bottom])
+        super().__init__([top, self.message, _card("Keys", self.table, self.scan_panel), bottom])
         self.add_class("ckptviz-inspector")
         self._update_buttons()
         if model is not None:
@@ -188,6 +190,7 @@ class CheckpointInspector(w.VBox):
             self._say(f"Unexpected error ({type(e).__name__}): {e}", error=True)
         finally:
             self._update_buttons()
+            self.scan_panel.sync()  # a scan describes one checkpoint section: forget it when that changed
 
     def _say(self, text: str, error: bool = False) -> None:
         if error:

@@ -1,22 +1,29 @@
-"""The inspector's panels: the selected tensor (statistics and histograms, checkpoint beside model),
-devices and train/eval mode, and the result of the last load with its plain-PyTorch equivalent."""
+"""The inspector's panels: the selected tensor (statistics and histograms, checkpoint beside model,
+with a warning when either holds NaN or Inf), devices and train/eval mode, the result of the last load
+with its plain-PyTorch equivalent, and the section scan (NaN/Inf in every tensor, layer overview)."""
 
 from __future__ import annotations
 
+import base64
 import html
+import os
 from collections import Counter
+from collections.abc import Callable, Mapping
 
 import ipywidgets as w
 import pandas as pd
 import torch
 from IPython.display import Image, display
+from matplotlib.figure import Figure
 from torch import nn
 
+from ..checkpoint import Checkpoint
 from ..compare import Report, model_tensors
+from ..errors import CheckpointError
 from ..load import LoadResult
-from ..plots import figure_to_png, histogram_figure, shorten_key
+from ..plots import figure_to_png, histogram_figure, layer_summary_figure, shorten_key
 from ..snippet import torch_code
-from ..stats import histogram, tensor_stats
+from ..stats import histogram, stats_frame, tensor_stats
 
 CODE_STYLE = ("background:#f6f8fa;padding:6px;user-select:text;white-space:pre-wrap;word-break:normal;"
               "overflow-wrap:normal;font-size:85%")
@@ -70,6 +77,7 @@ class TensorPanel(w.VBox):
             f"checkpoint: {_desc(row, 'ckpt')} &nbsp;|&nbsp; model: {_desc(row, 'model')}"
         )
         table, hists = tensor_comparison(ckpt, live.detach() if live is not None else None)
+        self.header.value += nonfinite_warning(table)
         self.output.clear_output(wait=True)
         with self.output:
             if len(table.columns):
@@ -156,3 +164,158 @@ class ResultPanel(w.VBox):
             "<details open><summary>the same load in plain PyTorch</summary>"
             f"<pre style='{CODE_STYLE}'>{html.escape(code)}</pre></details>"
         )
+
+
+# ---- NaN/Inf and the section scan ------------------------------------------------------------------
+def nonfinite_text(nan: float, inf: float) -> str:
+    """"NaN 3, Inf 1" (zero and undefined counts left out; "" when there is neither)."""
+    return ", ".join(f"{name} {int(n):,}" for name, n in (("NaN", nan), ("Inf", inf)) if n == n and n > 0)
+
+
+def nonfinite_warning(table: pd.DataFrame) -> str:
+    """A red line naming each tensor (column of a ``tensor_comparison`` table) that holds NaN or Inf."""
+    parts = [f"the {label} tensor holds {text}" for label in table.columns
+             if (text := nonfinite_text(table.loc["nan", label] or 0, table.loc["inf", label] or 0))]
+    if not parts:
+        return ""
+    return f"<div class='ckptviz-nonfinite' style='color:#b00020'><b>⚠ {html.escape('; '.join(parts))}</b></div>"
+
+
+def show_png(output: w.Output, png: bytes, text: str = "figure") -> None:
+    """Show PNG bytes in ``output`` by setting its outputs (works in a kernel and from plain Python)."""
+    output.outputs = ({"output_type": "display_data", "metadata": {},
+                       "data": {"image/png": base64.b64encode(png).decode("ascii"), "text/plain": text}},)
+
+
+def section_stats(tensors: Mapping[str, torch.Tensor], tick: Callable[[float], None] | None = None,
+                  parts: int = 50) -> pd.DataFrame:
+    """``stats_frame`` of ``tensors``, run over about ``parts`` groups of keys of similar byte size,
+    calling ``tick(fraction of bytes done)`` after each group."""
+    sizes = {k: 0 if t.device.type == "meta" else t.numel() * t.element_size() for k, t in tensors.items()}
+    total = max(sum(sizes.values()), 1)
+    frames, group, held, done = [], {}, 0, 0
+    for k, t in tensors.items():
+        group[k], held = t, held + sizes[k]
+        if held >= total / parts:
+            frames.append(stats_frame(group, progress=False))
+            done, group, held = done + held, {}, 0
+            if tick:
+                tick(done / total)
+    if group or not frames:
+        frames.append(stats_frame(group, progress=False))
+    if tick:
+        tick(1.0)
+    return pd.concat(frames)
+
+
+class ScanPanel(w.VBox):
+    """Statistics of every tensor of the checkpoint section, on demand (``stats_frame``, with a
+    progress bar): "Scan for NaN/Inf" names the tensors holding them and tells the callbacks (the
+    inspector marks its table); "Layer overview" shows std and norm per layer in model order.
+    ``source()`` gives the (checkpoint, section) to scan; results are kept until it changes."""
+
+    def __init__(self, source: Callable[[], tuple[Checkpoint | None, str | None]]):
+        self._source = source
+        self._callbacks: list[Callable[[ScanPanel], None]] = []
+        self._quiet = False
+        self.stats: pd.DataFrame | None = None  # stats_frame of the scanned section
+        self.scanned: tuple[Checkpoint, str | None] | None = None  # what ``stats`` describe
+        self.figure: Figure | None = None  # the layer overview shown
+        self.scan_button = w.Button(description="Scan for NaN/Inf", icon="search", layout=w.Layout(width="auto"))
+        self.scan_button.add_class("ckptviz-scan")
+        self.overview = w.ToggleButton(description="Layer overview", icon="bar-chart", layout=w.Layout(width="auto"),
+                                       tooltip="std and norm of every tensor in model order")
+        self.overview.add_class("ckptviz-layer-overview")
+        self.progress = w.FloatProgress(min=0.0, max=1.0, layout=w.Layout(width="140px", visibility="hidden"))
+        self.progress.add_class("ckptviz-scan-progress")
+        self.message = w.HTML()
+        self.message.add_class("ckptviz-scan-message")
+        self.output = w.Output(layout=w.Layout(display="none"))
+        self.output.add_class("ckptviz-layer-figure")
+        self.scan_button.on_click(lambda _: self.scan())
+        self.overview.observe(self._on_overview, names="value")
+        super().__init__([w.HBox([self.scan_button, self.overview, self.progress, self.message]), self.output])
+        self.add_class("ckptviz-scan-panel")
+
+    def register_callback(self, callback: Callable[[ScanPanel], None]) -> None:
+        """Call ``callback(panel)`` after each scan, and when its results are forgotten."""
+        self._callbacks.append(callback)
+
+    @property
+    def nonfinite(self) -> dict[str, str]:
+        """Checkpoint key -> "NaN 3, Inf 1" for the scanned tensors that hold NaN or Inf."""
+        if self.stats is None:
+            return {}
+        bad = self.stats[(self.stats["nan"] > 0) | (self.stats["inf"] > 0)]
+        return {k: nonfinite_text(r["nan"], r["inf"]) for k, r in bad.iterrows()}
+
+    def _current(self) -> bool:
+        ck, section = self._source()
+        return self.scanned is not None and self.scanned[0] is ck and self.scanned[1] == section
+
+    def sync(self) -> None:
+        """Forget the results when the source no longer gives the checkpoint and section they describe
+        (callbacks are told, as after a scan, when there were results)."""
+        if not self._current():
+            had = self.stats is not None
+            self.stats, self.scanned, self.figure = None, None, None
+            self.message.value = ""
+            self.output.outputs = ()
+            self.output.layout.display = "none"
+            self._quiet = True
+            self.overview.value = False
+            self._quiet = False
+            if had:
+                for cb in self._callbacks:
+                    cb(self)
+
+    def scan(self) -> pd.DataFrame | None:
+        """Statistics of every tensor in the section (once per checkpoint and section); errors are shown."""
+        ck, section = self._source()
+        if ck is None:
+            self.message.value = "<span class='ckptviz-error' style='color:#b00020'>Open a checkpoint first.</span>"
+            return None
+        if not self._current():
+            self.message.value = "⏳ reading every tensor…"
+            self.progress.value, self.progress.layout.visibility = 0.0, "visible"
+            try:
+                self.stats = section_stats(ck.state_dict(section), lambda f: setattr(self.progress, "value", f))
+                self.scanned = (ck, section)
+            except Exception as e:  # noqa: BLE001 - the widget must never show a raw traceback
+                kind = "" if isinstance(e, CheckpointError) else f"Unexpected error ({type(e).__name__}): "
+                self.message.value = (f"<span class='ckptviz-error' style='color:#b00020'>"
+                                      f"{html.escape(kind + str(e))}</span>")
+                return None
+            finally:
+                self.progress.layout.visibility = "hidden"
+        self.message.value = self._summary()
+        for cb in self._callbacks:
+            cb(self)
+        return self.stats
+
+    def _summary(self) -> str:
+        bad = self.nonfinite
+        if not bad:
+            return f"✅ {len(self.stats)} tensors scanned: no NaN or Inf"
+        named = ", ".join(f"<code>{html.escape(shorten_key(k, 40))}</code> ({v})" for k, v in list(bad.items())[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        return (f"<span class='ckptviz-nonfinite' style='color:#b00020'><b>⚠ {len(bad)} of {len(self.stats)} "
+                f"tensors hold NaN or Inf</b>: {named}{more}</span>")
+
+    def _on_overview(self, change) -> None:
+        if self._quiet:
+            return
+        if not change["new"]:
+            self.output.layout.display = "none"
+            return
+        stats = self.scan()
+        if stats is None:
+            self._quiet = True
+            self.overview.value = False
+            self._quiet = False
+            return
+        ck, section = self.scanned
+        name = os.path.basename(ck.path) if ck.path else "checkpoint"
+        self.figure = layer_summary_figure(stats, title=f"{name} [{section or '(top level)'}]: per-layer statistics")
+        show_png(self.output, figure_to_png(self.figure), "layer overview")
+        self.output.layout.display = ""

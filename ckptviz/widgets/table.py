@@ -15,7 +15,7 @@ from ..compare import STATUS_COLOURS, STATUSES, Report
 
 FILTERS = ("all", "problems", *STATUSES)
 DISPLAY_COLUMNS = ["key", "ckpt_key", "status", "model_shape", "ckpt_shape", "model_dtype", "ckpt_dtype",
-                   "model_device", "ckpt_device", "rule", "loaded"]
+                   "model_device", "ckpt_device", "rule", "loaded", "nan/inf"]
 # itables' ITable.update() recomputes the table from its own defaults for every option it is not given
 # (allow_html, maxBytes, layout...), so every update must pass these again.
 TABLE_OPTIONS = dict(select=True, allow_html=True, showIndex=False, maxBytes=0, pageLength=15,
@@ -33,8 +33,15 @@ def _badge(status: str) -> str:
             f"{status}</span>")
 
 
-def display_frame(frame: pd.DataFrame, loaded: set[str]) -> pd.DataFrame:
-    """The report frame as the browser shows it: strings, status badges, a loaded mark."""
+def _nonfinite_badge(text: str) -> str:
+    return (f"<span class='ckptviz-nonfinite' style='background:#fbd9d7;color:#b00020;padding:1px 5px;"
+            f"border-radius:3px'>{html.escape(text)}</span>")
+
+
+def display_frame(frame: pd.DataFrame, loaded: set[str], nonfinite: dict[str, str] | None = None) -> pd.DataFrame:
+    """The report frame as the browser shows it: strings, status badges, a loaded mark, and a badge on
+    the rows whose checkpoint tensor holds NaN or Inf (``nonfinite``: checkpoint key -> "NaN 3, Inf 1")."""
+    nonfinite = nonfinite or {}
     out = pd.DataFrame({
         "key": frame["key"].fillna("").map(html.escape),
         "ckpt_key": frame["ckpt_key"].fillna("").map(html.escape),
@@ -47,8 +54,25 @@ def display_frame(frame: pd.DataFrame, loaded: set[str]) -> pd.DataFrame:
         "ckpt_device": frame["ckpt_device"].fillna(""),
         "rule": frame["rule"].fillna("").map(html.escape),
         "loaded": frame["key"].map(lambda k: "✓" if k in loaded else ""),
+        "nan/inf": frame["ckpt_key"].map(lambda k: _nonfinite_badge(nonfinite[k]) if k in nonfinite else ""),
     })
     return out.reset_index(drop=True)
+
+
+def search_keys(frame: pd.DataFrame, text: str, columns: list[str]) -> pd.DataFrame:
+    """The rows of ``frame`` where any of the key ``columns`` matches ``text`` (a regex, or plain text
+    when it is not a valid one; case-insensitive). Blank text keeps every row."""
+    text = text.strip()
+    if not text:
+        return frame
+    try:
+        pattern = re.compile(text, re.IGNORECASE)
+    except re.error:
+        pattern = re.compile(re.escape(text), re.IGNORECASE)
+    keys = frame[columns[0]].fillna("")
+    for column in columns[1:]:
+        keys = keys + " " + frame[column].fillna("")
+    return frame[keys.map(lambda s: bool(pattern.search(s)))]
 
 
 class ReportTable(w.VBox):
@@ -57,6 +81,7 @@ class ReportTable(w.VBox):
     def __init__(self):
         self.report: Report | None = None
         self.loaded: set[str] = set()
+        self.nonfinite: dict[str, str] = {}  # checkpoint key -> "NaN 3, Inf 1", from a scan of this report's section
         self._rows: list[int] = []  # frame index label of each displayed row
         self._callbacks: list[Callable[[ReportTable], None]] = []
         self.counts = w.HTML()
@@ -83,6 +108,11 @@ class ReportTable(w.VBox):
         self.loaded = set(loaded or ())
         self.refresh()
 
+    def mark_nonfinite(self, flags: dict[str, str]) -> None:
+        """Badge the rows whose checkpoint key is in ``flags`` (checkpoint key -> "NaN 3, Inf 1")."""
+        self.nonfinite = dict(flags)
+        self.refresh()
+
     def visible(self) -> pd.DataFrame:
         """The report rows that pass the status filter and the key search."""
         if self.report is None:
@@ -93,21 +123,14 @@ class ReportTable(w.VBox):
             frame = frame[frame["status"] != "match"]
         elif choice != "all":
             frame = frame[frame["status"] == choice]
-        text = self.search.value.strip()
-        if text:
-            try:
-                pattern = re.compile(text, re.IGNORECASE)
-            except re.error:
-                pattern = re.compile(re.escape(text), re.IGNORECASE)
-            keys = frame["key"].fillna("") + " " + frame["ckpt_key"].fillna("")
-            frame = frame[keys.map(lambda s: bool(pattern.search(s)))]
-        return frame
+        return search_keys(frame, self.search.value, ["key", "ckpt_key"])
 
     def refresh(self) -> None:
         frame = self.visible()
         self._rows = list(frame.index)
         self.counts.value = self._counts_html()
-        self.table.update(display_frame(frame, self.loaded) if len(frame) else pd.DataFrame(columns=DISPLAY_COLUMNS),
+        self.table.update(display_frame(frame, self.loaded, self.nonfinite) if len(frame)
+                          else pd.DataFrame(columns=DISPLAY_COLUMNS),
                           selected_rows=[], **TABLE_OPTIONS)
 
     def _counts_html(self) -> str:
