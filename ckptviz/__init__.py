@@ -3,6 +3,7 @@
 from .align import Rule
 from .checkpoint import Checkpoint, open_checkpoint
 from .compare import STATUSES, Report, compare
+from .diff import DiffReport, diff, diff_tensors
 from .errors import (
     AlignmentError,
     CheckpointError,
@@ -26,18 +27,18 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # The widgets import ipywidgets; load them only when asked for, so the core stays headless.
-    if name == "CheckpointInspector":
-        from .widgets import CheckpointInspector
+    if name in ("CheckpointInspector", "CheckpointDiff"):
+        from . import widgets
 
-        return CheckpointInspector
+        return getattr(widgets, name)
     raise AttributeError(f"module 'ckptviz' has no attribute {name!r}")
 
 
 __all__ = [
-    "STATUSES", "AlignmentError", "Checkpoint", "CheckpointInspector", "CheckpointError", "CheckpointNotFoundError",
-    "CorruptCheckpointError", "LoadError", "LoadResult", "ModelError", "NoTensorsError",
-    "OptimizerMismatchError", "Report", "Rule", "SectionError", "UnknownFormatError",
-    "UnsafeCheckpointError", "compare", "load_optimizer", "load_partial", "open_checkpoint",
-    "build_model", "find_models", "parse_kwargs", "torchvision_models", "torch_code",
+    "STATUSES", "AlignmentError", "Checkpoint", "CheckpointDiff", "CheckpointInspector", "CheckpointError",
+    "CheckpointNotFoundError", "CorruptCheckpointError", "LoadError", "LoadResult", "ModelError",
+    "NoTensorsError", "OptimizerMismatchError", "Report", "Rule", "SectionError", "UnknownFormatError",
+    "UnsafeCheckpointError", "compare", "load_optimizer", "load_partial", "open_checkpoint", "build_model",
+    "find_models", "parse_kwargs", "torchvision_models", "torch_code", "DiffReport", "diff", "diff_tensors",
     "Histogram", "StatsCache", "histogram", "stats_frame", "summarize", "tensor_stats",
 ]

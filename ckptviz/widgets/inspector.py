@@ -61,6 +61,8 @@ class CheckpointInspector(w.VBox):
         self.files = FilePicker(start_dir)
         self.message = w.HTML()
         self.message.add_class("ckptviz-message")
+        self.progress = w.Output()
+        self.progress.add_class("ckptviz-progress")
         self.trust = w.Checkbox(value=False, indent=False, layout=w.Layout(display="none"),
                                 description="Trust this file: I know where it comes from")
         self.trust.add_class("ckptviz-trust")
@@ -104,7 +106,7 @@ class CheckpointInspector(w.VBox):
             _card("Tensor", self.tensor_panel),
             _card("Load", actions, self.result_panel, css="ckptviz-load-card"),
         ], layout=w.Layout(width="100%"))
-        super().__init__([top, self.message, _card("Keys", self.table, self.scan_panel), bottom])
+        super().__init__([top, self.message, self.progress, _card("Keys", self.table, self.scan_panel), bottom])
         self.add_class("ckptviz-inspector")
         self._update_buttons()
         if model is not None:
@@ -173,13 +175,13 @@ class CheckpointInspector(w.VBox):
     @contextmanager
     def _work(self, message: str):
         """Say what the kernel is doing; turn errors into a message instead of a traceback."""
-        self._say(f"⏳ {message}")
+        self._say(f"Working: {message}")
         for b in (self.load_all_button, self.load_selected_button, self.undo_button):
             b.disabled = True
         try:
             yield
             self.error = None
-            if self.message.value.startswith("⏳"):
+            if self.message.value.startswith("Working: "):
                 self._say("")
         except CheckpointError as e:
             self.error = str(e)
@@ -277,13 +279,15 @@ class CheckpointInspector(w.VBox):
             self._say("Open a checkpoint and pick a model first.", error=True)
             return None
         with self._work("loading into the model…"):
-            result = load_partial(self.model, self.report, keys=keys)
+            with self.progress:  # tqdm.auto draws its bar here for big loads
+                result = load_partial(self.model, self.report, keys=keys)
+            self.progress.clear_output()
             self.last_result = result
             self.result_panel.show(result, message)
             self.table.show(self.report, loaded=set(result.loaded))
             self.devices.show(self.report, self.model)
             hint = " The model is in train mode: switch to eval for inference." if self.model.training else ""
-            self._say(f"✅ {len(result.loaded)} tensors loaded into the live model.{hint}")
+            self._say(f"✓ {len(result.loaded)} tensors loaded into the live model.{hint}")
             return result
         return None
 

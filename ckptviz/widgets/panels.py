@@ -261,10 +261,7 @@ class ScanPanel(w.VBox):
             self.stats, self.scanned, self.figure = None, None, None
             self.message.value = ""
             self.output.outputs = ()
-            self.output.layout.display = "none"
-            self._quiet = True
-            self.overview.value = False
-            self._quiet = False
+            self._overview_off()
             if had:
                 for cb in self._callbacks:
                     cb(self)
@@ -276,7 +273,7 @@ class ScanPanel(w.VBox):
             self.message.value = "<span class='ckptviz-error' style='color:#b00020'>Open a checkpoint first.</span>"
             return None
         if not self._current():
-            self.message.value = "⏳ reading every tensor…"
+            self.message.value = "Working: reading every tensor…"
             self.progress.value, self.progress.layout.visibility = 0.0, "visible"
             try:
                 self.stats = section_stats(ck.state_dict(section), lambda f: setattr(self.progress, "value", f))
@@ -296,7 +293,7 @@ class ScanPanel(w.VBox):
     def _summary(self) -> str:
         bad = self.nonfinite
         if not bad:
-            return f"✅ {len(self.stats)} tensors scanned: no NaN or Inf"
+            return f"✓ {len(self.stats)} tensors scanned: no NaN or Inf"
         named = ", ".join(f"<code>{html.escape(shorten_key(k, 40))}</code> ({v})" for k, v in list(bad.items())[:5])
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         return (f"<span class='ckptviz-nonfinite' style='color:#b00020'><b>⚠ {len(bad)} of {len(self.stats)} "
@@ -310,12 +307,16 @@ class ScanPanel(w.VBox):
             return
         stats = self.scan()
         if stats is None:
-            self._quiet = True
-            self.overview.value = False
-            self._quiet = False
+            self._overview_off()
             return
         ck, section = self.scanned
         name = os.path.basename(ck.path) if ck.path else "checkpoint"
         self.figure = layer_summary_figure(stats, title=f"{name} [{section or '(top level)'}]: per-layer statistics")
         show_png(self.output, figure_to_png(self.figure), "layer overview")
         self.output.layout.display = ""
+
+    def _overview_off(self) -> None:
+        self.output.layout.display = "none"
+        self._quiet = True
+        self.overview.value = False
+        self._quiet = False

@@ -1,11 +1,13 @@
 """ReportTable: the per-key table of a Report, with status filter, key search, sorting and row
-selection. Python holds the state; the browser table (itables' DataTables widget) only shows it."""
+selection, on KeyTable (the same for any per-key result frame, such as a DiffReport's). Python holds
+the state; the browser table (itables' DataTables widget) only shows it."""
 
 from __future__ import annotations
 
 import html
 import re
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import ipywidgets as w
 import pandas as pd
@@ -75,33 +77,86 @@ def search_keys(frame: pd.DataFrame, text: str, columns: list[str]) -> pd.DataFr
     return frame[keys.map(lambda s: bool(pattern.search(s)))]
 
 
-class ReportTable(w.VBox):
+class KeyTable(w.VBox):
+    """One row per key of a result frame in itables' DataTables widget, with a filter, a key search and
+    row selection; Python holds the state. ``selected`` gives the frame rows (index labels) picked.
+    Subclasses name their filters, columns and CSS classes, and say which rows pass (``visible``) and
+    how they look in the browser (``display``)."""
+
+    FILTERS: tuple[str, ...] = ("all",)
+    COLUMNS: list[str] = []
+    CSS = {"root": "", "counts": "", "filter": "", "search": "", "table": ""}
+    FLOAT_FORMAT: Callable[[float], str] | None = None  # how itables writes the floats (it sorts on the values)
+
+    def __init__(self):
+        self._rows: list[int] = []  # frame index label of each displayed row
+        self._callbacks: list[Callable[[KeyTable], None]] = []
+        self.counts = w.HTML()
+        self.filter = w.ToggleButtons(options=self.FILTERS, value="all", style={"button_width": "auto"})
+        self.search = w.Text(placeholder="search keys (text or regex)", continuous_update=True,
+                             layout=w.Layout(width="260px"))
+        self.table = ITable(pd.DataFrame(columns=self.COLUMNS), **TABLE_OPTIONS)
+        for name in ("counts", "filter", "search", "table"):
+            getattr(self, name).add_class(self.CSS[name])
+        self.filter.observe(lambda _: self.refresh(), names="value")
+        self.search.observe(lambda _: self.refresh(), names="value")
+        self.table.observe(self._on_select, names="selected_rows")
+        super().__init__([self.counts, w.HBox([self.filter, self.search]), self.table])
+        self.add_class(self.CSS["root"])
+        self.counts.value = self._counts_html()
+
+    def register_callback(self, callback: Callable[[KeyTable], None]) -> None:
+        """Call ``callback(table)`` whenever the selection changes."""
+        self._callbacks.append(callback)
+
+    def visible(self) -> pd.DataFrame:
+        """The frame rows that pass the filter and the key search."""
+        raise NotImplementedError
+
+    def display(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """``frame`` as the browser shows it (``COLUMNS``, strings and badges)."""
+        raise NotImplementedError
+
+    def _counts_html(self) -> str:
+        return ""
+
+    def refresh(self) -> None:
+        frame = self.visible()
+        self._rows = list(frame.index)
+        self.counts.value = self._counts_html()
+        shown = self.display(frame) if len(frame) else pd.DataFrame(columns=self.COLUMNS)
+        floats = pd.option_context("display.float_format", self.FLOAT_FORMAT) if self.FLOAT_FORMAT else nullcontext()
+        with floats:  # itables formats the floats inside update()
+            self.table.update(shown, selected_rows=[], **TABLE_OPTIONS)
+
+    @property
+    def selected(self) -> list[int]:
+        """Frame index labels of the selected rows."""
+        return [self._rows[i] for i in self.table.selected_rows if 0 <= i < len(self._rows)]
+
+    def select(self, labels: list[int]) -> None:
+        """Select frame rows by index label (those not visible are ignored)."""
+        pos = {label: i for i, label in enumerate(self._rows)}
+        self.table.selected_rows = [pos[label] for label in labels if label in pos]
+
+    def _on_select(self, _change) -> None:
+        for cb in self._callbacks:
+            cb(self)
+
+
+class ReportTable(KeyTable):
     """Shows a Report's frame; ``selected`` gives the report rows (frame index labels) picked."""
+
+    FILTERS = FILTERS
+    COLUMNS = DISPLAY_COLUMNS
+    CSS = {"root": "ckptviz-report-table", "counts": "ckptviz-counts", "filter": "ckptviz-status-filter",
+           "search": "ckptviz-search", "table": "ckptviz-table"}
 
     def __init__(self):
         self.report: Report | None = None
         self.loaded: set[str] = set()
         self.nonfinite: dict[str, str] = {}  # checkpoint key -> "NaN 3, Inf 1", from a scan of this report's section
-        self._rows: list[int] = []  # frame index label of each displayed row
-        self._callbacks: list[Callable[[ReportTable], None]] = []
-        self.counts = w.HTML()
-        self.counts.add_class("ckptviz-counts")
-        self.filter = w.ToggleButtons(options=FILTERS, value="all", style={"button_width": "auto"})
-        self.filter.add_class("ckptviz-status-filter")
-        self.search = w.Text(placeholder="search keys (text or regex)", continuous_update=True,
-                             layout=w.Layout(width="260px"))
-        self.search.add_class("ckptviz-search")
-        self.table = ITable(pd.DataFrame(columns=DISPLAY_COLUMNS), **TABLE_OPTIONS)
-        self.table.add_class("ckptviz-table")
-        self.filter.observe(lambda _: self.refresh(), names="value")
-        self.search.observe(lambda _: self.refresh(), names="value")
-        self.table.observe(self._on_select, names="selected_rows")
-        super().__init__([self.counts, w.HBox([self.filter, self.search]), self.table])
-        self.add_class("ckptviz-report-table")
-
-    def register_callback(self, callback: Callable[[ReportTable], None]) -> None:
-        """Call ``callback(table)`` whenever the selection changes."""
-        self._callbacks.append(callback)
+        super().__init__()
 
     def show(self, report: Report | None, loaded: set[str] | None = None) -> None:
         self.report = report
@@ -125,30 +180,11 @@ class ReportTable(w.VBox):
             frame = frame[frame["status"] == choice]
         return search_keys(frame, self.search.value, ["key", "ckpt_key"])
 
-    def refresh(self) -> None:
-        frame = self.visible()
-        self._rows = list(frame.index)
-        self.counts.value = self._counts_html()
-        self.table.update(display_frame(frame, self.loaded, self.nonfinite) if len(frame)
-                          else pd.DataFrame(columns=DISPLAY_COLUMNS),
-                          selected_rows=[], **TABLE_OPTIONS)
+    def display(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return display_frame(frame, self.loaded, self.nonfinite)
 
     def _counts_html(self) -> str:
         if self.report is None:
             return "<i>open a checkpoint and pick a model to see the comparison</i>"
         badges = " ".join(f"{_badge(s)} {n}" for s, n in self.report.summary.items())
         return f"<div>{badges} <span style='color:#666'>({len(self.report.frame)} rows)</span></div>"
-
-    @property
-    def selected(self) -> list[int]:
-        """Frame index labels of the selected rows."""
-        return [self._rows[i] for i in self.table.selected_rows if 0 <= i < len(self._rows)]
-
-    def select(self, labels: list[int]) -> None:
-        """Select report rows by frame index label (those not visible are ignored)."""
-        pos = {label: i for i, label in enumerate(self._rows)}
-        self.table.selected_rows = [pos[label] for label in labels if label in pos]
-
-    def _on_select(self, _change) -> None:
-        for cb in self._callbacks:
-            cb(self)
