@@ -193,7 +193,7 @@ class Checkpoint:
     def _repr_html_(self) -> str:
         rows = "".join(
             f"<tr><td>{html.escape(s or '(top level)')}</td><td>{len(self._weights[s])}</td>"
-            f"<td>{_human(sum(tensor_info(v)[4] for v in self._weights[s].values()))}</td></tr>"
+            f"<td>{human_size(sum(tensor_info(v)[4] for v in self._weights[s].values()))}</td></tr>"
             for s in self.sections
         )
         opt = f"<p>optimizer state: {html.escape(', '.join(self.optimizer_sections))}</p>" if self._optimizers else ""
@@ -205,7 +205,7 @@ class Checkpoint:
             meta = f"<p>metadata</p><ul>{items}</ul>"
         return (
             f"<div class='ckptviz-checkpoint'><p><b>{html.escape(str(self.path))}</b> "
-            f"({html.escape(self.format)}, {_human(self.nbytes)})</p>"
+            f"({html.escape(self.format)}, {human_size(self.nbytes)})</p>"
             f"<table><tr><th>section</th><th>tensors</th><th>size</th></tr>{rows}</table>{opt}{meta}</div>"
         )
 
@@ -223,12 +223,13 @@ def _short(v: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _human(n: int) -> str:
+def human_size(n: float) -> str:
+    """Bytes as a short human-readable size: 512 B, 466.7 KB, 1.3 GB."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n} B"
+    return f"{n:.1f} TB"
 
 
 def _check_extents(path: str, ck: Checkpoint) -> None:

@@ -9,19 +9,12 @@ from pathlib import Path
 
 import ipywidgets as w
 
+from ..checkpoint import human_size
 from ..readers import sniff
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".safetensors", ".pkl", ".pth.tar")
 MAX_SNIFFED = 300  # files sniffed by content per folder; beyond that, names decide
 UP = "..  (parent folder)"
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 def is_checkpoint_name(name: str) -> bool:
