@@ -139,9 +139,14 @@ def _dtype_of(storage_type: Any) -> torch.dtype:
 
 
 def _ints(what: str, values: Any, minimum: int | None = None) -> tuple[int, ...]:
-    if not isinstance(values, (tuple, list)) or not all(
-        isinstance(v, int) and not isinstance(v, bool) and (minimum is None or v >= minimum) for v in values
-    ):
+    """``values`` as a tuple of ints (bools excluded), each at least ``minimum``; else a pickle error."""
+    ok = type(values) in (tuple, list)
+    if ok:
+        for v in values:
+            if type(v) is not int or (minimum is not None and v < minimum):
+                ok = False
+                break
+    if not ok:
         raise pickle.UnpicklingError(f"tensor record has an invalid {what}: {values!r}")
     return tuple(values)
 
