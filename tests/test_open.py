@@ -157,8 +157,9 @@ def _io_and_rss() -> tuple[int, int]:
     return proc.io_counters().read_chars, proc.memory_info().rss
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_listing_reads_no_tensor_data(fmt, tmp_path):
+def _big_file(fmt, tmp_path, warm_up) -> tuple:
+    """A 64 MiB "big" tensor beside a "small" one, written as ``fmt``, after a warm-up open of a tiny file
+    (``warm_up(checkpoint)``) so the reader's modules are imported and pandas has allocated what it keeps."""
     if not hasattr(psutil.Process().io_counters(), "read_chars"):
         pytest.skip("this platform does not count bytes read per process")
     big = torch.zeros(BIG_NUMEL)
@@ -167,8 +168,13 @@ def test_listing_reads_no_tensor_data(fmt, tmp_path):
     path = write(fmt, {"big": big, "small": small}, tmp_path / "big.bin")
     del big
     gc.collect()
-    # Warm up: the reader's modules are imported and pandas has allocated what it keeps.
-    cv.open_checkpoint(write(fmt, {"x": torch.ones(2)}, tmp_path / "warm.bin")).tensors()
+    warm_up(cv.open_checkpoint(write(fmt, {"x": torch.ones(2)}, tmp_path / "warm.bin")))
+    return path, small
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_listing_reads_no_tensor_data(fmt, tmp_path):
+    path, _ = _big_file(fmt, tmp_path, lambda ck: ck.tensors())
 
     read0, rss0 = _io_and_rss()
     ck = cv.open_checkpoint(path)
@@ -185,15 +191,7 @@ def test_listing_reads_no_tensor_data(fmt, tmp_path):
 @pytest.mark.parametrize("fmt", ["torch-zip", "safetensors"])
 def test_state_dict_maps_instead_of_reading(fmt, tmp_path):
     """Aligned containers hand out memory-mapped tensors: nothing is read until a value is used."""
-    if not hasattr(psutil.Process().io_counters(), "read_chars"):
-        pytest.skip("this platform does not count bytes read per process")
-    big = torch.zeros(BIG_NUMEL)
-    big[-1] = 5.0
-    small = torch.arange(10.0)
-    path = write(fmt, {"big": big, "small": small}, tmp_path / "big.bin")
-    del big
-    gc.collect()
-    cv.open_checkpoint(write(fmt, {"x": torch.ones(2)}, tmp_path / "warm.bin")).state_dict()
+    path, small = _big_file(fmt, tmp_path, lambda ck: ck.state_dict())
 
     read0, rss0 = _io_and_rss()
     sd = cv.open_checkpoint(path).state_dict()
