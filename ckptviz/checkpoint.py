@@ -8,29 +8,18 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
 from .errors import CorruptCheckpointError, NoTensorsError, SectionError, UnsafeCheckpointError
 from .readers import RawCheckpoint, read
-from .readers.mapped import materialize
-from .readers.pickle_reader import OpaqueTensor, Stub, TensorRef, _element_size
+from .readers.mapped import file_stamp, materialize
+from .readers.pickle_reader import OpaqueTensor, Stub
+from .readers.records import TENSOR_COLUMNS, TensorRef, TensorTable, dtype_name, element_size, tensor_info
 from .sections import find_sections, is_tensor, metadata, rank
 
-TENSOR_COLUMNS = ["shape", "dtype", "device", "numel", "nbytes"]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def tensor_info(v: TensorRef | torch.Tensor) -> tuple[tuple[int, ...], str, str, int, int]:
-    """(shape, dtype, device, numel, nbytes) of a lazy or real tensor, without reading values."""
-    if isinstance(v, TensorRef):
-        return v.shape, dtype_name(v.dtype), v.device, v.numel, v.nbytes
-    return tuple(v.shape), dtype_name(v.dtype), str(v.device), v.numel(), v.numel() * v.element_size()
-
+__all__ = ["TENSOR_COLUMNS", "Checkpoint", "as_checkpoint", "dtype_name", "human_size", "open_checkpoint",
+           "tensor_info"]
 
 class Checkpoint:
     """A lazily read checkpoint: its format, sections, metadata and tensors.
@@ -45,11 +34,17 @@ class Checkpoint:
         self.format = format
         self._raw = raw
         self._root = root
-        weights, optimizers = find_sections(root)
+        if raw is not None and raw.sections is not None:
+            weights, optimizers, found = dict(raw.sections), dict(raw.optimizers or {}), {}
+        else:
+            label = os.path.basename(path) if path and raw is not None else None
+            found, optimizers = find_sections(root)
+            weights = {name: TensorTable.from_refs(entries, label) for name, entries in found.items()}
+            taken = {name.split(".", 1)[0] for name in (*weights, *optimizers)}
+            found = metadata(root, taken)
         self._weights = {name: weights[name] for name in rank(weights)}
         self._optimizers = optimizers
-        taken = {name.split(".", 1)[0] for name in (*weights, *optimizers)}
-        self.metadata: dict[str, Any] = {**metadata(root, taken), **(extra_metadata or {})}
+        self.metadata: dict[str, Any] = {**found, **(extra_metadata or {})}
         self.unsafe_globals: list[str] = sorted(raw.unsafe) if raw is not None else []
         self._stats: dict[str, tuple] = {}
 
@@ -72,10 +67,22 @@ class Checkpoint:
         return list(self._optimizers)
 
     @property
-    def nbytes(self) -> int:
-        return os.path.getsize(self.path) if self.path and os.path.isfile(self.path) else 0
+    def files(self) -> list[str]:
+        """The files behind this checkpoint (one for a single file; every shard of a folder)."""
+        return list(self._raw.files) if self._raw is not None else []
 
-    def _section(self, section: str | None) -> dict[str, TensorRef | torch.Tensor]:
+    @property
+    def nbytes(self) -> int:
+        """Bytes on disk of every file behind the checkpoint."""
+        total = 0
+        for f in self.files:
+            try:
+                total += os.path.getsize(f)
+            except OSError:
+                pass
+        return total
+
+    def _section(self, section: str | None) -> TensorTable:
         if section is None:
             if not self._weights:
                 raise SectionError(self._no_weights_message())
@@ -105,13 +112,9 @@ class Checkpoint:
 
     # ---- tensors ---------------------------------------------------------------------------
     def tensors(self, section: str | None = None) -> pd.DataFrame:
-        """One row per tensor: shape, dtype, device (where it was saved), numel, nbytes. Reads no data."""
-        entries = self._section(section)
-        rows = [tensor_info(v) for v in entries.values()]
-        cols = list(zip(*rows)) if rows else [()] * len(TENSOR_COLUMNS)
-        data = {c: np.array(v, dtype=np.int64) if c in ("numel", "nbytes") else list(v)
-                for c, v in zip(TENSOR_COLUMNS, cols)}
-        return pd.DataFrame(data, index=pd.Index(list(entries), name="key"))
+        """One row per tensor: shape, dtype, device (where it was saved), numel, nbytes, and the file
+        that holds it. Reads no tensor data."""
+        return self._section(section).frame()
 
     def tensor(self, key: str, section: str | None = None) -> torch.Tensor:
         """The value of one tensor, on the CPU (memory-mapped where the container allows)."""
@@ -121,17 +124,18 @@ class Checkpoint:
         return self._value(entries[key])
 
     def state_dict(self, section: str | None = None) -> dict[str, torch.Tensor]:
-        """``{key: tensor}`` for a section; tensors are views of a private map of the file."""
+        """``{key: tensor}`` for a section; tensors are views of private maps of the files (one map
+        per file, made when its first tensor is read)."""
         entries = self._section(section)
-        whole = self._map() if any(isinstance(v, TensorRef) for v in entries.values()) else None
-        return {k: self._value(v, whole) for k, v in entries.items()}
+        maps: dict[int, Any] = {}
+        return {k: self._value(v, maps) for k, v in entries.items()}
 
     def stats(self, section: str | None = None, *, progress: bool | None = None) -> pd.DataFrame:
         """Statistics of every tensor (``ckptviz.stats.STATS_KEYS``), one streaming pass each, cached."""
         from .stats import stats_frame
 
         name = self.resolve(section)
-        stamp = _file_stamp(self.path)
+        stamp = self._stamp()
         cached = self._stats.get(name)
         if cached is None or cached[0] != stamp or stamp is None:
             cached = self._stats[name] = (stamp, stats_frame(self.state_dict(name), progress=progress))
@@ -143,22 +147,36 @@ class Checkpoint:
         from .stats import CACHE
 
         name = self.resolve(section)
-        self._section(name)
-        return CACHE.summarize(self.path, name, key, lambda: self.tensor(key, name), bins, range=range)[1]
+        entries = self._section(name)
+        if key not in entries:
+            raise SectionError(f"{self.path}: no tensor {key!r} in section {name!r}")
+        ref = entries[key]
+        where = ref.storage.source.path if isinstance(ref, TensorRef) and ref.storage is not None else None
+        return CACHE.summarize(where, name, key, lambda: self._value(ref), bins, range=range)[1]
 
-    def _map(self) -> torch.UntypedStorage | None:
+    def _stamp(self) -> tuple | None:
+        """Size and modification time of every file behind the checkpoint (None without files)."""
         try:
-            return self._raw.source.map() if self._raw is not None and self._raw.source.size else None
-        except RuntimeError as e:
-            raise CorruptCheckpointError(f"{self.path}: could not map the file ({e}).") from None
+            return tuple(file_stamp(f) for f in self.files) or None
+        except OSError:
+            return None
 
-    def _value(self, v: TensorRef | torch.Tensor, whole: torch.UntypedStorage | None = None) -> torch.Tensor:
+    def _value(self, v: TensorRef | torch.Tensor, maps: dict[int, Any] | None = None) -> torch.Tensor:
+        """A tensor's value; ``maps`` shares one map per file across the reads of one call."""
         if isinstance(v, torch.Tensor):
             return v
+        source = v.storage.source if v.storage is not None else None
         try:
-            return materialize(v, self._raw.source, whole if whole is not None else self._map())
+            if source is None:
+                return materialize(v)
+            if maps is None:
+                return materialize(v, source.map())
+            if id(source) not in maps:
+                maps[id(source)] = source.map()
+            return materialize(v, maps[id(source)])
         except (RuntimeError, OSError, ValueError) as e:
-            raise CorruptCheckpointError(f"{self.path}: could not read a tensor's bytes ({e}).") from None
+            where = source.path if source is not None else self.path
+            raise CorruptCheckpointError(f"{where}: could not read the bytes of a tensor ({e}).") from None
 
     def materialize(self, obj: Any) -> Any:
         """A deep copy of ``obj`` (part of this checkpoint's tree) with real, owned tensors."""
@@ -193,7 +211,7 @@ class Checkpoint:
     def _repr_html_(self) -> str:
         rows = "".join(
             f"<tr><td>{html.escape(s or '(top level)')}</td><td>{len(self._weights[s])}</td>"
-            f"<td>{human_size(sum(tensor_info(v)[4] for v in self._weights[s].values()))}</td></tr>"
+            f"<td>{human_size(int(self._weights[s].nbytes().sum()))}</td></tr>"
             for s in self.sections
         )
         opt = f"<p>optimizer state: {html.escape(', '.join(self.optimizer_sections))}</p>" if self._optimizers else ""
@@ -208,14 +226,6 @@ class Checkpoint:
             f"({html.escape(self.format)}, {human_size(self.nbytes)})</p>"
             f"<table><tr><th>section</th><th>tensors</th><th>size</th></tr>{rows}</table>{opt}{meta}</div>"
         )
-
-
-def _file_stamp(path: str | None) -> tuple | None:
-    try:
-        st = os.stat(path) if path else None
-    except (OSError, ValueError):
-        return None
-    return (st.st_mtime_ns, st.st_size) if st else None
 
 
 def _short(v: Any, limit: int = 200) -> str:
@@ -239,7 +249,7 @@ def _check_extents(path: str, ck: Checkpoint) -> None:
             if not isinstance(v, TensorRef) or v.storage is None or v.numel == 0:
                 continue
             last = v.offset + sum((s - 1) * st for s, st in zip(v.shape, v.stride))
-            if min(v.stride, default=0) < 0 or (last + 1) * _element_size(v.dtype) > v.storage.nbytes:
+            if min(v.stride, default=0) < 0 or (last + 1) * element_size(v.dtype) > v.storage.nbytes:
                 raise CorruptCheckpointError(
                     f"{path}: tensor {key!r} (section {section!r}) claims more bytes than its storage holds; "
                     "the file is corrupted."
@@ -270,7 +280,8 @@ def open_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
             f"{' of a tensor kind ckptviz does not unpack' if opaque else ''}). "
             "Save the model's weights with torch.save(model.state_dict(), path)."
         )
-    _check_extents(path, ck)
+    if raw.sections is None:  # readers that build their own sections validate their records
+        _check_extents(path, ck)
     return ck
 
 

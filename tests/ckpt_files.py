@@ -118,9 +118,13 @@ def expected_frame_rows(sd: dict[str, torch.Tensor]) -> dict[str, tuple]:
     }
 
 
-def assert_frame_matches(frame, sd: dict[str, torch.Tensor], device: str | None = None) -> None:
-    """``ck.tensors()`` describes exactly the tensors of ``sd`` (device overridden when given)."""
-    assert list(frame.columns) == ["shape", "dtype", "device", "numel", "nbytes"]
+def assert_frame_matches(frame, sd: dict[str, torch.Tensor], device: str | None = None,
+                         file: str | None = None) -> None:
+    """``ck.tensors()`` describes exactly the tensors of ``sd`` (device overridden when given; every
+    row's ``file`` checked when given)."""
+    assert list(frame.columns) == ["shape", "dtype", "device", "numel", "nbytes", "file"]
+    if file is not None:
+        assert (frame["file"] == file).all()
     assert frame.index.name == "key"
     assert frame.index.is_unique
     assert set(frame.index) == set(sd)

@@ -44,7 +44,8 @@ def test_format_is_sniffed_from_bytes_and_values_are_exact(fmt, name, model_stat
     assert ck.sections == [""]
     assert ck.unsafe_globals == []
     assert_same_tensors(ck.state_dict(), sd)
-    assert_frame_matches(ck.tensors(), sd)
+    assert_frame_matches(ck.tensors(), sd, file=name)
+    assert ck.files == [str(path)]
 
 
 def test_format_does_not_follow_renaming(small_cnn, tmp_path):
@@ -485,3 +486,18 @@ def test_values_changed_in_memory_never_reach_a_later_read(tmp_path):
     sd["w"].add_(100)
     assert torch.equal(ck.state_dict()["w"], torch.arange(6.0))
     assert torch.equal(ck.tensor("w"), torch.arange(6.0))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_file_cut_short_after_opening_is_refused_not_faulted(fmt, tmp_path):
+    """A file truncated after it was opened would fault (SIGBUS) when a map past its end is read:
+    every read checks the file first and says what happened."""
+    sd = {"w": torch.arange(50_000.0), "b": torch.ones(3)}
+    path = write(fmt, sd, tmp_path / "m.bin")
+    ck = cv.open_checkpoint(path)
+    assert torch.equal(ck.tensor("w"), sd["w"])
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    for read in (lambda: ck.tensor("w"), ck.state_dict, lambda: ck.histogram("w")):
+        with pytest.raises(cv.CorruptCheckpointError, match="changed on disk since it was opened"):
+            read()

@@ -71,9 +71,11 @@ def _read_plain_pickle(path: str) -> RawCheckpoint:
     from .mapped import MappedFile
     from .pickle_reader import PICKLE_ERRORS, unpickle
 
+    source = MappedFile(path, {})
     try:
         with open(path, "rb") as f:
-            obj, up = unpickle(f)
+            obj, up = unpickle(f, source=source)
     except PICKLE_ERRORS as e:
         raise CorruptCheckpointError(f"{path}: a pickle, but it is truncated or corrupted ({e}).") from None
-    return RawCheckpoint(format="pickle", root=obj, unsafe=up.unsafe, source=MappedFile(path, {}), storages=up.storages)
+    return RawCheckpoint(format="pickle", root=obj, unsafe=up.unsafe, source=source, storages=up.storages,
+                         files=[path])

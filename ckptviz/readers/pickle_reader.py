@@ -9,63 +9,12 @@ import io
 import pickle
 import struct
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import torch
 
 from ..errors import CheckpointError
-
-
-@dataclass(frozen=True)
-class StorageRef:
-    """One storage record of a torch file: where its bytes are and where it was saved."""
-
-    key: str
-    dtype: torch.dtype
-    location: str
-    numel: int
-    byte_offset: int = 0  # legacy files may view into a larger root storage
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * _element_size(self.dtype)
-
-
-@dataclass
-class TensorRef:
-    """A tensor known by its metadata only; its values are read when asked for."""
-
-    storage: StorageRef | None
-    offset: int
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: torch.dtype
-    requires_grad: bool = False
-    is_param: bool = False
-
-    @property
-    def device(self) -> str:
-        return self.storage.location if self.storage is not None else "meta"
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * _element_size(self.dtype)
-
-
-@dataclass
-class OpaqueTensor:
-    """A tensor kind ckptviz does not unpack (quantized, sparse, nested, tensor subclasses)."""
-
-    builder: str
-    args: tuple = field(repr=False, default=())
+from .records import OpaqueTensor, StorageRef, TensorRef, element_size
 
 
 class Stub(dict):
@@ -110,10 +59,6 @@ class Stub(dict):
 # RuntimeError, int overflow, unknown codecs).
 PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, LookupError,
                  struct.error, RecursionError, MemoryError, OverflowError, RuntimeError, CheckpointError)
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size() if dtype.is_complex else dtype.itemsize
 
 
 def _allowed_names() -> dict[str, Any]:
@@ -232,8 +177,9 @@ class SafeUnpickler(pickle._Unpickler):
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
-    def __init__(self, file: BinaryIO, *, trusted_prefixes: tuple[str, ...] = ()):
+    def __init__(self, file: BinaryIO, *, trusted_prefixes: tuple[str, ...] = (), source: Any = None):
         super().__init__(file)
+        self.source = source  # the MappedFile that storages' bytes come from
         self.unsafe: set[str] = set()
         self.storages: dict[str, StorageRef] = {}
         self._allowed = _allowed_names()
@@ -273,11 +219,12 @@ class SafeUnpickler(pickle._Unpickler):
         dtype = _dtype_of(storage_type)
         root = self.storages.get(key)
         if root is None:
-            root = self.storages[key] = StorageRef(key, dtype, location, numel)
+            root = self.storages[key] = StorageRef(key, dtype, location, numel, source=self.source)
         view = pid[5] if len(pid) > 5 else None
         if view is not None:  # legacy: (view_key, offset, view_size)
             _, view_offset, view_size = view
-            return StorageRef(key, dtype, location, int(view_size), int(view_offset) * _element_size(dtype))
+            return StorageRef(key, dtype, location, int(view_size), int(view_offset) * element_size(dtype),
+                              source=self.source)
         return root
 
     # Only objects that find_class handed out may be called or instantiated.
@@ -335,8 +282,10 @@ def _opaque_builder(full: str):
     return build
 
 
-def unpickle(data: bytes | BinaryIO, *, trusted_prefixes: tuple[str, ...] = ()) -> tuple[Any, SafeUnpickler]:
-    """Unpickle one object from ``data``; return it with the unpickler (for ``unsafe``, ``storages``)."""
+def unpickle(data: bytes | BinaryIO, *, trusted_prefixes: tuple[str, ...] = (),
+             source: Any = None) -> tuple[Any, SafeUnpickler]:
+    """Unpickle one object from ``data``; return it with the unpickler (for ``unsafe``, ``storages``).
+    Storages it finds read their bytes from ``source`` (a MappedFile)."""
     file = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-    up = SafeUnpickler(file, trusted_prefixes=trusted_prefixes)
+    up = SafeUnpickler(file, trusted_prefixes=trusted_prefixes, source=source)
     return up.load(), up

@@ -1,4 +1,5 @@
-"""What every reader returns: the unpickled tree with lazy tensors, and where their bytes live."""
+"""What every reader returns: the unpickled tree with lazy tensors (or sections already found, for
+layouts that carry their own structure), where their bytes live, and plain facts about the files."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .mapped import MappedFile
-from .pickle_reader import StorageRef
+from .records import StorageRef, TensorTable
 
 
 @dataclass
@@ -14,10 +15,13 @@ class RawCheckpoint:
     format: str
     root: Any
     unsafe: set[str]
-    source: MappedFile
+    source: MappedFile | None
     storages: dict[str, StorageRef] = field(default_factory=dict)
     limits: dict[str, int] = field(default_factory=dict)  # storage key -> end of its bytes
     extra_metadata: dict[str, Any] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)  # every file behind the checkpoint
+    sections: dict[str, TensorTable] | None = None  # found by the reader; None: find them in ``root``
+    optimizers: dict[str, Any] | None = None
 
     def damaged_storages(self) -> list[str]:
         """Storages whose declared bytes do not fit in the file."""

@@ -1,16 +1,20 @@
-"""Reader for safetensors files: parses the JSON header only; tensors map straight onto the file."""
+"""Reader for safetensors files: parses the JSON header only, into columns (no object per tensor);
+every entry is validated against the file at once, and a tensor's record is built when it is read."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 
+import numpy as np
 import torch
 
 from ..errors import CorruptCheckpointError
 from .mapped import MappedFile
-from .pickle_reader import StorageRef, TensorRef
 from .raw import RawCheckpoint
+from .records import StorageRef, TensorRef, TensorTable, contiguous_stride, element_size
 
 _DTYPES = {
     name: getattr(torch, attr)
@@ -18,46 +22,90 @@ _DTYPES = {
         "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
         "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
         "U16": "uint16", "U32": "uint32", "U64": "uint64", "C64": "complex64", "C128": "complex128",
-        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
     }.items()
     if hasattr(torch, attr)
 }
+MAX_HEADER = 100_000_000  # bytes; the safetensors library's own limit
 
 
 def read_header(path: str) -> tuple[int, dict]:
+    """(offset of the data section, the parsed header) of a safetensors file."""
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
             raise CorruptCheckpointError(f"{path}: too short for a safetensors file")
         (length,) = struct.unpack("<Q", head)
+        if length > MAX_HEADER:
+            raise CorruptCheckpointError(f"{path}: the safetensors header claims {length} bytes; the file is corrupted")
         raw = f.read(length)
     if len(raw) != length:
         raise CorruptCheckpointError(f"{path}: the safetensors header is cut off (file truncated)")
     try:
-        return 8 + length, json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CorruptCheckpointError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path}: the safetensors header is not a JSON object")
+    return 8 + length, header
+
+
+def read_table(path: str, file_label: str | None = None) -> tuple[TensorTable, dict, MappedFile]:
+    """(the file's tensors as a table, its ``__metadata__``, its MappedFile), reading the header only."""
+    start, header = read_header(path)
+    meta = header.pop("__metadata__", None)
+    meta = meta if isinstance(meta, dict) else {}
+    names = list(header)
+    infos = list(header.values())
+    try:
+        dtypes = [_DTYPES[i["dtype"]] for i in infos]
+        shapes = [tuple(i["shape"]) for i in infos]
+        spans = np.array([i["data_offsets"] for i in infos], dtype=np.int64).reshape(len(infos), 2)
+        numel = np.fromiter((math.prod(s) for s in shapes), dtype=np.int64, count=len(shapes))
+        ok_shapes = all(type(d) is int and d >= 0 for s in shapes for d in s)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise CorruptCheckpointError(f"{path}: {_first_bad(header)}") from None
+    if not ok_shapes:
+        raise CorruptCheckpointError(f"{path}: {_first_bad(header)}")
+    sizes = {d: element_size(d) for d in set(dtypes)}
+    itemsize = np.fromiter((sizes[d] for d in dtypes), dtype=np.int64, count=len(dtypes))
+    begin, end = spans[:, 0], spans[:, 1]
+    size = os.path.getsize(path)
+    bad = (begin < 0) | (end < begin) | (end - begin != numel * itemsize) | (start + end > size)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise CorruptCheckpointError(
+            f"{path}: tensor {names[i]!r} (shape {list(shapes[i])}, {infos[i]['dtype']}) has byte range "
+            f"{infos[i]['data_offsets']} that does not fit its size or the file ({size} bytes); "
+            "the file is truncated or corrupted. Re-download or re-save it."
+        )
+    source = MappedFile(path, dict(zip(names, (start + begin).tolist())))
+    numel_list = numel.tolist()
+
+    def make(i: int) -> TensorRef:
+        dtype, shape = dtypes[i], shapes[i]
+        ref = StorageRef(names[i], dtype, "cpu", numel_list[i], source=source)
+        return TensorRef(ref, 0, shape, contiguous_stride(shape), dtype)
+
+    return TensorTable(names, shapes, dtypes, "cpu", file_label, make), meta, source
+
+
+def _first_bad(header: dict) -> str:
+    for name, info in header.items():
+        try:
+            ok = (info["dtype"] in _DTYPES and all(type(s) is int and s >= 0 for s in info["shape"])
+                  and len(info["data_offsets"]) == 2 and all(type(x) is int for x in info["data_offsets"]))
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            dtype = info.get("dtype") if isinstance(info, dict) else None
+            if isinstance(info, dict) and isinstance(dtype, str) and dtype not in _DTYPES:
+                return f"tensor {name!r} has dtype {dtype!r}, which this torch version cannot represent"
+            return f"header entry {name!r} is malformed: {str(info)[:200]}"
+    return "the header is malformed"
 
 
 def read_safetensors(path: str) -> RawCheckpoint:
-    start, header = read_header(path)
-    meta = header.pop("__metadata__", None) or {}
-    tree, storages, offsets = {}, {}, {}
-    for name, info in header.items():
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CorruptCheckpointError(f"{path}: header entry {name!r} is malformed: {info!r}") from None
-        ref = StorageRef(name, dtype, "cpu", (end - begin) // max(dtype.itemsize, 1))
-        storages[name], offsets[name] = ref, start + begin
-        stride, acc = [], 1
-        for s in reversed(shape):
-            stride.insert(0, acc)
-            acc *= s
-        tree[name] = TensorRef(ref, 0, shape, tuple(stride), dtype)
-    return RawCheckpoint(
-        format="safetensors", root=tree, unsafe=set(), source=MappedFile(path, offsets),
-        storages=storages, extra_metadata=dict(meta),
-    )
+    table, meta, source = read_table(path, os.path.basename(path))
+    return RawCheckpoint(format="safetensors", root=table, unsafe=set(), source=source, extra_metadata=dict(meta),
+                         files=[path], sections={"": table} if len(table) else {})

@@ -7,13 +7,15 @@ import struct
 
 from ..errors import CorruptCheckpointError
 from .mapped import MappedFile
-from .pickle_reader import PICKLE_ERRORS, SafeUnpickler, _element_size
+from .pickle_reader import PICKLE_ERRORS, SafeUnpickler
 from .raw import RawCheckpoint
+from .records import element_size
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 
 
 def read_torch_legacy(path: str) -> RawCheckpoint:
+    source = MappedFile(path)
     try:
         with open(path, "rb") as f:
             header = SafeUnpickler(f)
@@ -23,16 +25,16 @@ def read_torch_legacy(path: str) -> RawCheckpoint:
             sys_info = header.load()
             if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
                 raise CorruptCheckpointError(f"{path}: big-endian checkpoints are not supported")
-            up = SafeUnpickler(f)
+            up = SafeUnpickler(f, source=source)
             obj = up.load()
             keys = [str(k) for k in SafeUnpickler(f).load()]
-            offsets, limits = {}, {}
+            offsets, limits = source.offsets, {}
             for key in keys:
                 count = f.read(8)
                 if len(count) != 8:
                     raise EOFError(f"storage {key} is cut off")
                 ref = up.storages.get(key)
-                elsize = _element_size(ref.dtype) if ref is not None else 1
+                elsize = element_size(ref.dtype) if ref is not None else 1
                 offsets[key] = f.tell()
                 nbytes = struct.unpack("<q", count)[0] * elsize
                 limits[key] = offsets[key] + nbytes
@@ -45,6 +47,6 @@ def read_torch_legacy(path: str) -> RawCheckpoint:
             "Re-download or re-save the file."
         ) from None
     return RawCheckpoint(
-        format="torch-legacy", root=obj, unsafe=up.unsafe, source=MappedFile(path, offsets),
-        storages=up.storages, limits=limits,
+        format="torch-legacy", root=obj, unsafe=up.unsafe, source=source,
+        storages=up.storages, limits=limits, files=[path],
     )

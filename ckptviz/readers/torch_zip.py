@@ -22,6 +22,7 @@ def _data_offset(f, info: zipfile.ZipInfo) -> int:
 
 
 def read_torch_zip(path: str) -> RawCheckpoint:
+    source = MappedFile(path)
     try:
         with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
             infos = {i.filename: i for i in zf.infolist()}
@@ -34,8 +35,8 @@ def read_torch_zip(path: str) -> RawCheckpoint:
             root = pkl[0][: -len("data.pkl")]
             is_script = f"{root}constants.pkl" in infos or any(n.startswith(f"{root}code/") for n in infos)
             byteorder = zf.read(f"{root}byteorder").decode() if f"{root}byteorder" in infos else "little"
-            obj, up = unpickle(zf.read(pkl[0]), trusted_prefixes=("__torch__.",) if is_script else ())
-            offsets, limits = {}, {}
+            obj, up = unpickle(zf.read(pkl[0]), trusted_prefixes=("__torch__.",) if is_script else (), source=source)
+            offsets, limits = source.offsets, {}
             for key in up.storages:
                 info = infos.get(f"{root}data/{key}")
                 if info is None:
@@ -55,7 +56,6 @@ def read_torch_zip(path: str) -> RawCheckpoint:
         raise CorruptCheckpointError(
             f"{path}: big-endian checkpoints are not supported; re-save it on a little-endian machine"
         )
-    source = MappedFile(path, offsets)
     return RawCheckpoint(
         format="torchscript" if is_script else "torch-zip",
         root=obj,
@@ -63,4 +63,5 @@ def read_torch_zip(path: str) -> RawCheckpoint:
         source=source,
         storages=up.storages,
         limits=limits,
+        files=[path],
     )

@@ -1,0 +1,210 @@
+"""What readers produce: records of tensors known by their metadata only (``TensorRef`` over a
+``StorageRef`` that says which file holds the bytes and where), and ``TensorTable``, one section's
+tensors as columns, whose records are built only when a tensor is asked for. Nothing here reads
+tensor data."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+TENSOR_COLUMNS = ["shape", "dtype", "device", "numel", "nbytes", "file"]
+
+
+def element_size(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype`` (complex dtypes included)."""
+    return _ELEMENT_SIZES.get(dtype) or _element_size_slow(dtype)
+
+
+def _element_size_slow(dtype: torch.dtype) -> int:
+    size = torch.empty((), dtype=dtype).element_size() if dtype.is_complex else dtype.itemsize
+    _ELEMENT_SIZES[dtype] = size
+    return size
+
+
+_ELEMENT_SIZES: dict[torch.dtype, int] = {}
+_element_size = element_size  # the name older modules import
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype) or _DTYPE_NAMES.setdefault(dtype, str(dtype).removeprefix("torch."))
+
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """One storage record of a file: where its bytes are, in which file, and where it was saved."""
+
+    key: str
+    dtype: torch.dtype
+    location: str
+    numel: int
+    byte_offset: int = 0  # legacy files may view into a larger root storage
+    source: Any = field(default=None, compare=False, repr=False)  # the MappedFile holding the bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * element_size(self.dtype)
+
+
+@dataclass
+class TensorRef:
+    """A tensor known by its metadata only; its values are read when asked for."""
+
+    storage: StorageRef | None
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool = False
+    is_param: bool = False
+
+    def __setstate__(self, state: Any) -> None:  # a pickle's BUILD on a record changes nothing
+        pass
+
+    @property
+    def device(self) -> str:
+        return self.storage.location if self.storage is not None else "meta"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * element_size(self.dtype)
+
+
+@dataclass
+class OpaqueTensor:
+    """A tensor kind ckptviz does not unpack (quantized, sparse, nested, tensor subclasses)."""
+
+    builder: str
+    args: tuple = field(repr=False, default=())
+
+
+def contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for s in reversed(shape):
+        stride.append(acc)
+        acc *= s
+    return tuple(reversed(stride))
+
+
+Tensorish = TensorRef | torch.Tensor
+
+
+def tensor_info(v: Tensorish) -> tuple[tuple[int, ...], str, str, int, int]:
+    """(shape, dtype, device, numel, nbytes) of a lazy or real tensor, without reading values."""
+    if isinstance(v, TensorRef):
+        return v.shape, dtype_name(v.dtype), v.device, v.numel, v.nbytes
+    return tuple(v.shape), dtype_name(v.dtype), str(v.device), v.numel(), v.numel() * v.element_size()
+
+
+class TensorTable(Mapping):
+    """One section's tensors as columns (key, shape, dtype, device, file); a Mapping of key to record.
+
+    ``make(i)`` builds the record of row ``i`` (a :class:`TensorRef`, or a real tensor) on demand,
+    so a 500,000-tensor folder costs columns, not objects, until tensors are read.
+    """
+
+    def __init__(self, keys: list[str], shape: list[tuple[int, ...]], dtype: list[torch.dtype],
+                 device: list[str] | str, file: list[str | None] | str | None,
+                 make: Callable[[int], Tensorish] | Sequence[Tensorish]):
+        n = len(keys)
+        self.keys_list = keys
+        self.shape = shape
+        self.dtype = dtype
+        self.device = device if isinstance(device, list) else [device] * n
+        self.file = file if isinstance(file, list) else [file] * n
+        self._make = make if callable(make) else make.__getitem__
+        self._index: dict[str, int] | None = None
+        self._frame: pd.DataFrame | None = None
+        if not (len(shape) == len(dtype) == len(self.device) == len(self.file) == n):
+            raise ValueError("TensorTable columns differ in length")
+
+    @classmethod
+    def from_refs(cls, entries: Mapping[str, Tensorish], file: str | None = None) -> TensorTable:
+        """A table over existing records (a pickle's tensors, an in-memory state dict)."""
+        if isinstance(entries, TensorTable):
+            return entries
+        keys, values = list(entries), list(entries.values())
+        shape, dtype, device = [], [], []
+        for v in values:
+            if isinstance(v, TensorRef):
+                shape.append(v.shape)
+                device.append(v.storage.location if v.storage is not None else "meta")
+            else:
+                shape.append(tuple(v.shape))
+                device.append(str(v.device))
+            dtype.append(v.dtype)
+        return cls(keys, shape, dtype, device, file, values)
+
+    @classmethod
+    def concat(cls, tables: Sequence[TensorTable]) -> TensorTable:
+        """One table over several (the shards of a folder), rows in order."""
+        if len(tables) == 1:
+            return tables[0]
+        starts = np.cumsum([0] + [len(t) for t in tables])
+
+        def make(i: int) -> Tensorish:
+            j = int(np.searchsorted(starts, i, side="right")) - 1
+            return tables[j].record(i - int(starts[j]))
+
+        def cat(col: str) -> list:
+            return [x for t in tables for x in getattr(t, col)]
+
+        return cls(cat("keys_list"), cat("shape"), cat("dtype"), cat("device"), cat("file"), make)
+
+    # ---- Mapping ---------------------------------------------------------------------------
+    @property
+    def index(self) -> dict[str, int]:
+        if self._index is None:
+            self._index = dict(zip(self.keys_list, range(len(self.keys_list))))
+        return self._index
+
+    def record(self, i: int) -> Tensorish:
+        return self._make(i)
+
+    def __getitem__(self, key: str) -> Tensorish:
+        return self._make(self.index[key])
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_list)
+
+    def __len__(self) -> int:
+        return len(self.keys_list)
+
+    # ---- columns ---------------------------------------------------------------------------
+    def numel(self) -> np.ndarray:
+        return np.fromiter((math.prod(s) for s in self.shape), dtype=np.int64, count=len(self.shape))
+
+    def nbytes(self) -> np.ndarray:
+        sizes = {d: element_size(d) for d in set(self.dtype)}
+        return self.numel() * np.fromiter((sizes[d] for d in self.dtype), dtype=np.int64, count=len(self.dtype))
+
+    def frame(self) -> pd.DataFrame:
+        """One row per tensor: shape, dtype, device, numel, nbytes, file (built once, then copied)."""
+        if self._frame is None:
+            names = {d: dtype_name(d) for d in set(self.dtype)}
+            numel = self.numel()
+            sizes = {d: element_size(d) for d in names}
+            itemsize = np.fromiter((sizes[d] for d in self.dtype), dtype=np.int64, count=len(self.dtype))
+            self._frame = pd.DataFrame(
+                {"shape": self.shape, "dtype": [names[d] for d in self.dtype], "device": self.device,
+                 "numel": numel, "nbytes": numel * itemsize, "file": self.file},
+                index=pd.Index(self.keys_list, name="key", dtype=object),
+            )
+        return self._frame.copy()
+
