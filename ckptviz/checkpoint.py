@@ -15,7 +15,15 @@ from .errors import CorruptCheckpointError, NoTensorsError, SectionError, Unsafe
 from .readers import RawCheckpoint, read
 from .readers.mapped import file_stamp, materialize
 from .readers.pickle_reader import OpaqueTensor, Stub
-from .readers.records import TENSOR_COLUMNS, TensorRef, TensorTable, dtype_name, element_size, tensor_info
+from .readers.records import (
+    TENSOR_COLUMNS,
+    LazyRecord,
+    TensorRef,
+    TensorTable,
+    dtype_name,
+    element_size,
+    tensor_info,
+)
 from .sections import find_sections, is_tensor, metadata, rank
 
 __all__ = ["TENSOR_COLUMNS", "Checkpoint", "as_checkpoint", "dtype_name", "human_size", "open_checkpoint",
@@ -151,7 +159,7 @@ class Checkpoint:
         if key not in entries:
             raise SectionError(f"{self.path}: no tensor {key!r} in section {name!r}")
         ref = entries[key]
-        where = ref.storage.source.path if isinstance(ref, TensorRef) and ref.storage is not None else None
+        where = _path_of(ref)
         return CACHE.summarize(where, name, key, lambda: self._value(ref), bins, range=range)[1]
 
     def _stamp(self) -> tuple | None:
@@ -161,10 +169,16 @@ class Checkpoint:
         except OSError:
             return None
 
-    def _value(self, v: TensorRef | torch.Tensor, maps: dict[int, Any] | None = None) -> torch.Tensor:
+    def _value(self, v: TensorRef | LazyRecord | torch.Tensor, maps: dict[int, Any] | None = None) -> torch.Tensor:
         """A tensor's value; ``maps`` shares one map per file across the reads of one call."""
         if isinstance(v, torch.Tensor):
             return v
+        if isinstance(v, LazyRecord):
+            try:
+                return v.read(maps if maps is not None else {})
+            except (RuntimeError, OSError, ValueError) as e:
+                where = v.path or self.path
+                raise CorruptCheckpointError(f"{where}: could not read the bytes of a tensor ({e}).") from None
         source = v.storage.source if v.storage is not None else None
         try:
             if source is None:
@@ -226,6 +240,13 @@ class Checkpoint:
             f"({html.escape(self.format)}, {human_size(self.nbytes)})</p>"
             f"<table><tr><th>section</th><th>tensors</th><th>size</th></tr>{rows}</table>{opt}{meta}</div>"
         )
+
+
+def _path_of(ref: Any) -> str | None:
+    """The file holding a record's bytes (None for in-memory tensors and meta records)."""
+    if isinstance(ref, TensorRef):
+        return ref.storage.source.path if ref.storage is not None and ref.storage.source is not None else None
+    return ref.path if isinstance(ref, LazyRecord) else None
 
 
 def _short(v: Any, limit: int = 200) -> str:

@@ -9,16 +9,17 @@ from typing import Any
 import torch
 
 from .readers.pickle_reader import OpaqueTensor, Stub, TensorRef
+from .readers.records import LAZY, Tensorish
 
 # Names under which training scripts store model weights, best first.
 SECTION_NAMES = ("state_dict", "model_state_dict", "model", "module", "net", "network", "ema", "model_ema", "params")
 MAX_DEPTH = 6
 
-Tensorish = TensorRef | torch.Tensor
+_TENSORS = (*LAZY, torch.Tensor)
 
 
 def is_tensor(v: Any) -> bool:
-    return isinstance(v, (TensorRef, torch.Tensor))
+    return isinstance(v, _TENSORS)
 
 
 def is_optimizer_state(obj: Any) -> bool:
@@ -136,7 +137,7 @@ def plain(obj: Any, depth: int = 0) -> Any:
         return "..."
     if isinstance(obj, torch.Tensor) and obj.numel() == 1 and obj.device.type != "meta":
         return obj.item()
-    if isinstance(obj, (TensorRef, torch.Tensor)):
+    if isinstance(obj, _TENSORS):
         return f"tensor({str(obj.dtype).removeprefix('torch.')}, shape={list(obj.shape)})"
     if isinstance(obj, OpaqueTensor):
         return f"<{obj.builder}>"

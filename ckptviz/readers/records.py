@@ -91,6 +91,30 @@ class OpaqueTensor:
     args: tuple = field(repr=False, default=())
 
 
+class LazyRecord:
+    """Base of records whose value takes more than one view of one file (e.g. a distributed
+    checkpoint's tensor assembled from chunks). Subclasses set ``shape``, ``dtype``, ``device``
+    (the saved location) and ``path`` (the file holding its first byte, for caching and errors), and
+    implement ``read(maps)``, where ``maps`` is the caller's dict to share file maps across reads
+    (key ``id(mapped_file)``, value ``mapped_file.map()``)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: str = "cpu"
+    path: str | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * element_size(self.dtype)
+
+    def read(self, maps: dict[int, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+
 def contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
     stride, acc = [], 1
     for s in reversed(shape):
@@ -99,12 +123,13 @@ def contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-Tensorish = TensorRef | torch.Tensor
+Tensorish = TensorRef | LazyRecord | torch.Tensor
+LAZY = (TensorRef, LazyRecord)
 
 
 def tensor_info(v: Tensorish) -> tuple[tuple[int, ...], str, str, int, int]:
     """(shape, dtype, device, numel, nbytes) of a lazy or real tensor, without reading values."""
-    if isinstance(v, TensorRef):
+    if isinstance(v, LAZY):
         return v.shape, dtype_name(v.dtype), v.device, v.numel, v.nbytes
     return tuple(v.shape), dtype_name(v.dtype), str(v.device), v.numel(), v.numel() * v.element_size()
 
@@ -139,9 +164,9 @@ class TensorTable(Mapping):
         keys, values = list(entries), list(entries.values())
         shape, dtype, device = [], [], []
         for v in values:
-            if isinstance(v, TensorRef):
+            if isinstance(v, LAZY):
                 shape.append(v.shape)
-                device.append(v.storage.location if v.storage is not None else "meta")
+                device.append(v.device)
             else:
                 shape.append(tuple(v.shape))
                 device.append(str(v.device))
