@@ -8,6 +8,7 @@ from .errors import (
     AlignmentError,
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointWarning,
     CorruptCheckpointError,
     LoadError,
     ModelError,
@@ -36,7 +37,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "STATUSES", "AlignmentError", "Checkpoint", "CheckpointDiff", "CheckpointInspector", "CheckpointError",
-    "CheckpointNotFoundError", "CorruptCheckpointError", "LoadError", "LoadResult", "ModelError",
+    "CheckpointWarning", "CheckpointNotFoundError", "CorruptCheckpointError", "LoadError", "LoadResult", "ModelError",
     "NoTensorsError", "OptimizerMismatchError", "Report", "Rule", "SectionError", "UnknownFormatError",
     "UnsafeCheckpointError", "compare", "load_optimizer", "load_partial", "open_checkpoint", "build_model",
     "find_models", "parse_kwargs", "torchvision_models", "torch_code", "DiffReport", "diff", "diff_tensors",

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import html
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
 import torch
 
-from .errors import CorruptCheckpointError, NoTensorsError, SectionError, UnsafeCheckpointError
+from .errors import CheckpointWarning, CorruptCheckpointError, NoTensorsError, SectionError, UnsafeCheckpointError
 from .readers import RawCheckpoint, read
 from .readers.mapped import file_stamp, materialize
 from .readers.pickle_reader import OpaqueTensor, Stub
@@ -54,6 +55,7 @@ class Checkpoint:
         self._optimizers = optimizers
         self.metadata: dict[str, Any] = {**found, **(extra_metadata or {})}
         self.unsafe_globals: list[str] = sorted(raw.unsafe) if raw is not None else []
+        self.warnings: list[str] = list(raw.warnings) if raw is not None else []
         self._stats: dict[str, tuple] = {}
 
     @classmethod
@@ -263,9 +265,9 @@ def human_size(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def _check_extents(path: str, ck: Checkpoint) -> None:
+def check_extents(path: str, sections: Mapping[str, TensorTable]) -> None:
     """Every tensor must fit inside its storage, so that reading it can never fault."""
-    for section, entries in ck._weights.items():
+    for section, entries in sections.items():
         for key, v in entries.items():
             if not isinstance(v, TensorRef) or v.storage is None or v.numel == 0:
                 continue
@@ -292,7 +294,7 @@ def open_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
     if damaged:
         shown = "; ".join(damaged[:3]) + (f" (and {len(damaged) - 3} more)" if len(damaged) > 3 else "")
         raise CorruptCheckpointError(f"{path}: the file is truncated or corrupted: {shown}. Re-download or re-save it.")
-    ck = Checkpoint(path, raw.format, raw.root, raw, raw.extra_metadata)
+    ck = Checkpoint(raw.location or path, raw.format, raw.root, raw, raw.extra_metadata)
     if not ck.sections and not ck.optimizer_sections:
         opaque = isinstance(raw.root, OpaqueTensor)
         found = type(raw.root).__name__ if not isinstance(raw.root, Stub) else raw.root._ckptviz_global
@@ -302,7 +304,9 @@ def open_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
             "Save the model's weights with torch.save(model.state_dict(), path)."
         )
     if raw.sections is None:  # readers that build their own sections validate their records
-        _check_extents(path, ck)
+        check_extents(path, ck._weights)
+    for message in raw.warnings:
+        warnings.warn(f"{ck.path}: {message}", CheckpointWarning, stacklevel=2)
     return ck
 
 

@@ -10,6 +10,10 @@ class CheckpointError(Exception):
     """Base class of every error ckptviz raises on purpose."""
 
 
+class CheckpointWarning(UserWarning):
+    """Something about a checkpoint a user should know that did not stop ckptviz reading it."""
+
+
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The path does not exist or is not a regular file."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -95,6 +96,9 @@ def _read(ck: Checkpoint, section: str, path: str | None) -> tuple[list[str], st
     """(import lines, code that binds ``sd`` to the section, the keys ``sd`` will hold)."""
     imports, lines = ["import torch"], []
     keys = list(ck._section(section))
+    sharded = _read_sharded(ck, path)
+    if sharded is not None:
+        return [*imports, *sharded[0]], sharded[1], keys
     if ck.format == "safetensors":
         imports.append("from safetensors.torch import load_file")
         return imports, f"sd = load_file({_q(path or ck.path)})\n", keys
@@ -127,6 +131,28 @@ def _read(ck: Checkpoint, section: str, path: str | None) -> tuple[list[str], st
         keys = [str(k) for k in node]  # torch.load also returns the entries that are not tensors
     lines.append(f"sd = {expr}  # {where}")
     return imports, "\n".join(lines) + "\n", keys
+
+
+def _read_sharded(ck: Checkpoint, path: str | None) -> tuple[list[str], str] | None:
+    """(imports, code binding ``sd``) for checkpoints spread over several files, else None."""
+    if ck.format not in ("hf-safetensors-sharded", "hf-bin-sharded"):
+        return None
+    folder = path or ck.path
+    index = next((f for f in ck.files if f.endswith(".index.json")), None)
+    if ck.format == "hf-safetensors-sharded":
+        imports, read = ["import json", "import os", "from safetensors.torch import load_file"], "load_file(p)"
+    else:
+        imports = ["import json", "import os"]
+        read = 'torch.load(p, map_location="cpu", weights_only=True, mmap=True)'
+    if index is not None:
+        shards = (f"shards = sorted(set(json.load(open(os.path.join(folder, {_q(os.path.basename(index))})))"
+                  '["weight_map"].values()))\n')
+    else:
+        imports.remove("import json")
+        shards = f"shards = {[os.path.relpath(f, ck.path) for f in ck.files]!r}\n"
+    code = (f"folder = {_q(folder)}\n{shards}sd = {{}}\nfor shard in shards:  # one file after another\n"
+            f"    p = os.path.join(folder, shard)\n    sd.update({read})\n")
+    return imports, code
 
 
 def _renamed(keys: list[str], rules: list[tuple[str, str]]) -> dict[str, str] | None:

@@ -1,4 +1,6 @@
-"""Container readers, one module each, and :func:`read`, which picks one by sniffing the bytes."""
+"""Container readers, one module each; :func:`read`, which finds the layout of a path (a file or a
+folder, see ``layout``) and picks a reader, and :func:`read_file`, which picks one by sniffing a
+file's bytes."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import struct
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnknownFormatError
 from .raw import RawCheckpoint
 
-__all__ = ["RawCheckpoint", "read", "sniff"]
+__all__ = ["RawCheckpoint", "read", "read_file", "sniff"]
 
 
 def sniff(path: str) -> str:
@@ -41,7 +43,34 @@ def _check_path(path: str) -> None:
 
 
 def read(path: str) -> RawCheckpoint:
-    """Read the structure of the checkpoint at ``path`` without reading tensor data."""
+    """Read the structure of the checkpoint at ``path`` (a file or a folder) without reading tensor data."""
+    from .layout import detect
+
+    layout = detect(path)
+    if layout.kind == "hub":
+        from .hub import read_hub
+
+        return read_hub(layout)
+    if layout.kind == "dcp":
+        from .dcp import read_dcp
+
+        return read_dcp(layout.path)
+    if layout.kind == "deepspeed":
+        from .deepspeed import read_deepspeed
+
+        return read_deepspeed(layout.path)
+    from .hub import folder_metadata
+
+    raw = read_file(layout.path)
+    raw.extra_metadata = {**folder_metadata(os.path.dirname(os.path.abspath(layout.path))), **raw.extra_metadata}
+    if layout.path != path:  # a folder holding one weights file
+        raw.location = path
+        raw.warnings += layout.notes
+    return raw
+
+
+def read_file(path: str) -> RawCheckpoint:
+    """Read the structure of the checkpoint file at ``path`` without reading tensor data."""
     _check_path(path)
     kind = sniff(path)
     if kind == "torch-zip":

@@ -22,6 +22,8 @@ class RawCheckpoint:
     files: list[str] = field(default_factory=list)  # every file behind the checkpoint
     sections: dict[str, TensorTable] | None = None  # found by the reader; None: find them in ``root``
     optimizers: dict[str, Any] | None = None
+    location: str | None = None  # the folder that is the checkpoint, when it is one
+    warnings: list[str] = field(default_factory=list)  # things a user should know that did not stop the read
 
     def damaged_storages(self) -> list[str]:
         """Storages whose declared bytes do not fit in the file."""

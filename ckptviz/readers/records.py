@@ -189,6 +189,16 @@ class TensorTable(Mapping):
 
         return cls(cat("keys_list"), cat("shape"), cat("dtype"), cat("device"), cat("file"), make)
 
+    def subset(self, keep: Sequence[bool]) -> TensorTable:
+        """The rows where ``keep`` is true, in order."""
+        rows = [i for i, k in enumerate(keep) if k]
+
+        def pick(col: list) -> list:
+            return [col[i] for i in rows]
+
+        return TensorTable(pick(self.keys_list), pick(self.shape), pick(self.dtype), pick(self.device),
+                           pick(self.file), lambda i: self._make(rows[i]))
+
     # ---- Mapping ---------------------------------------------------------------------------
     @property
     def index(self) -> dict[str, int]:
