@@ -143,8 +143,9 @@ class TensorTable(Mapping):
 
     def __init__(self, keys: list[str], shape: list[tuple[int, ...]], dtype: list[torch.dtype],
                  device: list[str] | str, file: list[str | None] | str | None,
-                 make: Callable[[int], Tensorish] | Sequence[Tensorish]):
+                 make: Callable[[int], Tensorish] | Sequence[Tensorish], numel: np.ndarray | None = None):
         n = len(keys)
+        self._numel = numel
         self.keys_list = keys
         self.shape = shape
         self.dtype = dtype
@@ -187,7 +188,8 @@ class TensorTable(Mapping):
         def cat(col: str) -> list:
             return [x for t in tables for x in getattr(t, col)]
 
-        return cls(cat("keys_list"), cat("shape"), cat("dtype"), cat("device"), cat("file"), make)
+        numel = np.concatenate([t.numel() for t in tables]) if tables else None
+        return cls(cat("keys_list"), cat("shape"), cat("dtype"), cat("device"), cat("file"), make, numel=numel)
 
     def subset(self, keep: Sequence[bool]) -> TensorTable:
         """The rows where ``keep`` is true, in order."""
@@ -197,7 +199,7 @@ class TensorTable(Mapping):
             return [col[i] for i in rows]
 
         return TensorTable(pick(self.keys_list), pick(self.shape), pick(self.dtype), pick(self.device),
-                           pick(self.file), lambda i: self._make(rows[i]))
+                           pick(self.file), lambda i: self._make(rows[i]), numel=self.numel()[rows])
 
     # ---- Mapping ---------------------------------------------------------------------------
     @property
@@ -223,22 +225,21 @@ class TensorTable(Mapping):
 
     # ---- columns ---------------------------------------------------------------------------
     def numel(self) -> np.ndarray:
-        return np.fromiter((math.prod(s) for s in self.shape), dtype=np.int64, count=len(self.shape))
+        if self._numel is None:
+            self._numel = np.array(list(map(math.prod, self.shape)), dtype=np.int64)
+        return self._numel
 
     def nbytes(self) -> np.ndarray:
         sizes = {d: element_size(d) for d in set(self.dtype)}
-        return self.numel() * np.fromiter((sizes[d] for d in self.dtype), dtype=np.int64, count=len(self.dtype))
+        return self.numel() * np.array(list(map(sizes.__getitem__, self.dtype)), dtype=np.int64)
 
     def frame(self) -> pd.DataFrame:
         """One row per tensor: shape, dtype, device, numel, nbytes, file (built once, then copied)."""
         if self._frame is None:
             names = {d: dtype_name(d) for d in set(self.dtype)}
-            numel = self.numel()
-            sizes = {d: element_size(d) for d in names}
-            itemsize = np.fromiter((sizes[d] for d in self.dtype), dtype=np.int64, count=len(self.dtype))
             self._frame = pd.DataFrame(
-                {"shape": self.shape, "dtype": [names[d] for d in self.dtype], "device": self.device,
-                 "numel": numel, "nbytes": numel * itemsize, "file": self.file},
+                {"shape": self.shape, "dtype": list(map(names.__getitem__, self.dtype)), "device": self.device,
+                 "numel": self.numel(), "nbytes": self.nbytes(), "file": self.file},
                 index=pd.Index(self.keys_list, name="key", dtype=object),
             )
         return self._frame.copy()
