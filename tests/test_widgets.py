@@ -161,3 +161,32 @@ def test_static_export_falls_back_to_the_styled_table(tmp_path):
     bundle = insp._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
     assert "ckptviz-report" in bundle["text/html"] and "features.0.weight" in bundle["text/html"]
+
+
+def test_checkpoint_folders_are_one_entry_and_open_as_one(tmp_path):
+    """A folder of shards shows as one checkpoint (layout, shard count, size) and opens whole."""
+    from safetensors.torch import save_file
+
+    src = randomized(SmallCNN(num_classes=10), seed=1)
+    sd = src.state_dict()
+    shards = tmp_path / "sharded"
+    shards.mkdir()
+    keys = list(sd)
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        save_file({k: sd[k].contiguous() for k in part}, shards / f"model-0000{i + 1}-of-00002.safetensors")
+    (tmp_path / "plain").mkdir()
+    labels = {label: kind for label, _, kind in list_folder(tmp_path)}
+    (label,) = [lbl for lbl in labels if lbl.startswith("sharded/")]
+    assert labels[label] == "checkpoint" and "hf-safetensors-sharded: 2 shards" in label
+    assert labels["plain/"] == "dir"
+    inner = [lbl for lbl, _, kind in list_folder(shards) if kind == "checkpoint"]
+    assert inner and inner[0].startswith("./")
+
+    model = randomized(SmallCNN(num_classes=10), seed=2)
+    insp = cv.CheckpointInspector(model=model, start_dir=tmp_path)
+    pick(insp, "sharded/")
+    assert insp.error is None and insp.checkpoint.path == str(shards)
+    assert "in 2 files" in insp.meta.value
+    assert insp.report.summary["match"] == len(sd)
+    insp.load_all_button.click()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())

@@ -156,3 +156,41 @@ def deepspeed_dir(folder: str, files: dict | None = None, dirs: dict | None = No
         if cand in dirs and any(DEEPSPEED_MODEL.match(n) for n in os.listdir(os.path.join(folder, cand))):
             return os.path.join(folder, cand)
     return None
+
+
+@dataclass
+class FolderSummary:
+    """What a folder checkpoint is, from names and sizes only (for file pickers): no index is parsed."""
+
+    format: str
+    files: int
+    nbytes: int
+
+    def __str__(self) -> str:
+        from ..checkpoint import human_size
+
+        what = f"{self.files} files" if self.format == "dcp" else f"{self.files} shards" if self.files > 1 else "1 file"
+        return f"{self.format}: {what}, {human_size(self.nbytes)}"
+
+
+def summarize_folder(folder: str) -> FolderSummary | None:
+    """A :class:`FolderSummary` if ``folder`` is one checkpoint, else None. Never raises."""
+    try:
+        layout = _folder(folder)
+        if layout.kind == "file":
+            from . import sniff
+
+            return FolderSummary(sniff(layout.path), 1, os.path.getsize(layout.path))
+        where = deepspeed_dir(folder) if layout.kind == "deepspeed" else folder
+        names = os.listdir(where)
+        if layout.kind == "hub":
+            ext = ".bin" if (layout.index or layout.shards[0]).endswith((".bin", ".bin.index.json")) else ".safetensors"
+            weights = [n for n in names if n.endswith(ext)]
+            fmt = f"hf-{ext[1:]}-sharded"
+        elif layout.kind == "dcp":
+            weights, fmt = [n for n in names if n.endswith(".distcp") or n == ".metadata"], "dcp"
+        else:
+            weights, fmt = [n for n in names if n.endswith(".pt")], "deepspeed"
+        return FolderSummary(fmt, len(weights), sum(os.path.getsize(os.path.join(where, n)) for n in weights))
+    except (OSError, ValueError, CheckpointNotFoundError, UnknownFormatError):
+        return None

@@ -11,6 +11,7 @@ import ipywidgets as w
 
 from ..checkpoint import human_size
 from ..readers import sniff
+from ..readers.layout import summarize_folder
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".safetensors", ".pkl", ".pth.tar")
 MAX_SNIFFED = 300  # files sniffed by content per folder; beyond that, names decide
@@ -26,19 +27,29 @@ def list_folder(folder: Path) -> list[tuple[str, Path, str]]:
     """(label, path, kind) for sub-folders and checkpoint-like files of ``folder``, folders first.
 
     A file counts as checkpoint-like by its name or, for the first few hundred others, by its bytes.
+    A folder that is one checkpoint (hub shards, DCP, DeepSpeed) is one entry of kind "checkpoint",
+    labelled with its layout, file count and total size; so is ``folder`` itself when it is one.
     """
     dirs, files = [], []
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name.lower())
     except OSError:
         return []
+    here = summarize_folder(str(folder))
+    if here is not None:
+        dirs.append((f"./  [this folder is one checkpoint: {here}]", Path(folder), "checkpoint"))
     sniffed = 0
     for e in entries:
         if e.name.startswith("."):
             continue
         try:
             if e.is_dir():
-                dirs.append((f"{e.name}/", Path(e.path), "dir"))
+                summary = summarize_folder(e.path) if sniffed < MAX_SNIFFED else None
+                sniffed += 1
+                if summary is not None:
+                    dirs.append((f"{e.name}/  [{summary}]", Path(e.path), "checkpoint"))
+                else:
+                    dirs.append((f"{e.name}/", Path(e.path), "dir"))
                 continue
             if not e.is_file():
                 continue

@@ -231,7 +231,9 @@ class CheckpointInspector(w.VBox):
 
     @staticmethod
     def _metadata_html(ck: Checkpoint) -> str:
-        items = [f"<b>format</b>: {ck.format}", f"<b>size</b>: {human_size(ck.nbytes)}"]
+        items = [f"<b>format</b>: {ck.format}", f"<b>size</b>: {human_size(ck.nbytes)}"
+                 + (f" in {len(ck.files)} files" if len(ck.files) > 1 else "")]
+        items += [f"<span style='color:#8a4b00'><b>note</b>: {html.escape(w)}</span>" for w in ck.warnings[:5]]
         for k, v in list(ck.metadata.items())[:12]:
             text = repr(v)
             items.append(f"<b>{html.escape(str(k))}</b>: {html.escape(text[:120] + ('…' if len(text) > 120 else ''))}")
