@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pandas as pd
@@ -57,6 +57,7 @@ class Checkpoint:
         self.unsafe_globals: list[str] = sorted(raw.unsafe) if raw is not None else []
         self.warnings: list[str] = list(raw.warnings) if raw is not None else []
         self._stats: dict[str, tuple] = {}
+        self._opened_stamp: tuple | None = None
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any], name: str = "<state dict>") -> Checkpoint:
@@ -136,20 +137,65 @@ class Checkpoint:
     def state_dict(self, section: str | None = None) -> dict[str, torch.Tensor]:
         """``{key: tensor}`` for a section; tensors are views of private maps of the files (one map
         per file, made when its first tensor is read)."""
-        entries = self._section(section)
-        maps: dict[int, Any] = {}
-        return {k: self._value(v, maps) for k, v in entries.items()}
+        return self.values(self._section(section), section)
 
-    def stats(self, section: str | None = None, *, progress: bool | None = None) -> pd.DataFrame:
-        """Statistics of every tensor (``ckptviz.stats.STATS_KEYS``), one streaming pass each, cached."""
-        from .stats import stats_frame
+    def stats(self, section: str | None = None, *, progress: bool | None = None, executor: Any = None,
+              tick: Callable[[float], None] | None = None) -> pd.DataFrame:
+        """Statistics of every tensor (``ckptviz.stats.STATS_KEYS``), one streaming pass each, cached.
+
+        Runs shard-parallel on ``executor`` (worker threads by default; any ``concurrent.futures``
+        executor or a ``dask.distributed`` Client; see ``ckptviz.parallel``); the numbers do not depend
+        on it. A ``tqdm`` bar is shown when ``progress`` is True (or None and the section holds more than
+        256 MiB); ``tick(fraction)`` is called as tasks finish.
+        """
+        from .stats import STATS_KEYS
 
         name = self.resolve(section)
         stamp = self._stamp()
         cached = self._stats.get(name)
         if cached is None or cached[0] != stamp or stamp is None:
-            cached = self._stats[name] = (stamp, stats_frame(self.state_dict(name), progress=progress))
+            frames = self._parallel(_stats_task, name, None, (), progress, executor, "statistics", tick)
+            frame = pd.concat(frames) if frames else pd.DataFrame(
+                columns=list(STATS_KEYS), index=pd.Index([], name="key"), dtype="float64")
+            cached = self._stats[name] = (stamp, frame)
+        elif tick:
+            tick(1.0)
         return cached[1].copy()
+
+    def histograms(self, keys: Iterable[str] | None = None, bins: int = 64, *, section: str | None = None,
+                   progress: bool | None = None, executor: Any = None) -> dict[str, Any]:
+        """``{key: Histogram}`` of many tensors (default: the whole section), shard-parallel like
+        :meth:`stats`, each as :meth:`histogram` computes it."""
+        name = self.resolve(section)
+        parts = self._parallel(_histogram_task, name, None if keys is None else list(keys), (bins,), progress,
+                               executor, "histograms")
+        return {k: h for part in parts for k, h in part.items()}
+
+    def _parallel(self, fn: Callable, section: str, keys: list[str] | None, args: tuple, progress: bool | None,
+                  executor: Any, desc: str, tick: Callable[[float], None] | None = None) -> list:
+        from .parallel import plan, run
+
+        table = self._section(section)
+        if keys is not None:
+            unknown = [k for k in keys if k not in table]
+            if unknown:
+                raise SectionError(f"{self.path}: no tensor {unknown[0]!r} in section {section!r}")
+        tasks = plan(table, keys)
+        nbytes = dict(zip(table.keys_list, table.nbytes().tolist()))
+        return run(fn, [(self, section, t, *args) for t in tasks], executor=executor, progress=progress,
+                   sizes=[sum(nbytes[k] for k in t) for t in tasks], desc=desc, tick=tick)
+
+    def values(self, keys: Iterable[str], section: str | None = None) -> dict[str, torch.Tensor]:
+        """``{key: tensor}`` for some keys of a section, sharing one map per file (see :meth:`state_dict`)."""
+        entries = self._section(section)
+        maps: dict[int, Any] = {}
+        return {k: self._value(entries[k], maps) for k in keys}
+
+    def __reduce__(self):
+        """A file-backed checkpoint pickles as "open this path again" (for executors in other processes)."""
+        if self._raw is None or not self.path:
+            return object.__reduce__(self)
+        return (_reopen, (self.path, bool(self.unsafe_globals)))
 
     def histogram(self, key: str, bins: int = 64, range: tuple[float, float] | None = None, *,
                   section: str | None = None):
@@ -244,6 +290,34 @@ class Checkpoint:
         )
 
 
+def _stats_task(ck: Checkpoint, section: str, keys: list[str]) -> pd.DataFrame:
+    from .stats import stats_frame
+
+    return stats_frame(ck.values(keys, section), progress=False)
+
+
+def _histogram_task(ck: Checkpoint, section: str, keys: list[str], bins: int) -> dict:
+    from .stats import histogram
+
+    return {k: histogram(t, bins) for k, t in ck.values(keys, section).items()}
+
+
+_REOPENED: dict[tuple[str, bool], Checkpoint] = {}
+
+
+def _reopen(path: str, trust: bool) -> Checkpoint:
+    """The checkpoint at ``path``, opened once per process while its files are unchanged."""
+    ck = _REOPENED.get((path, trust))
+    if ck is None or ck._stamp() != ck._opened_stamp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CheckpointWarning)  # they were shown where it was first opened
+            ck = open_checkpoint(path, trust=trust)
+        if len(_REOPENED) > 16:
+            _REOPENED.clear()
+        _REOPENED[(path, trust)] = ck
+    return ck
+
+
 def _path_of(ref: Any) -> str | None:
     """The file holding a record's bytes (None for in-memory tensors and meta records)."""
     if isinstance(ref, TensorRef):
@@ -295,6 +369,7 @@ def open_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
         shown = "; ".join(damaged[:3]) + (f" (and {len(damaged) - 3} more)" if len(damaged) > 3 else "")
         raise CorruptCheckpointError(f"{path}: the file is truncated or corrupted: {shown}. Re-download or re-save it.")
     ck = Checkpoint(raw.location or path, raw.format, raw.root, raw, raw.extra_metadata)
+    ck._opened_stamp = ck._stamp()
     if not ck.sections and not ck.optimizer_sections:
         opaque = isinstance(raw.root, OpaqueTensor)
         found = type(raw.root).__name__ if not isinstance(raw.root, Stub) else raw.root._ckptviz_global

@@ -27,6 +27,7 @@ from torch import nn
 from .align import Alignment, Rule, align
 from .checkpoint import Checkpoint, as_checkpoint, dtype_name, tensor_info
 from .errors import ModelError, NoTensorsError, SectionError
+from .readers.records import TensorTable
 
 STATUSES = ("both", "only_a", "only_b", "shape_differs", "dtype_differs")
 DIFF_KEYS = ("max_abs_diff", "rel_l2", "cosine", "changed_frac")
@@ -144,6 +145,7 @@ def diff(
     rules: Iterable[tuple[str, str] | Rule] | None = None,
     auto_align: bool = True,
     progress: bool | None = None,
+    executor: Any = None,
 ) -> DiffReport:
     """Compare checkpoint ``a`` with checkpoint ``b`` key by key and value by value.
 
@@ -152,7 +154,10 @@ def diff(
     infers prefix and wrapper renames (``module.``, ``_orig_mod.``, ...). With a section left None,
     every weights section of that side is tried and the pair of sections that pairs the most keys wins
     (ties go to the better-ranked names). A ``tqdm.auto`` bar over bytes is shown when ``progress`` is
-    True, or when it is None and more than 256 MiB are to be read.
+    True, or when it is None and more than 256 MiB are to be read. By default the values are read on
+    worker threads in blocks; with ``executor`` (any ``concurrent.futures`` executor, or a
+    ``dask.distributed`` Client) pairs are sent there in tasks, one file of ``a`` at a time, and each
+    worker reads the files itself. The numbers are the same either way, bit for bit.
     """
     ck_a, ck_b = _as_source(a, "a"), _as_source(b, "b")
     names_a = [ck_a.resolve(section_a)] if section_a is not None else ck_a.sections or [ck_a.resolve(None)]
@@ -170,7 +175,14 @@ def diff(
             if best is None or len(al.pairs) > len(best[2].pairs):
                 best = (na, nb, al)
     na, nb, al = best
-    frame = _build_frame(ck_a.state_dict(na), ck_b.state_dict(nb), al, progress)
+    rows, jobs = _rows(ck_a._section(na), ck_b._section(nb), al)
+    numbers = _values(ck_a, na, ck_b, nb, jobs, progress, executor)
+    for (i, _, _), values in zip(jobs, numbers):
+        rows[i][8:12] = [values[k] for k in DIFF_KEYS]
+    frame = pd.DataFrame(rows, columns=COLUMNS, dtype=object)  # empty cells stay None
+    frame["numel"] = frame["numel"].astype(np.int64)
+    for k in DIFF_KEYS:
+        frame[k] = frame[k].astype(np.float64)
     return DiffReport(frame, ck_a, ck_b, na, nb, al.rules)
 
 
@@ -186,46 +198,66 @@ def _as_source(x: Any, side: str) -> Checkpoint:
     return as_checkpoint(x)
 
 
-def _build_frame(sd_a: dict[str, torch.Tensor], sd_b: dict[str, torch.Tensor], al: Alignment,
-                 progress: bool | None) -> pd.DataFrame:
+def _rows(table_a: TensorTable, table_b: TensorTable, al: Alignment) -> tuple[list[list], list[tuple[int, str, str]]]:
+    """The frame's rows (values still NaN) and the jobs: (row, key in a, key in b) whose values are compared."""
     by_a = {m: c for c, m in al.pairs.items()}
-    rows, jobs = [], []  # jobs: (row index, tensor a, tensor b) whose values are compared
-    for key, ta in sd_a.items():
-        shape_a, dtype_a = tuple(ta.shape), dtype_name(ta.dtype)
+    rows, jobs = [], []
+    names_b = dict(zip(table_b.keys_list, zip(table_b.shape, table_b.dtype, table_b.numel().tolist())))
+    for key, shape_a, dt_a, numel in zip(table_a.keys_list, table_a.shape, table_a.dtype, table_a.numel().tolist()):
+        dtype_a = dtype_name(dt_a)
         c = by_a.get(key)
         if c is None:
-            rows.append([key, None, "only_a", shape_a, None, dtype_a, None, ta.numel(), *[math.nan] * 4, None])
+            rows.append([key, None, "only_a", shape_a, None, dtype_a, None, numel, *[math.nan] * 4, None])
             continue
-        tb = sd_b[c]
-        shape_b, dtype_b = tuple(tb.shape), dtype_name(tb.dtype)
-        status = "shape_differs" if shape_a != shape_b else "both" if ta.dtype == tb.dtype else "dtype_differs"
+        shape_b, dt_b, _ = names_b[c]
+        status = "shape_differs" if shape_a != shape_b else "both" if dt_a == dt_b else "dtype_differs"
         rule = "; ".join(str(r) for r in al.rule_of.get(c, [])) or None
         if status != "shape_differs":
-            jobs.append((len(rows), ta, tb))
-        rows.append([key, c, status, shape_a, shape_b, dtype_a, dtype_b, ta.numel(), *[math.nan] * 4, rule])
-    for c, tb in sd_b.items():
+            jobs.append((len(rows), key, c))
+        rows.append([key, c, status, shape_a, shape_b, dtype_a, dtype_name(dt_b), numel, *[math.nan] * 4, rule])
+    for c, (shape_b, dt_b, numel) in names_b.items():
         if c not in al.pairs:
-            rows.append([None, c, "only_b", None, tuple(tb.shape), None, dtype_name(tb.dtype), tb.numel(),
-                         *[math.nan] * 4, None])
+            rows.append([None, c, "only_b", None, shape_b, None, dtype_name(dt_b), numel, *[math.nan] * 4, None])
+    return rows, jobs
 
-    total = sum(_nbytes(ta) + _nbytes(tb) for _, ta, tb in jobs)
+
+def _values(ck_a: Checkpoint, na: str, ck_b: Checkpoint, nb: str, jobs: list[tuple[int, str, str]],
+            progress: bool | None, executor: Any) -> list[dict[str, float]]:
+    """``DIFF_KEYS`` of each job's pair of tensors."""
+    table_a, table_b = ck_a._section(na), ck_b._section(nb)
+    size_a = dict(zip(table_a.keys_list, _data_bytes(table_a)))
+    size_b = dict(zip(table_b.keys_list, _data_bytes(table_b)))
+    if executor is not None:
+        from .parallel import plan, run
+
+        pair_of = {ka: kb for _, ka, kb in jobs}
+        tasks = [[(ka, pair_of[ka]) for ka in keys] for keys in plan(table_a, list(pair_of))]
+        parts = run(_diff_task, [(ck_a, na, ck_b, nb, t) for t in tasks], executor=executor, progress=progress,
+                    sizes=[sum(size_a[ka] + size_b[kb] for ka, kb in t) for t in tasks], desc="diff",
+                    progress_bytes=PROGRESS_BYTES)
+        by_key = {ka: v for t, part in zip(tasks, parts) for (ka, _), v in zip(t, part)}
+        return [by_key[ka] for _, ka, _ in jobs]
+    total = sum(size_a[ka] + size_b[kb] for _, ka, kb in jobs)
     bar = None
     if progress or (progress is None and total > PROGRESS_BYTES):
         from tqdm.auto import tqdm  # imported only when shown: in a notebook it brings its own widget
 
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="diff")
     try:
-        results = _compare([(ta, tb) for _, ta, tb in jobs], BLOCK_ELEMENTS, bar.update if bar else None)
+        va, vb = ck_a.values([ka for _, ka, _ in jobs], na), ck_b.values([kb for _, _, kb in jobs], nb)
+        return _compare([(va[ka], vb[kb]) for _, ka, kb in jobs], BLOCK_ELEMENTS, bar.update if bar else None)
     finally:
         if bar is not None:
             bar.close()
-    for (i, _, _), numbers in zip(jobs, results):
-        rows[i][8:12] = [numbers[k] for k in DIFF_KEYS]
-    frame = pd.DataFrame(rows, columns=COLUMNS, dtype=object)  # empty cells stay None
-    frame["numel"] = frame["numel"].astype(np.int64)
-    for k in DIFF_KEYS:
-        frame[k] = frame[k].astype(np.float64)
-    return frame
+
+
+def _data_bytes(table: TensorTable) -> list[int]:
+    return [0 if d == "meta" else n for d, n in zip(table.device, table.nbytes().tolist())]
+
+
+def _diff_task(ck_a: Checkpoint, na: str, ck_b: Checkpoint, nb: str, pairs: list[tuple[str, str]]) -> list[dict]:
+    va, vb = ck_a.values([ka for ka, _ in pairs], na), ck_b.values([kb for _, kb in pairs], nb)
+    return _compare([(va[ka], vb[kb]) for ka, kb in pairs], BLOCK_ELEMENTS, None, workers=1)
 
 
 # ---- the streaming pass -------------------------------------------------------------------------
@@ -255,7 +287,8 @@ def diff_tensors(a: torch.Tensor, b: torch.Tensor, *, block_elements: int = BLOC
     return _compare([(a, b)], block_elements, None)[0]
 
 
-def _compare(pairs: list[tuple[torch.Tensor, torch.Tensor]], block: int, tick: Tick | None) -> list[dict[str, float]]:
+def _compare(pairs: list[tuple[torch.Tensor, torch.Tensor]], block: int, tick: Tick | None,
+             workers: int | None = None) -> list[dict[str, float]]:
     """``DIFF_KEYS`` of each pair of equal-shaped tensors, reading each byte once.
 
     The work is cut into tasks of up to ``TASK_BLOCKS`` blocks, run on worker threads (up to
@@ -280,9 +313,10 @@ def _compare(pairs: list[tuple[torch.Tensor, torch.Tensor]], block: int, tick: T
             _fold_block(pa, pb, local.buffers, part)
         return part
 
-    workers = max(1, min(MAX_WORKERS, torch.get_num_threads(), len(tasks)))
-    if sum(pairs[i][0].numel() for i in {t[0] for t in tasks}) < PARALLEL_ELEMENTS:
-        workers = 1
+    if workers is None:
+        workers = max(1, min(MAX_WORKERS, torch.get_num_threads(), len(tasks)))
+        if sum(pairs[i][0].numel() for i in {t[0] for t in tasks}) < PARALLEL_ELEMENTS:
+            workers = 1
     pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
     try:
         _merge(tasks, pool.map(run, tasks), pairs, sums, tick)

@@ -9,7 +9,6 @@ import base64
 import copy
 import re
 
-import numpy as np
 import pytest
 import torch
 from models import SmallCNN, randomized
@@ -318,19 +317,6 @@ def test_inspector_layer_overview(nan_file, tmp_path):
     empty = cv.CheckpointInspector()
     empty.scan_panel.overview.value = True  # no checkpoint: says so, stays off
     assert empty.scan_panel.overview.value is False and "Open a checkpoint first" in empty.scan_panel.message.value
-
-
-def test_scan_reads_a_sharded_frame_like_stats_frame(nan_file):
-    from ckptviz.stats import stats_frame
-    from ckptviz.widgets.panels import section_stats
-
-    sd = cv.open_checkpoint(nan_file).state_dict("model_state_dict")
-    ticks = []
-    frame = section_stats(sd, ticks.append, parts=4)
-    expected = stats_frame(sd)
-    assert list(frame.index) == list(expected.index)
-    assert np.allclose(frame.to_numpy(), expected.to_numpy(), equal_nan=True)
-    assert ticks == sorted(ticks) and ticks[-1] == 1.0 and 2 <= len(ticks) <= 6
 
 
 def test_numbers_never_round_a_change_away():

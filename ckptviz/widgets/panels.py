@@ -8,7 +8,7 @@ import base64
 import html
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import ipywidgets as w
 import pandas as pd
@@ -23,7 +23,7 @@ from ..errors import CheckpointError
 from ..load import LoadResult
 from ..plots import figure_to_png, histogram_figure, layer_summary_figure, shorten_key
 from ..snippet import torch_code
-from ..stats import histogram, stats_frame, tensor_stats
+from ..stats import histogram, tensor_stats
 
 CODE_STYLE = ("background:#f6f8fa;padding:6px;user-select:text;white-space:pre-wrap;word-break:normal;"
               "overflow-wrap:normal;font-size:85%")
@@ -187,29 +187,8 @@ def show_png(output: w.Output, png: bytes, text: str = "figure") -> None:
                        "data": {"image/png": base64.b64encode(png).decode("ascii"), "text/plain": text}},)
 
 
-def section_stats(tensors: Mapping[str, torch.Tensor], tick: Callable[[float], None] | None = None,
-                  parts: int = 50) -> pd.DataFrame:
-    """``stats_frame`` of ``tensors``, run over about ``parts`` groups of keys of similar byte size,
-    calling ``tick(fraction of bytes done)`` after each group."""
-    sizes = {k: 0 if t.device.type == "meta" else t.numel() * t.element_size() for k, t in tensors.items()}
-    total = max(sum(sizes.values()), 1)
-    frames, group, held, done = [], {}, 0, 0
-    for k, t in tensors.items():
-        group[k], held = t, held + sizes[k]
-        if held >= total / parts:
-            frames.append(stats_frame(group, progress=False))
-            done, group, held = done + held, {}, 0
-            if tick:
-                tick(done / total)
-    if group or not frames:
-        frames.append(stats_frame(group, progress=False))
-    if tick:
-        tick(1.0)
-    return pd.concat(frames)
-
-
 class ScanPanel(w.VBox):
-    """Statistics of every tensor of the checkpoint section, on demand (``stats_frame``, with a
+    """Statistics of every tensor of the checkpoint section, on demand (``Checkpoint.stats``, with a
     progress bar): "Scan for NaN/Inf" names the tensors holding them and tells the callbacks (the
     inspector marks its table); "Layer overview" shows std and norm per layer in model order.
     ``source()`` gives the (checkpoint, section) to scan; results are kept until it changes."""
@@ -218,7 +197,7 @@ class ScanPanel(w.VBox):
         self._source = source
         self._callbacks: list[Callable[[ScanPanel], None]] = []
         self._quiet = False
-        self.stats: pd.DataFrame | None = None  # stats_frame of the scanned section
+        self.stats: pd.DataFrame | None = None  # Checkpoint.stats of the scanned section
         self.scanned: tuple[Checkpoint, str | None] | None = None  # what ``stats`` describe
         self.figure: Figure | None = None  # the layer overview shown
         self.scan_button = w.Button(description="Scan for NaN/Inf", icon="search", layout=w.Layout(width="auto"))
@@ -276,7 +255,7 @@ class ScanPanel(w.VBox):
             self.message.value = "Working: reading every tensor…"
             self.progress.value, self.progress.layout.visibility = 0.0, "visible"
             try:
-                self.stats = section_stats(ck.state_dict(section), lambda f: setattr(self.progress, "value", f))
+                self.stats = ck.stats(section, progress=False, tick=lambda f: setattr(self.progress, "value", f))
                 self.scanned = (ck, section)
             except Exception as e:  # noqa: BLE001 - the widget must never show a raw traceback
                 kind = "" if isinstance(e, CheckpointError) else f"Unexpected error ({type(e).__name__}): "
