@@ -476,8 +476,7 @@ def write_deepspeed_checkpoint(
 
 
 # ---------------------------------------------------------------- Lightning
-def lightning_client_state(model: nn.Module, epoch: int = 0, global_step: int = 2,
-                           hyper_parameters: dict | None = None) -> dict:
+def lightning_client_state(epoch: int = 0, global_step: int = 2, hyper_parameters: dict | None = None) -> dict:
     """What Lightning 2.6.6's ``DeepSpeedStrategy.save_checkpoint`` hands DeepSpeed as ``client_state``: the
     trainer's checkpoint dict without ``state_dict`` and ``optimizer_states`` (keys as ``dump_checkpoint``)."""
     state = {
@@ -500,7 +499,7 @@ def write_lightning_deepspeed_checkpoint(path: str | os.PathLike, model: nn.Modu
     holding ``latest`` ("checkpoint"), ``checkpoint/<DeepSpeed files>``, ``zero_to_fp32.py``; Lightning's own state
     is merged into each model-states file. Pure-torch (``write_deepspeed_checkpoint``) unless ``real_python`` names
     a Python with DeepSpeed, which then writes it (``write_real_deepspeed_checkpoint``)."""
-    client = kwargs.pop("client_state", None) or lightning_client_state(model)
+    client = kwargs.pop("client_state", None) or lightning_client_state()
     if real_python is not None:
         return write_real_deepspeed_checkpoint(path, model, stage, world_size, tag="checkpoint", client_state=client,
                                                python=real_python, **kwargs)
@@ -533,7 +532,7 @@ def write_lightning_fsdp_sharded_checkpoint(path: str | os.PathLike, model: nn.M
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "torch.distributed is disabled ... assuming the intent ..."
         dcp.save(state, checkpoint_id=path, no_dist=True)
-    torch.save(meta if meta is not None else lightning_client_state(model), path / "meta.pt")
+    torch.save(meta if meta is not None else lightning_client_state(), path / "meta.pt")
     return path
 
 
