@@ -325,8 +325,9 @@ def write_deepspeed_checkpoint(
     if stage == 0:
         bit16_params = {id(p): p.detach().to(bit16).clone() for _, p in named}
         trainable = [[p for _, p in g] for g in groups]
-        base = _adamw_state(trainable, steps)
-        if bf16:  # FP16_UnfusedOptimizer.state_dict() (what a torch optimizer is wrapped in under bf16 and no ZeRO)
+        # FP16_UnfusedOptimizer (a torch optimizer under bf16 without ZeRO) takes one zero-gradient step at init
+        base = _adamw_state(trainable, steps + 1 if bf16 else steps)
+        if bf16:  # FP16_UnfusedOptimizer.state_dict()
             optimizer = {"dynamic_loss_scale": False, "cur_scale": 1.0, "cur_iter": steps, "optimizer_state_dict": base,
                          "fp32_groups": [[p.detach().float().clone().requires_grad_(True) for p in g]
                                          for g in trainable]}
