@@ -1,5 +1,7 @@
-"""``load_partial()``: copy a Report's loadable rows into the live model, in place and atomically,
-with an undo; and ``load_optimizer()``: restore optimizer state after checking that it fits."""
+"""``load_partial()``: put a Report's loadable rows into the live model, in place and atomically, with
+an undo: by copying into the model's tensors, or (``assign=True``) by giving the model's very
+Parameter and buffer objects the checkpoint's tensors, which materializes a meta-device model without
+copying what needs no cast; and ``load_optimizer()``: restore optimizer state after checking that it fits."""
 
 from __future__ import annotations
 
@@ -19,41 +21,73 @@ from .errors import LoadError, OptimizerMismatchError
 from .provenance import remember_initial
 
 PROGRESS_BYTES = 512 * 2**20  # show a progress bar when loading more than this
+META_HINT = "load with assign=True to materialize it from the checkpoint"
+
+
+def meta_tensors(model: nn.Module) -> list[str]:
+    """Names of the model's parameters and buffers on the meta device (no values): its state-dict keys
+    first, then non-persistent buffers, which no checkpoint holds."""
+    names = [k for k, t in model_tensors(model).items() if t.is_meta]
+    seen = set(names)
+    names += [n for n, b in model.named_buffers(remove_duplicate=False) if b.is_meta and n not in seen]
+    return names
+
+
+class _Assigned:
+    """One model tensor object that an assign load gave new contents, and how to give the old ones back."""
+
+    __slots__ = ("keys", "obj", "old", "how")
+
+    def __init__(self, keys: list[str], obj: torch.Tensor, old: torch.Tensor, how: str):
+        self.keys, self.obj, self.old, self.how = keys, obj, old, how
+
+    def revert(self) -> None:
+        if self.how == "data":
+            self.obj.data = self.old
+        else:  # "swap": ``old`` is the object that now holds the previous contents
+            torch.utils.swap_tensors(self.obj, self.old)
 
 
 class LoadResult:
-    """What :func:`load_partial` did: keys loaded, skipped (with reasons), missing, unexpected."""
+    """What :func:`load_partial` did: keys loaded, skipped (with reasons), missing, unexpected, and
+    (``still_meta``) the model's tensors that are still on the meta device after the load."""
 
     def __init__(self, model: nn.Module, report: Report, loaded: list[str], skipped: dict[str, str],
-                 backup: dict[str, torch.Tensor] | None):
+                 backup: dict[str, torch.Tensor] | list[_Assigned] | None, *, assign: bool = False,
+                 device: str | None = None, tied: list[list[str]] | None = None):
         self._model = weakref.ref(model)
         self._backup = backup
         self.report = report
         self.loaded = loaded
         self.skipped = skipped
+        self.assign = assign
+        self.device = device  # where meta tensors went (assign loads only)
         frame = report.frame
         self.missing_keys: list[str] = frame.loc[frame["status"] == "missing", "key"].tolist()
         self.unexpected_keys: list[str] = frame.loc[frame["status"] == "unexpected", "ckpt_key"].tolist()
+        self.still_meta: list[str] = meta_tensors(model)
+        self.tied: list[list[str]] = tied or []  # assign loads: the model keys that name one object it assigned
         self.undone = False
 
     @property
     def frame(self) -> pd.DataFrame:
         """One row per key of the report: outcome (loaded, skipped, missing, unexpected, not_selected) and why."""
-        loaded = set(self.loaded)
+        loaded, meta = set(self.loaded), set(self.still_meta)
         rows = []
         for r in self.report.frame.itertuples(index=False):
             if r.key in loaded:
-                rows.append((r.key, r.ckpt_key, "loaded", r.rule))
+                outcome, detail = "loaded", r.rule
             elif r.key in self.skipped:
-                rows.append((r.key, r.ckpt_key, "skipped", self.skipped[r.key]))
-            elif r.status in ("missing", "unexpected"):
-                rows.append((r.key, r.ckpt_key, r.status, None))
+                outcome, detail = "skipped", self.skipped[r.key]
             else:
-                rows.append((r.key, r.ckpt_key, "not_selected", None))
+                outcome, detail = (r.status if r.status in ("missing", "unexpected") else "not_selected"), None
+            if r.key in meta and outcome != "loaded":
+                detail = "; ".join(filter(None, [detail, "still on the meta device (no values)"]))
+            rows.append((r.key, r.ckpt_key, outcome, detail))
         return pd.DataFrame(rows, columns=["key", "ckpt_key", "outcome", "detail"])
 
     def undo(self) -> None:
-        """Put back exactly the values that this load overwrote."""
+        """Put back exactly the values (for an assign load: the very tensors) that this load replaced."""
         if self.undone:
             raise LoadError("this load was already undone")
         if self._backup is None:
@@ -63,17 +97,30 @@ class LoadResult:
         if model is None:
             raise LoadError("the model this load went into no longer exists")
         live = model_tensors(model)
-        changed = [k for k, b in self._backup.items() if k not in live or live[k].shape != b.shape]
-        if changed:
-            raise LoadError(f"cannot undo: the model changed since the load (keys {changed[:5]}); nothing was restored")
-        _restore(live, self._backup)
+        if isinstance(self._backup, list):
+            _undo_assign(live, self._backup)
+        else:
+            changed = [k for k, b in self._backup.items() if k not in live or live[k].shape != b.shape]
+            if changed:
+                raise LoadError(f"cannot undo: the model changed since the load (keys {changed[:5]}); "
+                                "nothing was restored")
+            _restore(live, self._backup)
         self.undone = True
-        self._backup = {}
+        self._backup = [] if isinstance(self._backup, list) else {}
 
     def __repr__(self) -> str:
+        meta = f", still_meta={len(self.still_meta)}" if self.still_meta or self.assign else ""
         return (f"LoadResult(loaded={len(self.loaded)}, skipped={len(self.skipped)}, "
-                f"missing={len(self.missing_keys)}, unexpected={len(self.unexpected_keys)}"
-                f"{', undone' if self.undone else ''})")
+                f"missing={len(self.missing_keys)}, unexpected={len(self.unexpected_keys)}{meta}"
+                f"{', assign' if self.assign else ''}{', undone' if self.undone else ''})")
+
+    def _meta_html(self) -> str:
+        if not self.still_meta:
+            return ""
+        shown = ", ".join(f"<code>{html.escape(k)}</code>" for k in self.still_meta[:20])
+        more = f" and {len(self.still_meta) - 20} more" if len(self.still_meta) > 20 else ""
+        return (f"<p style='color:#8a4b00'>{len(self.still_meta)} tensor(s) are still on the meta device "
+                f"and hold no values, so the model cannot run yet: {shown}{more}</p>")
 
     def _repr_html_(self) -> str:
         colours = {"loaded": "#e3f4e6", "skipped": "#fbd9d7", "missing": "#ffe3cc", "unexpected": "#e2e6f7",
@@ -83,7 +130,8 @@ class LoadResult:
         styled = (frame.style.apply(lambda r: [f"background-color: {colours[r['outcome']]}"] * len(r), axis=1)
                   .format(na_rep="—").hide(axis="index"))
         head = html.escape(repr(self))
-        return f"<div class='ckptviz-loadresult'><p><b>{head}</b></p>{styled.to_html()}</div>"
+        return (f"<div class='ckptviz-loadresult'><p><b>{head}</b></p>{self._meta_html()}"
+                f"{styled.to_html()}</div>")
 
 
 def _restore(live: dict[str, torch.Tensor], backup: dict[str, torch.Tensor], keys: list[str] | None = None) -> None:
@@ -98,6 +146,23 @@ def _restore(live: dict[str, torch.Tensor], backup: dict[str, torch.Tensor], key
             except RuntimeError:
                 if i != len(keys) - 1:  # the tensor whose copy failed may refuse writes altogether
                     raise
+
+
+def _undo_assign(live: dict[str, torch.Tensor], done: list[_Assigned]) -> None:
+    moved = [a.keys[0] for a in done if any(live.get(k) is not a.obj for k in a.keys)]
+    if moved:
+        raise LoadError(f"cannot undo: the model holds other tensor objects than the load gave it (keys {moved[:5]}); "
+                        "nothing was restored")
+    stuck = [f"{a.keys[0]} ({why})" for a in done if a.how == "swap" and (why := _swap_problem(a.obj))]
+    if stuck:
+        raise LoadError(f"cannot undo: {'; '.join(stuck[:5])}. Drop those references and undo again; "
+                        "nothing was restored")
+    _revert(done)
+
+
+def _revert(done: list[_Assigned]) -> None:
+    for a in reversed(done):
+        a.revert()
 
 
 def _plan(report: Report, live: dict[str, torch.Tensor], keys: Iterable[str] | None):
@@ -125,27 +190,53 @@ def _plan(report: Report, live: dict[str, torch.Tensor], keys: Iterable[str] | N
     return plan, skipped
 
 
-def load_partial(model: nn.Module, report: Report, *, keys: Iterable[str] | None = None,
-                 undo: bool = True) -> LoadResult:
-    """Copy checkpoint tensors into ``model`` in place (``strict=False`` semantics, shape-safe).
+def _sources(report: Report, plan: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors the plan reads, keyed by model key (one map of the file for all of them)."""
+    if not plan:
+        return {}
+    entries = report.checkpoint.state_dict(report.section)
+    return {k: entries[c] for k, c in plan.items()}
 
-    Loads every ``match`` and ``dtype_mismatch`` row of ``report`` (or exactly ``keys``), casting to
-    each model tensor's dtype and device. Everything is checked before the first copy. Each tensor is
-    copied aside just before it is overwritten, so a copy that still fails restores the model bit
-    for bit and ``LoadResult.undo()`` works. ``undo=False`` keeps no such copy (for models too big to
-    hold twice, and as fast as ``load_state_dict``): a failure then names the tensors already written.
+
+def load_partial(model: nn.Module, report: Report, *, keys: Iterable[str] | None = None, undo: bool = True,
+                 assign: bool = False, device: str | torch.device | None = None) -> LoadResult:
+    """Load checkpoint tensors into ``model`` in place (``strict=False`` semantics, shape-safe).
+
+    Loads every ``match`` and ``dtype_mismatch`` row of ``report`` (or exactly ``keys``), cast to each
+    model tensor's dtype and device. Everything is checked before the first write, and a failure
+    leaves the model as it was. The copying load (default) copies each tensor aside just before
+    overwriting it, so ``LoadResult.undo()`` works; ``undo=False`` keeps no such copy (for models too
+    big to hold twice, and as fast as ``load_state_dict``): a failure then names the tensors written.
+    A model tensor on the meta device holds no memory to copy into: it is skipped, with a reason.
+
+    ``assign=True`` (like ``load_state_dict(assign=True)``) instead gives the model's own Parameter
+    and buffer objects the checkpoint's tensors: identity, ``requires_grad`` and ties are kept, meta
+    tensors are materialized on ``device`` (default ``"cpu"``; others stay on their device), and a
+    tensor that needs no cast or move is the checkpoint's memory-mapped tensor itself (no copy, no RAM
+    up front; writes stay private, never reaching the file). Undo puts the previous tensors back.
     """
+    if device is not None and not assign:
+        raise LoadError("device= says where meta tensors go in an assign load; pass assign=True with it")
     live = model_tensors(model)
     plan, skipped = _plan(report, live, keys)
-    sources: dict[str, torch.Tensor] = {}
-    for k, c in plan.items():
-        src, dst = report.checkpoint.tensor(c, report.section), live[k]
-        reason = _cannot_copy(src, dst)
+    sources = _sources(report, plan)
+    if assign:
+        return _assign_load(model, report, live, sources, skipped, undo, _meta_target(device))
+    ready: dict[str, torch.Tensor] = {}
+    for k, src in sources.items():
+        reason = _cannot_copy(src, live[k])
         if reason:
             skipped[k] = reason
         else:
-            sources[k] = src
-    remember_initial(model, live, (k for k in live if k not in sources))
+            ready[k] = src
+    remember_initial(model, live, (k for k in live if k not in ready))
+    backup = _copy_into(live, ready, undo)
+    return LoadResult(model, report, list(ready), skipped, backup)
+
+
+def _copy_into(live: dict[str, torch.Tensor], sources: dict[str, torch.Tensor],
+               undo: bool) -> dict[str, torch.Tensor] | None:
+    """Copy each source into its model tensor; restore on failure (with ``undo``). Returns the backup."""
     backup: dict[str, torch.Tensor] | None = {} if undo else None
     seen: set[int] = set()
     total = sum(t.numel() * t.element_size() for t in sources.values())
@@ -171,18 +262,177 @@ def load_partial(model: nn.Module, report: Report, *, keys: Iterable[str] | None
             ) from e
         _restore(live, backup, written)
         raise LoadError(f"{what}. The model was restored to exactly its previous values; nothing was loaded.") from e
-    return LoadResult(model, report, list(sources), skipped, backup)
+    return backup
 
 
 def _cannot_copy(src: torch.Tensor, dst: torch.Tensor) -> str | None:
     """Why ``src`` cannot be copied into ``dst`` in place, or None."""
-    if src.shape != dst.shape:
-        return f"shape {tuple(src.shape)} in the checkpoint, {tuple(dst.shape)} in the model"
-    if src.is_complex() and not dst.is_complex():
-        return f"complex {src.dtype} into real {dst.dtype} would drop the imaginary part"
+    if dst.is_meta:
+        return f"the model tensor is on the meta device: it has no memory to copy into; {META_HINT}"
+    reason = _cannot_take(src, dst)
+    if reason:
+        return reason
     if dst.numel() > 1 and torch._debug_has_internal_overlap(dst) == 1:
         return "the model tensor has overlapping memory (e.g. an expand()ed buffer) and cannot be written in place"
     return None
+
+
+def _cannot_take(src: torch.Tensor, dst: torch.Tensor) -> str | None:
+    """Why ``dst`` cannot take ``src``'s values at all (copied or assigned), or None."""
+    if src.shape != dst.shape:
+        return f"shape {tuple(src.shape)} in the checkpoint, {tuple(dst.shape)} in the model"
+    if src.is_meta:
+        return "the checkpoint tensor is on the meta device: it holds no values"
+    if src.is_complex() and not dst.is_complex():
+        return f"complex {src.dtype} into real {dst.dtype} would drop the imaginary part"
+    return None
+
+
+# ---- assign loads ------------------------------------------------------------------------------------
+class _Group:
+    """One model tensor object (tied weights: several keys) and the checkpoint tensor it will take."""
+
+    __slots__ = ("dst", "keys", "src")
+
+    def __init__(self, dst: torch.Tensor):
+        self.dst, self.keys, self.src = dst, [], None
+
+
+def _meta_target(device: str | torch.device | None) -> torch.device:
+    try:
+        dev = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError) as e:
+        raise LoadError(f"device={device!r} is not a torch device ({e}); pass e.g. 'cpu' or 'cuda:0'") from None
+    if dev.type == "meta":
+        raise LoadError("device='meta' would leave the meta tensors without values; "
+                        "pass the device to materialize them on, e.g. 'cpu'")
+    return dev
+
+
+def _swap_problem(t: torch.Tensor) -> str | None:
+    """Why ``torch.utils.swap_tensors`` would refuse ``t``, or None."""
+    if weakref.getweakrefs(t):
+        return "something holds a weak reference to it"
+    busy = "other tensors (views of it, or a live autograd graph) still refer to it"
+    count = t._use_count()
+    if count == 2 and t.is_leaf and t.requires_grad:  # the second reference may be its gradient accumulator
+        node = torch.autograd.graph.get_gradient_edge(t).node  # made now if it did not exist (as swap does)
+        count = t._use_count()
+        del node
+    return busy if count > 2 or (count == 2 and not (t.is_leaf and t.requires_grad)) else None
+
+
+def _groups(live: dict[str, torch.Tensor], sources: dict[str, torch.Tensor],
+            skipped: dict[str, str]) -> dict[int, _Group]:
+    """The model tensor objects to assign, by id; like the copying load, the last key of a tie wins."""
+    groups: dict[int, _Group] = {}
+    for k, src in sources.items():
+        dst = live[k]
+        reason = _cannot_take(src, dst)
+        if reason:
+            skipped[k] = reason
+            continue
+        g = groups.setdefault(id(dst), _Group(dst))
+        g.keys.append(k)
+        g.src = src
+    return groups
+
+
+def _convert(groups: dict[int, _Group], device: torch.device) -> dict[int, torch.Tensor]:
+    """Each object's new tensor, cast to its dtype and moved to its device (meta ones: ``device``).
+    Nothing is copied where nothing changes; every conversion runs before the model is touched."""
+    total = sum(g.src.numel() * g.src.element_size() for g in groups.values())
+    news: dict[int, torch.Tensor] = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=total < PROGRESS_BYTES) as bar:
+        for oid, g in groups.items():
+            target = device if g.dst.is_meta else g.dst.device
+            try:
+                news[oid] = g.src.to(device=target, dtype=g.dst.dtype).detach()
+            except Exception as e:  # noqa: BLE001 - an unavailable device, out of memory: all the same to the user
+                raise LoadError(
+                    f"converting {g.keys[0]!r} ({g.src.dtype} on {g.src.device}) to {g.dst.dtype} on {target} "
+                    f"failed ({type(e).__name__}: {e}); nothing was loaded, the model is as it was"
+                ) from e
+            bar.update(g.src.numel() * g.src.element_size())
+    _unshare(news)
+    return news
+
+
+def _unshare(news: dict[int, torch.Tensor]) -> None:
+    """Copy new tensors whose bytes overlap another's (a file that stores two keys in one storage, given
+    to untied model tensors) or themselves (an expanded tensor), so no two model tensors alias."""
+    spans = []
+    for oid, t in news.items():
+        if t.numel() and torch._debug_has_internal_overlap(t) == 1:
+            news[oid] = t.clone(memory_format=torch.contiguous_format)
+        elif t.numel():
+            extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1
+            spans.append((str(t.device), t.data_ptr(), t.data_ptr() + extent * t.element_size(), oid))
+    reach: dict[str, int] = {}
+    for dev, start, end, oid in sorted(spans):
+        if start < reach.get(dev, -1):
+            news[oid] = news[oid].clone(memory_format=torch.contiguous_format)
+        else:
+            reach[dev] = end
+
+
+def _steps(groups: dict[int, _Group], news: dict[int, torch.Tensor],
+           skipped: dict[str, str]) -> list[tuple[_Group, torch.Tensor, str]]:
+    """How each object takes its new tensor: ``.data =`` (same kind of tensor: storage replaced in place)
+    or ``torch.utils.swap_tensors`` (meta to a real device); objects that allow neither are skipped."""
+    steps = []
+    for oid, g in groups.items():
+        dst, new = g.dst, news[oid]
+        if not dst.is_meta and torch._has_compatible_shallow_copy_type(dst, new):
+            steps.append((g, new, "data"))
+            continue
+        why = (f"it is a {type(dst).__name__} (a tensor subclass); ckptviz assigns into plain tensors and "
+               "nn.Parameter only" if type(dst) not in (torch.Tensor, nn.Parameter) else _swap_problem(dst))
+        if why:
+            skipped.update({k: f"cannot be replaced in place: {why}" for k in g.keys})
+            continue
+        if isinstance(dst, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=dst.requires_grad)
+        elif dst.requires_grad:
+            new.requires_grad_(True)
+        new.__dict__.update(dst.__dict__)  # attributes set on the object (e.g. by a framework) stay with it
+        steps.append((g, new, "swap"))
+    return steps
+
+
+def _apply(steps: list[tuple[_Group, torch.Tensor, str]]) -> list[_Assigned]:
+    """Give every object its new tensor; on any failure put back the ones already given and raise."""
+    done: list[_Assigned] = []
+    try:
+        for g, new, how in steps:
+            if how == "data":
+                old = g.dst.data
+                g.dst.data = new
+                done.append(_Assigned(g.keys, g.dst, old, how))
+            else:
+                torch.utils.swap_tensors(g.dst, new)
+                done.append(_Assigned(g.keys, g.dst, new, how))  # ``new`` now holds the previous contents
+    except Exception as e:
+        _revert(done)
+        raise LoadError(f"assigning {g.keys[0]!r} failed ({type(e).__name__}: {e}). The model was restored: "
+                        "it holds exactly the tensors it had; nothing was loaded.") from e
+    return done
+
+
+def _assign_load(model: nn.Module, report: Report, live: dict[str, torch.Tensor], sources: dict[str, torch.Tensor],
+                 skipped: dict[str, str], undo: bool, device: torch.device) -> LoadResult:
+    groups = _groups(live, sources, skipped)
+    steps = _steps(groups, _convert(groups, device), skipped)
+    taken = {k for g, _, _ in steps for k in g.keys}
+    remember_initial(model, live, (k for k in live if k not in taken))
+    done = _apply(steps)
+    loaded = [k for k in sources if k in taken]
+    names: dict[int, list[str]] = {}
+    for k, t in live.items():
+        names.setdefault(id(t), []).append(k)
+    tied = [names[id(g.dst)] for g, _, _ in steps if len(names[id(g.dst)]) > 1]
+    return LoadResult(model, report, loaded, skipped, done if undo else None, assign=True, device=str(device),
+                      tied=tied)
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, source: Any, *, section: str | None = None) -> dict[str, int]:
