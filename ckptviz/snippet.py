@@ -1,6 +1,7 @@
 """``torch_code()``: the plain-PyTorch code (``torch.load``, pick the section, ``re.sub`` renames, keep
-the keys that fit, ``load_state_dict(strict=False)``) that loads exactly what a :class:`LoadResult`
-loaded, or what ``load_partial`` would load from a :class:`Report`, so a notebook can teach the fix."""
+the keys that fit, ``load_state_dict(strict=False)``, with ``assign=True`` after an assign load) that
+loads exactly what a :class:`LoadResult` loaded, or what ``load_partial`` would load from a
+:class:`Report`, so a notebook can teach the fix."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ from .load import LoadResult
 from .sections import _is_module_stub
 
 INLINE_LIMIT = 100  # a set literal longer than this is written one key per line
+COPY_LINES = [
+    "# strict=False: model keys absent from sd keep their values. No key left in sd has a mismatched\n",
+    "# shape, so every one is copied (cast to the model's dtype and device) and nothing fails half-way\n",
+    "missing, unexpected = model.load_state_dict(sd, strict=False)\n",
+]
 
 
 def _q(s: str) -> str:
@@ -55,6 +61,8 @@ def _reason(row: Any) -> str | None:
         return "not in the checkpoint"
     if row.status == "shape_mismatch":
         return f"shape {tuple(row.ckpt_shape)} in the checkpoint, {tuple(row.model_shape)} in the model"
+    if row.model_device == "meta":
+        return "on the meta device: load with assign=True"
     if str(row.ckpt_dtype).startswith("complex") and not str(row.model_dtype).startswith("complex"):
         return f"complex {row.ckpt_dtype} into real {row.model_dtype}"
     return None
@@ -181,6 +189,8 @@ def torch_code(
     Give a :class:`LoadResult`, or a :class:`Report` with optional ``keys`` (default: its loadable
     rows). ``path`` replaces the checkpoint's own path in the code. Run the code with ``model``
     bound to the model; it leaves ``missing`` and ``unexpected`` as ``load_state_dict`` reports them.
+    For an assign load it casts as ckptviz did, calls ``load_state_dict(..., assign=True)`` and re-ties
+    tied weights (torch's assign puts a new Parameter under each key).
     """
     report, loaded = _selection(result_or_report, keys)
     rows = [r for r in report.frame.itertuples(index=False) if isinstance(r.key, str)]
@@ -210,8 +220,44 @@ def torch_code(
         items = "".join(f"    {_q(c)}: {_q(m)},\n" for c, m in pairs.items())
         body.append(f"names = {{\n{items}}}\n" if items else "names = {}\n")
         body.append("sd = {names[k]: v for k, v in sd.items() if k in names}\n")
-    body.append("# strict=False: model keys absent from sd keep their values. No key left in sd has a mismatched\n")
-    body.append("# shape, so every one is copied (cast to the model's dtype and device) and nothing fails half-way\n")
-    body.append("missing, unexpected = model.load_state_dict(sd, strict=False)\n")
+    if isinstance(result_or_report, LoadResult) and result_or_report.assign:
+        body.extend(_assign_lines(result_or_report, [r for r in rows if r.key in loaded]))
+    else:
+        body.extend(COPY_LINES)
     head = "\n".join(imports).rstrip("\n") + "\n\n"
     return head + code + "".join(body)
+
+
+def _attr(key: str) -> str:
+    """Python for the model attribute that holds the tensor under state-dict ``key``."""
+    owner, _, name = key.rpartition(".")
+    module = f"model.get_submodule({_q(owner)})" if owner else "model"
+    return f"{module}.{name}" if name.isidentifier() else f"getattr({module}, {_q(name)})"
+
+
+def _assign_lines(result: LoadResult, rows: list[Any]) -> list[str]:
+    """The end of an assign load: cast like ckptviz did, ``load_state_dict(assign=True)``, re-tie."""
+    lines = []
+    moves = any(r.model_dtype != r.ckpt_dtype or r.model_device not in ("cpu", "meta") for r in rows)
+    if moves or (result.device != "cpu" and any(r.model_device == "meta" for r in rows)):
+        lines += [
+            "# assign=True keeps sd's tensors as they are: cast them to the model's dtypes and devices first,\n",
+            f"# as ckptviz did (tensors on the meta device go to {_q(result.device)})\n",
+            "dst = model.state_dict()\n",
+            f"sd = {{k: v.to(dtype=dst[k].dtype, device={_q(result.device)} if dst[k].is_meta else dst[k].device)\n",
+            "      if k in dst else v for k, v in sd.items()}\n",
+        ]
+    lines += [
+        "# assign=True: the model takes sd's tensors themselves instead of copying into its own (meta tensors\n",
+        "# get real ones); model keys absent from sd keep what they have (meta ones stay on meta)\n",
+        "missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)\n",
+    ]
+    loaded = result.loaded
+    ties = []
+    for names in result.tied:
+        given = [k for k in loaded if k in names]
+        ties += [f"{_attr(k)} = {_attr(given[-1])}\n" for k in names if given and k != given[-1]]
+    if ties:
+        lines.append("# it also puts a new Parameter under each key, which unties shared weights: tie them again\n")
+        lines += ties
+    return lines

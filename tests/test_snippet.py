@@ -207,3 +207,78 @@ def test_bad_arguments(dp_checkpoint, pair):
     with pytest.raises(TypeError, match="got dict"):
         torch_code({"a": 1})
     assert "keep = set()" in torch_code(rep, keys=[])
+
+
+# ---- assign loads (meta-device models) -----------------------------------------------------------
+def meta_cnn(num_classes: int = 5) -> nn.Module:
+    with torch.device("meta"):
+        return SmallCNN(num_classes=num_classes)
+
+
+def test_assign_load_of_a_meta_model(dp_checkpoint):
+    path, src = dp_checkpoint
+    a, b = meta_cnn(), meta_cnn()
+    res = cv.load_partial(a, cv.compare(a, path), assign=True)
+    code = torch_code(res)
+    assert "missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)" in code
+    assert "dst = model.state_dict()" not in code  # nothing to cast: the file's tensors are taken as they are
+    assert '"head.weight",  # shape (10, 16) in the checkpoint, (5, 16) in the model' in code
+    ns = run(code, b)
+    assert sorted(ns["missing"]) == sorted(HEAD) and ns["unexpected"] == []
+    assert b.head.weight.is_meta and b.head.bias.is_meta  # still on meta in both
+    assert res.still_meta == ["head.weight", "head.bias"]
+    loaded = {k: v for k, v in a.state_dict().items() if k not in HEAD}
+    assert all(torch.equal(b.state_dict()[k], v) for k, v in loaded.items())
+    assert all(b.state_dict()[k].device.type == "cpu" for k in loaded)
+
+
+def test_assign_load_with_casts_writes_the_cast(tmp_path):
+    src = randomized(SmallCNN(num_classes=5), seed=11)
+    path = tmp_path / "half.safetensors"
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in src.state_dict().items()}, str(path))
+    a, b = meta_cnn(), meta_cnn()
+    res = cv.load_partial(a, cv.compare(a, path), assign=True)
+    code = torch_code(res)
+    assert "dst = model.state_dict()" in code and 'device="cpu" if dst[k].is_meta' in code
+    assert "assign=True)" in code
+    run(code, b)
+    assert bit_identical(b, snapshot(a))
+    assert b.head.weight.dtype == torch.float32
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_assign_load_reties_tied_weights(tmp_path):
+    src = randomized(Tied(), seed=12)
+    path = tmp_path / "tied.safetensors"
+    save_file({"embed.weight": src.embed.weight.detach().contiguous()}, str(path))  # the tied head is not saved
+    with torch.device("meta"):
+        a, b = Tied(), Tied()
+    res = cv.load_partial(a, cv.compare(a, path), assign=True)
+    code = torch_code(res)
+    assert 'model.get_submodule("head").weight = model.get_submodule("embed").weight' in code
+    ns = run(code, b)
+    assert ns["missing"] == ["head.weight"]
+    assert b.head.weight is b.embed.weight and torch.equal(b.head.weight, src.embed.weight)
+    assert bit_identical(b, snapshot(a))
+
+
+def test_copying_load_of_a_partly_meta_model_says_why_meta_keys_are_left_out(dp_checkpoint):
+    path, _ = dp_checkpoint
+    a = SmallCNN(num_classes=10)
+    with torch.device("meta"):
+        a.head = nn.Linear(16, 10)
+    b = copy.deepcopy(a)
+    rep = cv.compare(a, path)
+    code = torch_code(cv.load_partial(a, rep))
+    assert code == torch_code(rep)
+    assert '"head.weight",  # on the meta device: load with assign=True' in code
+    assert "assign=True)" not in code
+    run(code, b)
+    assert b.head.weight.is_meta and torch.equal(b.features[0].weight, a.features[0].weight)
