@@ -33,6 +33,14 @@ def meta_tensors(model: nn.Module) -> list[str]:
     return names
 
 
+def _tied(model: nn.Module) -> list[list[str]]:
+    """Groups of state-dict keys that name one tensor object."""
+    names: dict[int, list[str]] = {}
+    for k, t in model_tensors(model).items():
+        names.setdefault(id(t), []).append(k)
+    return [keys for keys in names.values() if len(keys) > 1]
+
+
 class _Assigned:
     """One model tensor object that an assign load gave new contents, and how to give the old ones back."""
 
@@ -54,7 +62,7 @@ class LoadResult:
 
     def __init__(self, model: nn.Module, report: Report, loaded: list[str], skipped: dict[str, str],
                  backup: dict[str, torch.Tensor] | list[_Assigned] | None, *, assign: bool = False,
-                 device: str | None = None, tied: list[list[str]] | None = None):
+                 device: str | None = None):
         self._model = weakref.ref(model)
         self._backup = backup
         self.report = report
@@ -66,13 +74,14 @@ class LoadResult:
         self.missing_keys: list[str] = frame.loc[frame["status"] == "missing", "key"].tolist()
         self.unexpected_keys: list[str] = frame.loc[frame["status"] == "unexpected", "ckpt_key"].tolist()
         self.still_meta: list[str] = meta_tensors(model)
-        self.tied: list[list[str]] = tied or []  # assign loads: the model keys that name one object it assigned
+        self.tied: list[list[str]] = _tied(model)  # model keys that name one tensor object (tied weights)
         self.undone = False
 
     @property
     def frame(self) -> pd.DataFrame:
         """One row per key of the report: outcome (loaded, skipped, missing, unexpected, not_selected) and why."""
         loaded, meta = set(self.loaded), set(self.still_meta)
+        via = {k: next(o for o in names if o in loaded) for names in self.tied if loaded & set(names) for k in names}
         rows = []
         for r in self.report.frame.itertuples(index=False):
             if r.key in loaded:
@@ -81,6 +90,8 @@ class LoadResult:
                 outcome, detail = "skipped", self.skipped[r.key]
             else:
                 outcome, detail = (r.status if r.status in ("missing", "unexpected") else "not_selected"), None
+            if r.key in via and outcome == "missing":
+                detail = f"tied to {via[r.key]}, which was loaded"
             if r.key in meta and outcome != "loaded":
                 detail = "; ".join(filter(None, [detail, "still on the meta device (no values)"]))
             rows.append((r.key, r.ckpt_key, outcome, detail))
@@ -427,12 +438,7 @@ def _assign_load(model: nn.Module, report: Report, live: dict[str, torch.Tensor]
     remember_initial(model, live, (k for k in live if k not in taken))
     done = _apply(steps)
     loaded = [k for k in sources if k in taken]
-    names: dict[int, list[str]] = {}
-    for k, t in live.items():
-        names.setdefault(id(t), []).append(k)
-    tied = [names[id(g.dst)] for g, _, _ in steps if len(names[id(g.dst)]) > 1]
-    return LoadResult(model, report, loaded, skipped, done if undo else None, assign=True, device=str(device),
-                      tied=tied)
+    return LoadResult(model, report, loaded, skipped, done if undo else None, assign=True, device=str(device))
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, source: Any, *, section: str | None = None) -> dict[str, int]:

@@ -140,6 +140,7 @@ def test_assign_keeps_tied_weights_tied(tmp_path):
     assert model.embed.weight.device.type == "cpu" and torch.equal(model.head.weight, src.embed.weight)
     assert res.missing_keys == ["head.weight"] and res.still_meta == []  # missing from the file, filled by the tie
     assert res.tied == [["embed.weight", "head.weight"]]
+    assert res.frame.set_index("key").loc["head.weight", "detail"] == "tied to embed.weight, which was loaded"
     ids = torch.tensor([[1, 2, 3]])
     assert torch.equal(model(ids), src(ids))
 
