@@ -1,22 +1,33 @@
 """Finding and building models for the model picker: ``nn.Module`` classes and instances in a notebook's
 namespace, torchvision's model registry (always built with ``weights=None``, so nothing is downloaded),
-and ``"package.module:Class"`` imports; constructor arguments are parsed from text as literals only, and
-every failure is a :class:`ModelError` that says what to do."""
+``"package.module:Class"`` imports, and Hugging Face ``config.json`` files (built with transformers'
+own classes on the meta device, never running code from the folder and never downloading anything);
+constructor arguments are parsed from text as literals only, and every failure is a :class:`ModelError`
+that says what to do."""
 
 from __future__ import annotations
 
 import ast
 import difflib
 import importlib
+import importlib.util
 import inspect
+import json
+import os
+import sys
+import warnings
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import ModelError
 
 KWARGS_FORM = 'keyword arguments with literal values, e.g. num_classes=10, dropout=0.1, name="x"'
+HF_INSTALL = 'pip install "ckptviz[hf]"'
+CONFIG_PREFIX = "config:"
 ModelSpec = str | type[nn.Module] | nn.Module | Callable[..., nn.Module]
 
 
@@ -166,13 +177,17 @@ def build_model(
 
     ``spec`` is an ``nn.Module`` instance (returned as is), an ``nn.Module`` subclass or a function
     returning one, a name in ``namespace``, a torchvision registry name (``"resnet18"`` or
-    ``"torchvision:resnet18"``, built with ``weights=None``), or ``"package.module:Class"``.
+    ``"torchvision:resnet18"``, built with ``weights=None``), ``"package.module:Class"``, or a Hugging
+    Face config as ``"config:/path/to/model_folder"`` or a path ending in ``.json`` (built by
+    :func:`model_from_config`, on meta unless ``device=`` says otherwise).
     ``kwargs`` are constructor arguments, as a mapping or as text for :func:`parse_kwargs`.
     """
     kw = parse_kwargs(kwargs) if isinstance(kwargs, str) else dict(kwargs or {})
     if not isinstance(spec, str):
         return _from_object(getattr(spec, "__name__", type(spec).__name__), spec, kw)
     name = spec.strip()
+    if name.startswith(CONFIG_PREFIX) or name.endswith(".json"):
+        return _from_config_spec(name.removeprefix(CONFIG_PREFIX).strip(), kw)
     namespace = namespace or {}
     registry = torchvision_models()
     if name.startswith("torchvision:"):
@@ -192,3 +207,202 @@ def build_model(
         f"no model named {name!r} in the notebook's namespace or torchvision's registry.{_close(name, known)} "
         "Define or import the class in the notebook, or type 'package.module:Class' to import it."
     )
+
+
+# ---- Hugging Face config.json ----------------------------------------------------------------------
+def _from_config_spec(path: str, kwargs: dict[str, Any]) -> nn.Module:
+    extra = sorted(set(kwargs) - {"device", "dtype"})
+    if extra:
+        raise ModelError(f"a model built from a config takes only device= and dtype= (got {extra}); "
+                         "the config.json itself sets the architecture.")
+    if not path:
+        raise ModelError(f"write a config spec as '{CONFIG_PREFIX}/path/to/model_folder' (or its config.json).")
+    return model_from_config(os.path.expanduser(path), **kwargs)
+
+
+def find_config(path: str | os.PathLike) -> Path | None:
+    """The ``config.json`` that belongs to a checkpoint: inside it (a folder) or beside it (a file)."""
+    p = Path(path)
+    found = p / "config.json" if p.is_dir() else p.parent / "config.json"
+    return found if found.is_file() else None
+
+
+def has_transformers() -> bool:
+    """Whether transformers can be imported (without importing it)."""
+    if "transformers" in sys.modules:
+        return sys.modules["transformers"] is not None
+    return importlib.util.find_spec("transformers") is not None
+
+
+def read_config(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """(the config file, its JSON) for a folder holding ``config.json`` or the file itself."""
+    p = Path(path)
+    file = p / "config.json" if p.is_dir() else p
+    if not file.is_file():
+        where = f"{p} has no config.json" if p.is_dir() else f"{p} does not exist"
+        raise ModelError(f"cannot build a model from a config: {where}. Give the folder of a Hugging Face "
+                         "model (with its config.json) or the path of the config.json itself.")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{file}: not a readable JSON config ({type(e).__name__}: {e}).") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{file}: a config.json holds a JSON object, this one holds a {type(raw).__name__}.")
+    return file, raw
+
+
+def config_architecture(path: str | os.PathLike) -> str | None:
+    """``architectures[0]`` of a config.json (plain JSON, transformers not needed), or None."""
+    try:
+        archs = read_config(path)[1].get("architectures")
+    except ModelError:
+        return None
+    return archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ModelError(f"building a model from a config.json needs transformers, which is not installed: "
+                         f"{HF_INSTALL}") from None
+    return transformers
+
+
+def _hf_config(file: Path, raw: dict[str, Any]):
+    transformers = _transformers()
+    remote = raw.get("auto_map")
+    try:
+        return transformers.AutoConfig.from_pretrained(str(file), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # transformers raises ValueError, OSError, KeyError... for configs it cannot read
+        if remote:
+            why = (f"its model type {raw.get('model_type')!r} is not part of transformers {transformers.__version__}"
+                   f" and the config asks for code from the model's folder (auto_map: {sorted(remote)}), which "
+                   "ckptviz never runs")
+        else:
+            why = f"transformers {transformers.__version__} cannot read it ({type(e).__name__}: {str(e)[:300]})"
+        raise ModelError(f"{file}: {why}. If the model type is newer than your transformers, upgrade it (pip "
+                         "install -U transformers); else build the model in the notebook and pass it in.") from None
+
+
+def _config_class(file: Path, raw: dict[str, Any], config):
+    """The transformers class named by ``architectures[0]``, or AutoModel (with a warning) when there is none."""
+    transformers = _transformers()
+    archs = getattr(config, "architectures", None) or []
+    if not archs:
+        warnings.warn(f"{file} names no architecture, so ckptviz builds the base model "
+                      f"(AutoModel for model type {config.model_type!r}) without any task head; its keys may lack "
+                      "a prefix or head the checkpoint has.", UserWarning, stacklevel=3)
+        return None
+    name = archs[0]
+    cls = getattr(transformers, name, None) if name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        remote = raw.get("auto_map") or {}
+        if any(str(v).rpartition(".")[2] == name for v in remote.values()):
+            raise ModelError(f"{file}: the architecture {name!r} is code from the model's folder (auto_map), "
+                             f"not a transformers class; ckptviz never runs such code. Build the model in the "
+                             "notebook (if you trust that code) and pass it in.")
+        known = [n for n in dir(transformers) if n[:3] == name[:3]]
+        raise ModelError(f"{file}: transformers {transformers.__version__} has no model class {name!r}."
+                         f"{_close(name, known)} Upgrade transformers if the model is newer than it.")
+    if raw.get("auto_map"):
+        warnings.warn(f"{file} also names code from the model's folder (auto_map); ckptviz uses transformers' own "
+                      f"{name} and runs none of it, so key names may differ from that code's.", UserWarning,
+                      stacklevel=3)
+    return cls
+
+
+def _dtype(value: str | torch.dtype | None, config) -> torch.dtype | None:
+    value = value if value is not None else getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    name = str(value).removeprefix("torch.")
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ModelError(f"dtype {value!r} is not a torch dtype; use e.g. 'bfloat16', 'float16' or 'float32'.")
+    return dtype
+
+
+def model_from_config(path: str | os.PathLike, *, device: str | torch.device = "meta",
+                      dtype: str | torch.dtype | None = None) -> nn.Module:
+    """Build the Hugging Face model that a ``config.json`` describes, with no weights and no download.
+
+    ``path`` is a model folder or its config file. The class is ``architectures[0]`` from transformers
+    itself (code named by ``auto_map`` is never run; without ``architectures``, ``AutoModel`` builds the
+    base model, with a warning). The model is built under ``torch.device(device)``, by default on the
+    meta device, which costs no memory whatever the model's size; ``dtype`` defaults to the config's
+    (the dtype its weights were saved in). On meta, non-persistent buffers that no checkpoint holds
+    (rotary ``inv_freq``, ...) are computed on the CPU, as transformers' ``from_pretrained`` does.
+    Needs transformers (``pip install "ckptviz[hf]"``).
+    """
+    file, raw = read_config(path)
+    config = _hf_config(file, raw)
+    cls = _config_class(file, raw, config)
+    dtype = _dtype(dtype, config)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ModelError(f"device={device!r} is not a torch device ({e}); use 'meta' (no memory) or 'cpu'.") from None
+    transformers = _transformers()
+    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    kwargs = {key: dtype} if dtype is not None else {}
+    name = cls.__name__ if cls is not None else "AutoModel"
+    try:
+        with torch.device(dev):
+            if cls is None:
+                model = transformers.AutoModel.from_config(config, trust_remote_code=False, **kwargs)
+            else:
+                model = cls._from_config(config, **kwargs)
+    except Exception as e:  # the model's constructor is transformers' code: report any failure the same way
+        raise ModelError(f"{file}: building {name} on {dev} failed ({type(e).__name__}: {e}).") from e
+    if dev.type == "meta":
+        _materialize_buffers(model, file)
+    return model
+
+
+def _sentinel(buf: torch.Tensor) -> torch.Tensor | None:
+    """A CPU tensor like ``buf`` filled with a value no initialisation writes (None for bool buffers)."""
+    if buf.dtype.is_floating_point or buf.dtype.is_complex:
+        return torch.full_like(buf, float("nan"), device="cpu")
+    if buf.dtype == torch.bool:
+        return None
+    return torch.full_like(buf, torch.iinfo(buf.dtype).min, device="cpu")
+
+
+def _is_sentinel(t: torch.Tensor) -> bool:
+    if t.numel() == 0:
+        return False
+    return bool(t.isnan().all()) if t.dtype.is_floating_point or t.dtype.is_complex else (
+        bool((t == torch.iinfo(t.dtype).min).all()))
+
+
+def _materialize_buffers(model: nn.Module, file: Path) -> None:
+    """Give the meta model's non-persistent buffers their values on the CPU through transformers' own
+    ``initialize_weights`` (as ``from_pretrained`` does); any it does not set go back to meta, with a warning."""
+    slots = [(m, n) for m in model.modules() for n in m._non_persistent_buffers_set
+             if isinstance(m._buffers.get(n), torch.Tensor) and m._buffers[n].is_meta]
+    if not slots:
+        return
+    originals = {(id(m), n): m._buffers[n] for m, n in slots}
+    for m, n in slots:
+        placeholder = _sentinel(m._buffers[n])
+        if placeholder is not None:
+            m._buffers[n] = placeholder
+    init = getattr(model, "initialize_weights", None)
+    if callable(init):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                init()  # parameters are on meta, so this computes buffers and costs nothing else
+            except Exception:  # noqa: BLE001 - an init that cannot run leaves the buffers on meta (below)
+                pass
+    names = {id(m): prefix for prefix, m in model.named_modules(remove_duplicate=False)}
+    left = []
+    for m, n in slots:
+        if m._buffers[n].is_meta or _is_sentinel(m._buffers[n]):
+            m._buffers[n] = originals[(id(m), n)]
+            left.append(f"{names[id(m)]}.{n}".lstrip("."))
+    if left:
+        warnings.warn(f"{file}: {len(left)} non-persistent buffer(s) stay on the meta device ({left[:5]}); no "
+                      "checkpoint holds them, so the model cannot run until they are set.", UserWarning,
+                      stacklevel=3)

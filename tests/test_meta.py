@@ -334,3 +334,45 @@ def test_assign_materializes_meta_tensors_on_a_gpu(dp_file, src):
     assert torch.equal(weight.cpu(), src.head.weight)
     x = torch.randn(2, 1, 8, 8)
     assert torch.allclose(model.eval()(x.cuda()).cpu(), src(x), atol=1e-5)
+
+
+# ---- Hugging Face: config.json -> meta model -> compare -> assign -> the same outputs ----------------
+@pytest.mark.parametrize("tie", [False, True])
+def test_tiny_llama_from_its_config_compares_and_loads_to_the_same_outputs(tmp_path, tie):
+    pytest.importorskip("transformers")
+    from hf_files import logits, tiny_llama
+
+    src = tiny_llama(tmp_path, tie=tie)
+    model = cv.build_model(f"config:{tmp_path}")
+    assert all(t.is_meta for t in model.state_dict().values())
+    rep = cv.compare(model, tmp_path / "model.safetensors")
+    n = len(src.state_dict())
+    if tie:  # save_pretrained leaves the tied lm_head out of the file; the model ties it to the embeddings
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert rep.summary == {"match": n - 1, "shape_mismatch": 0, "dtype_mismatch": 0, "missing": 1, "unexpected": 0}
+        assert rep.frame.loc[rep.frame["status"] == "missing", "key"].tolist() == ["lm_head.weight"]
+    else:
+        assert rep.summary == {"match": n, "shape_mismatch": 0, "dtype_mismatch": 0, "missing": 0, "unexpected": 0}
+    res = cv.load_partial(model, rep, assign=True)
+    assert res.still_meta == [] and res.skipped == {}
+    if tie:
+        assert model.lm_head.weight is model.model.embed_tokens.weight and res.missing_keys == ["lm_head.weight"]
+        assert "tied to model.embed_tokens.weight" in res.frame.set_index("key").loc["lm_head.weight", "detail"]
+    ids = torch.tensor([[1, 7, 3, 99, 12, 5]])
+    assert torch.equal(logits(model, ids), logits(src, ids))
+
+
+def test_a_bf16_llama_is_assigned_from_the_files_map_without_copies(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from hf_files import logits, tiny_llama
+
+    tiny_llama(tmp_path, dtype=torch.bfloat16, seed=5)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    model = cv.build_model(f"config:{tmp_path}")  # the config's dtype: bfloat16, like the file
+    rep = cv.compare(model, tmp_path / "model.safetensors")
+    assert rep.summary["match"] == len(model.state_dict()) and set(rep.frame["model_dtype"]) == {"bfloat16"}
+    cv.load_partial(model, rep, assign=True)
+    weights = tmp_path / "model.safetensors"
+    assert all(in_map(p, weights) for p in model.parameters())
+    ids = torch.tensor([[2, 4, 8, 16, 32]])
+    assert torch.equal(logits(model, ids), logits(reference, ids))

@@ -242,3 +242,158 @@ def test_bad_argument_text_is_a_model_error_from_build_model():
     with pytest.raises(cv.ModelError) as info:
         build_model(TinyNet, "num_classes=len('x')")
     assert_model_error(info.value, "num_classes=len('x')", "not a literal")
+
+
+# ---- Hugging Face config.json (transformers is an optional extra) --------------------------------
+def _write_config(folder, **entries):
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(entries))
+    return folder
+
+
+def test_find_config_inside_a_folder_or_beside_a_file(tmp_path):
+    from ckptviz.models import find_config
+
+    assert find_config(tmp_path) is None
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert find_config(tmp_path / "model.safetensors") is None
+    _write_config(tmp_path, model_type="llama")
+    assert find_config(tmp_path) == tmp_path / "config.json"
+    assert find_config(tmp_path / "model.safetensors") == tmp_path / "config.json"
+    assert find_config(tmp_path / "model.safetensors.index.json") == tmp_path / "config.json"
+
+
+def test_model_from_config_builds_the_named_class_on_meta(tmp_path):
+    pytest.importorskip("transformers")
+    from hf_files import tiny_llama
+
+    from ckptviz.models import config_architecture, model_from_config
+
+    src = tiny_llama(tmp_path)
+    assert config_architecture(tmp_path) == "LlamaForCausalLM"
+    model = model_from_config(tmp_path)
+    assert type(model) is type(src)
+    assert {t.device.type for t in model.state_dict().values()} == {"meta"}
+    assert model.state_dict().keys() == src.state_dict().keys()
+    assert all(model.state_dict()[k].shape == v.shape for k, v in src.state_dict().items())
+    # non-persistent buffers, which no checkpoint holds, are computed as transformers does
+    assert model.model.rotary_emb.inv_freq.device.type == "cpu"
+    assert torch.equal(model.model.rotary_emb.inv_freq, src.model.rotary_emb.inv_freq)
+    same = build_model(f"config:{tmp_path}")
+    assert type(same) is type(src) and same.lm_head.weight.is_meta
+    assert type(build_model(str(tmp_path / "config.json"))) is type(src)
+    on_cpu = build_model(f"config:{tmp_path}", 'device="cpu", dtype="bfloat16"')
+    assert on_cpu.lm_head.weight.device.type == "cpu" and on_cpu.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_model_from_config_takes_the_configs_dtype(tmp_path):
+    pytest.importorskip("transformers")
+    from hf_files import tiny_llama
+
+    from ckptviz.models import model_from_config
+
+    tiny_llama(tmp_path, dtype=torch.bfloat16)
+    model = model_from_config(tmp_path)
+    assert model.lm_head.weight.dtype == torch.bfloat16 and model.lm_head.weight.is_meta
+    assert model_from_config(tmp_path, dtype="float16").lm_head.weight.dtype == torch.float16
+    with pytest.raises(cv.ModelError, match="not a torch dtype"):
+        model_from_config(tmp_path, dtype="float77")
+    with pytest.raises(cv.ModelError, match="not a torch device"):
+        model_from_config(tmp_path, device="gpu7")
+
+
+def test_config_without_architectures_builds_the_base_model_and_says_so(tmp_path):
+    pytest.importorskip("transformers")
+    from hf_files import TINY_LLAMA
+
+    from ckptviz.models import model_from_config
+
+    _write_config(tmp_path, model_type="llama", **TINY_LLAMA)
+    with pytest.warns(UserWarning, match="names no architecture.*AutoModel.*'llama'"):
+        model = model_from_config(tmp_path)
+    assert type(model).__name__ == "LlamaModel" and model.embed_tokens.weight.is_meta
+
+
+def test_remote_code_is_never_run(tmp_path):
+    pytest.importorskip("transformers")
+    from hf_files import TINY_LLAMA
+
+    from ckptviz.models import model_from_config
+
+    code = tmp_path / "custom" / "modeling_mystery.py"
+    _write_config(tmp_path / "custom", model_type="mystery", architectures=["MysteryForCausalLM"],
+                  auto_map={"AutoConfig": "modeling_mystery.MysteryConfig",
+                            "AutoModelForCausalLM": "modeling_mystery.MysteryForCausalLM"})
+    marker = tmp_path / "ran"
+    code.write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    with pytest.raises(cv.ModelError, match="mystery.*auto_map.*never runs") as err:
+        model_from_config(tmp_path / "custom")
+    assert_model_error(err.value, "upgrade")
+    assert not marker.exists()
+    # a known architecture that also names remote code: transformers' own class, with a warning
+    _write_config(tmp_path / "both", model_type="llama", architectures=["LlamaForCausalLM"], **TINY_LLAMA,
+                  auto_map={"AutoModelForCausalLM": "modeling_mystery.MysteryForCausalLM"})
+    with pytest.warns(UserWarning, match="auto_map.*transformers' own LlamaForCausalLM"):
+        assert type(model_from_config(tmp_path / "both")).__name__ == "LlamaForCausalLM"
+    # an architecture transformers has never heard of, that only remote code defines
+    _write_config(tmp_path / "remote_arch", model_type="llama", architectures=["MysteryForCausalLM"], **TINY_LLAMA,
+                  auto_map={"AutoModelForCausalLM": "modeling_mystery.MysteryForCausalLM"})
+    with pytest.raises(cv.ModelError, match="'MysteryForCausalLM' is code from the model's folder"):
+        model_from_config(tmp_path / "remote_arch")
+    assert not marker.exists()
+
+
+def test_config_errors_are_model_errors(tmp_path):
+    pytest.importorskip("transformers")
+    from hf_files import TINY_LLAMA
+
+    from ckptviz.models import model_from_config
+
+    with pytest.raises(cv.ModelError, match="has no config.json"):
+        model_from_config(tmp_path)
+    with pytest.raises(cv.ModelError, match="does not exist"):
+        build_model(f"config:{tmp_path / 'nowhere' / 'config.json'}")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    with pytest.raises(cv.ModelError, match="not a readable JSON config"):
+        model_from_config(tmp_path / "bad")
+    _write_config(tmp_path / "unknown", model_type="mystery2", architectures=["Mystery2"])
+    with pytest.raises(cv.ModelError, match="cannot read it.*mystery2"):
+        model_from_config(tmp_path / "unknown")
+    _write_config(tmp_path / "typo", model_type="llama", architectures=["LlamaForCasualLM"], **TINY_LLAMA)
+    with pytest.raises(cv.ModelError, match="no model class 'LlamaForCasualLM'.*Did you mean 'LlamaForCausalLM'"):
+        model_from_config(tmp_path / "typo")
+    with pytest.raises(cv.ModelError, match="only device= and dtype="):
+        build_model(f"config:{tmp_path / 'typo'}", "num_layers=2")
+
+
+def test_ckptviz_works_without_transformers(tmp_path):
+    """In a fresh interpreter where transformers cannot be imported: the core and the widgets import, and a
+    config spec says how to install the extra."""
+    import subprocess
+    import sys
+
+    _write_config(tmp_path, model_type="llama", architectures=["LlamaForCausalLM"])
+    torch.save(TinyNet().state_dict(), tmp_path / "model.pt")
+    script = f"""
+import sys
+sys.modules["transformers"] = None  # import transformers now raises ImportError
+import ckptviz as cv
+from ckptviz.models import has_transformers
+from ckptviz.widgets.model_picker import ModelPicker
+assert not has_transformers()
+try:
+    cv.build_model("config:{tmp_path}")
+except cv.ModelError as e:
+    print("ERROR:", e)
+picker = ModelPicker()
+picker.set_checkpoint_path("{tmp_path / 'model.pt'}")
+print("OPTIONS:", [o for o in picker.spec.options if "config" in o])
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=os.getcwd(),
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert 'needs transformers, which is not installed: pip install "ckptviz[hf]"' in out.stdout
+    assert "OPTIONS: []" in out.stdout

@@ -190,3 +190,52 @@ def test_checkpoint_folders_are_one_entry_and_open_as_one(tmp_path):
     assert insp.report.summary["match"] == len(sd)
     insp.load_all_button.click()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+
+
+def test_model_picker_offers_the_config_json_and_load_materializes_the_meta_model(tmp_path):
+    pytest.importorskip("transformers")
+    from hf_files import logits, tiny_llama
+
+    src = tiny_llama(tmp_path)
+    insp = cv.CheckpointInspector(path=tmp_path / "model.safetensors", namespace={})
+    label = "config.json: LlamaForCausalLM (on meta)"
+    assert insp.model_picker.spec.options[0] == label and insp.model_picker.spec.value == label
+    insp.model_picker.build_button.click()
+    model = insp.model
+    assert type(model).__name__ == "LlamaForCausalLM" and model.lm_head.weight.is_meta
+    status = insp.model_picker.status.value
+    assert "on meta" in status and "no memory is used" in status and "materializes" in status
+    assert insp.report.summary["match"] == len(src.state_dict()) and set(insp.report.frame["model_device"]) == {"meta"}
+    objects = dict(model.state_dict(keep_vars=True))
+
+    insp.load_all_button.click()  # the inspector loads a meta model with assign=True
+    res = insp.last_result
+    assert insp.error is None and res.assign and res.still_meta == [] and len(res.loaded) == len(objects)
+    assert "materialized from the checkpoint on cpu" in insp.message.value
+    for k, t in model.state_dict(keep_vars=True).items():
+        assert t is objects[k] and t.device.type == "cpu" and torch.equal(t, src.state_dict()[k]), k
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    assert torch.equal(logits(model, ids), logits(src, ids))
+    assert "assign=True" in insp.result_panel.code.value
+    assert set(insp.report.frame["model_device"]) == {"cpu"} and "meta" not in insp.model_picker.status.value
+
+    insp.undo_button.click()
+    assert all(t is objects[k] and t.is_meta for k, t in model.state_dict(keep_vars=True).items())
+    assert set(insp.report.frame["model_device"]) == {"meta"} and "no memory is used" in insp.model_picker.status.value
+
+
+def test_model_picker_finds_the_config_inside_a_folder_and_forgets_it_for_another_file(tmp_path):
+    pytest.importorskip("transformers")
+    from hf_files import tiny_llama
+
+    from ckptviz.widgets.model_picker import ModelPicker
+
+    tiny_llama(tmp_path / "hf", tie=True)
+    torch.save(SmallCNN().state_dict(), tmp_path / "plain.pt")
+    picker = ModelPicker(namespace={"SmallCNN": SmallCNN})
+    picker.set_checkpoint_path(tmp_path / "hf")  # a model folder (sharded checkpoints are opened as folders)
+    assert picker.spec.options[:2] == ("config.json: LlamaForCausalLM (on meta)", "SmallCNN")
+    model = picker.build()
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.is_meta
+    picker.set_checkpoint_path(tmp_path / "plain.pt")
+    assert not any(o.startswith("config.json") for o in picker.spec.options)

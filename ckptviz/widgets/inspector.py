@@ -14,11 +14,11 @@ import ipywidgets as w
 from torch import nn
 
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..compare import Report, compare
+from ..compare import Report, compare, model_tensors
 from ..errors import CheckpointError, UnsafeCheckpointError
 from ..load import LoadResult, load_partial
 from .files import FilePicker, human_size
-from .model_picker import ModelPicker
+from .model_picker import ModelPicker, describe_model
 from .panels import DevicePanel, ResultPanel, ScanPanel, TensorPanel
 from .table import ReportTable
 
@@ -123,6 +123,7 @@ class CheckpointInspector(w.VBox):
         """Open ``path`` (errors are shown in the widget and kept in ``.error``)."""
         path = os.fspath(path)
         self.path = path
+        self.model_picker.set_checkpoint_path(path)  # offers the config.json beside or inside it
         self._quiet = True
         self.trust.value = trust
         self._quiet = False
@@ -166,6 +167,10 @@ class CheckpointInspector(w.VBox):
             return
         with self._work("undoing the last load…"):
             self.last_result.undo()
+            if self.last_result.assign and self.checkpoint is not None and self.model is not None:
+                self.report = compare(self.model, self.checkpoint, section=self.report.section)
+                self.devices.show(self.report, self.model)
+                self.model_picker.status.value = describe_model(self.model)
             self.result_panel.show(self.last_result, "Undone")
             self.table.show(self.report, loaded=set())
             self._say("The model's tensors are back to what they were before the last load.")
@@ -280,16 +285,22 @@ class CheckpointInspector(w.VBox):
         if self.report is None or self.model is None:
             self._say("Open a checkpoint and pick a model first.", error=True)
             return None
+        assign = any(t.is_meta for t in model_tensors(self.model).values())  # meta tensors are materialized
         with self._work("loading into the model…"):
             with self.progress:  # tqdm.auto draws its bar here for big loads
-                result = load_partial(self.model, self.report, keys=keys)
+                result = load_partial(self.model, self.report, keys=keys, assign=assign)
             self.progress.clear_output()
             self.last_result = result
+            if assign:  # the model's devices changed: compare again, so the table and devices say so
+                self.report = compare(self.model, self.checkpoint, section=self.report.section)
             self.result_panel.show(result, message)
             self.table.show(self.report, loaded=set(result.loaded))
             self.devices.show(self.report, self.model)
+            self.model_picker.status.value = describe_model(self.model)
             hint = " The model is in train mode: switch to eval for inference." if self.model.training else ""
-            self._say(f"✓ {len(result.loaded)} tensors loaded into the live model.{hint}")
+            how = f" (materialized from the checkpoint on {result.device}, assign=True)" if assign else ""
+            meta = f" {len(result.still_meta)} tensor(s) are still on the meta device." if result.still_meta else ""
+            self._say(f"✓ {len(result.loaded)} tensors loaded into the live model{how}.{meta}{hint}")
             return result
         return None
 
