@@ -352,11 +352,13 @@ def _groups(live: dict[str, torch.Tensor], sources: dict[str, torch.Tensor],
 def _convert(groups: dict[int, _Group], device: torch.device) -> dict[int, torch.Tensor]:
     """Each object's new tensor, cast to its dtype and moved to its device (meta ones: ``device``).
     Nothing is copied where nothing changes; every conversion runs before the model is touched."""
-    total = sum(g.src.numel() * g.src.element_size() for g in groups.values())
+    targets = {oid: device if g.dst.is_meta else g.dst.device for oid, g in groups.items()}
+    moved = {oid for oid, g in groups.items() if g.src.dtype != g.dst.dtype or g.src.device != targets[oid]}
+    total = sum(groups[oid].src.numel() * groups[oid].src.element_size() for oid in moved)
     news: dict[int, torch.Tensor] = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=total < PROGRESS_BYTES) as bar:
         for oid, g in groups.items():
-            target = device if g.dst.is_meta else g.dst.device
+            target = targets[oid]
             try:
                 news[oid] = g.src.to(device=target, dtype=g.dst.dtype).detach()
             except Exception as e:  # noqa: BLE001 - an unavailable device, out of memory: all the same to the user
@@ -364,7 +366,7 @@ def _convert(groups: dict[int, _Group], device: torch.device) -> dict[int, torch
                     f"converting {g.keys[0]!r} ({g.src.dtype} on {g.src.device}) to {g.dst.dtype} on {target} "
                     f"failed ({type(e).__name__}: {e}); nothing was loaded, the model is as it was"
                 ) from e
-            bar.update(g.src.numel() * g.src.element_size())
+            bar.update(g.src.numel() * g.src.element_size() if oid in moved else 0)
     _unshare(news)
     return news
 
