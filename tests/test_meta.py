@@ -145,11 +145,20 @@ def test_assign_keeps_tied_weights_tied(tmp_path):
     assert torch.equal(model(ids), src(ids))
 
 
-def test_assign_from_a_torch_file_that_stores_the_tie_twice(tmp_path):
-    src = randomized(TiedLM(), seed=4)
+class TiedDeep(TiedLM):
+    """Enough keys (over ckptviz.load.FEW_KEYS) that a load reads them all through one map of the file."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(6, 6) for _ in range(40))
+
+
+@pytest.mark.parametrize("cls", [TiedLM, TiedDeep])
+def test_assign_from_a_torch_file_that_stores_the_tie_twice(tmp_path, cls):
+    src = randomized(cls(), seed=4)
     path = tmp_path / "tied.pt"
     torch.save(src.state_dict(), path)  # both keys, one storage
-    untied = TiedLM()
+    untied = cls()
     untied.head.weight = nn.Parameter(torch.zeros(11, 6))  # an untied model: its two tensors must not alias
     with torch.device("meta"):
         untied = untied.to("meta")
@@ -160,7 +169,7 @@ def test_assign_from_a_torch_file_that_stores_the_tie_twice(tmp_path):
     with torch.no_grad():
         untied.head.weight.add_(1.0)
     assert torch.equal(untied.embed.weight, src.embed.weight)  # writing one leaves the other alone
-    tied = meta(TiedLM)
+    tied = meta(cls)
     res = cv.load_partial(tied, cv.compare(tied, path), assign=True)
     assert tied.head.weight is tied.embed.weight and res.tied == [["embed.weight", "head.weight"]]
 
