@@ -385,3 +385,23 @@ def test_a_bf16_llama_is_assigned_from_the_files_map_without_copies(tmp_path):
     assert all(in_map(p, weights) for p in model.parameters())
     ids = torch.tensor([[2, 4, 8, 16, 32]])
     assert torch.equal(logits(model, ids), logits(reference, ids))
+
+
+def test_a_sharded_hub_folder_is_assigned_from_its_shards(tmp_path):
+    pytest.importorskip("transformers")
+    from hf_files import TINY_LLAMA, logits
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(6)
+    src = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).eval()
+    src.save_pretrained(tmp_path, max_shard_size="40KB")  # model-0000i-of-0000n.safetensors + the index
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    model = cv.build_model(f"config:{tmp_path}")
+    rep = cv.compare(model, tmp_path)  # the folder itself
+    assert rep.summary["match"] == len(src.state_dict()) and set(rep.frame["model_device"]) == {"meta"}
+    res = cv.load_partial(model, rep, assign=True)
+    assert res.still_meta == []
+    assert all(any(in_map(p, shard) for shard in shards) for p in model.parameters())
+    ids = torch.tensor([[5, 4, 3, 2, 1]])
+    assert torch.equal(logits(model, ids), logits(src, ids))

@@ -230,12 +230,20 @@ def test_model_picker_finds_the_config_inside_a_folder_and_forgets_it_for_anothe
 
     from ckptviz.widgets.model_picker import ModelPicker
 
-    tiny_llama(tmp_path / "hf", tie=True)
+    src = tiny_llama(tmp_path / "hf", tie=True)
     torch.save(SmallCNN().state_dict(), tmp_path / "plain.pt")
     picker = ModelPicker(namespace={"SmallCNN": SmallCNN})
-    picker.set_checkpoint_path(tmp_path / "hf")  # a model folder (sharded checkpoints are opened as folders)
+    picker.set_checkpoint_path(tmp_path / "hf")  # a model folder
     assert picker.spec.options[:2] == ("config.json: LlamaForCausalLM (on meta)", "SmallCNN")
     model = picker.build()
     assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.is_meta
     picker.set_checkpoint_path(tmp_path / "plain.pt")
     assert not any(o.startswith("config.json") for o in picker.spec.options)
+
+    insp = cv.CheckpointInspector(path=tmp_path / "hf", namespace={})  # the folder opened whole
+    assert insp.error is None and insp.model_picker.spec.value == "config.json: LlamaForCausalLM (on meta)"
+    insp.model_picker.build_button.click()
+    insp.load_all_button.click()
+    assert insp.last_result.assign and insp.last_result.still_meta == []
+    assert insp.model.lm_head.weight is insp.model.model.embed_tokens.weight
+    assert torch.equal(insp.model.lm_head.weight, src.lm_head.weight)
