@@ -228,7 +228,11 @@ def load_partial(model: nn.Module, report: Report, *, keys: Iterable[str] | None
     and buffer objects the checkpoint's tensors: identity, ``requires_grad`` and ties are kept, meta
     tensors are materialized on ``device`` (default ``"cpu"``; others stay on their device), and a
     tensor that needs no cast or move is the checkpoint's memory-mapped tensor itself (no copy, no RAM
-    up front; writes stay private, never reaching the file). Undo puts the previous tensors back.
+    up front; writes stay private, never reaching the file). The dtype rule is the copying load's: a
+    model tensor keeps its dtype, meta ones included, so a file in another dtype is cast (a copy);
+    build the model in the file's dtype to avoid it. All casts run before the first tensor is given,
+    so a failure changes nothing. Undo puts the previous tensors back (for meta ones, free to keep);
+    ``undo=False`` lets them go at once.
     """
     if device is not None and not assign:
         raise LoadError("device= says where meta tensors go in an assign load; pass assign=True with it")
