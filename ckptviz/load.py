@@ -21,7 +21,6 @@ from .errors import LoadError, OptimizerMismatchError
 from .provenance import remember_initial
 
 PROGRESS_BYTES = 512 * 2**20  # show a progress bar when loading more than this
-FEW_KEYS = 64  # loads of up to this many keys map the file once per tensor
 META_HINT = "load with assign=True to materialize it from the checkpoint"
 
 
@@ -203,13 +202,9 @@ def _plan(report: Report, live: dict[str, torch.Tensor], keys: Iterable[str] | N
 
 
 def _sources(report: Report, plan: dict[str, str]) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors the plan reads, keyed by model key. ``Checkpoint.tensor`` maps the file anew
-    per call, and an assign load keeps its tensors' maps for the model's life: past a few keys, read them
-    all through the one map of ``state_dict`` (tens of thousands of maps would pass vm.max_map_count)."""
-    ck, section = report.checkpoint, report.section
-    if len(plan) <= FEW_KEYS:
-        return {k: ck.tensor(c, section) for k, c in plan.items()}
-    entries = ck.state_dict(section)
+    """The checkpoint tensors the plan reads, keyed by model key, through one map per file (an assign
+    load keeps its tensors' maps for the model's life: a map per tensor would pass vm.max_map_count)."""
+    entries = report.checkpoint.values(set(plan.values()), report.section)
     return {k: entries[c] for k, c in plan.items()}
 
 

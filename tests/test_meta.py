@@ -146,7 +146,7 @@ def test_assign_keeps_tied_weights_tied(tmp_path):
 
 
 class TiedDeep(TiedLM):
-    """Enough keys (over ckptviz.load.FEW_KEYS) that a load reads them all through one map of the file."""
+    """Many keys besides the tie: the tie must come apart however many tensors one map of the file serves."""
 
     def __init__(self):
         super().__init__()
