@@ -42,6 +42,10 @@ def _check_path(path: str) -> None:
 
 def read(path: str) -> RawCheckpoint:
     """Read the structure of the checkpoint at ``path`` without reading tensor data."""
+    from .dcp import dcp_folder_of, read_dcp  # the lead moves this hook into layout.py
+
+    if dcp_folder_of(path) is not None:
+        return read_dcp(path)
     _check_path(path)
     kind = sniff(path)
     if kind == "torch-zip":
