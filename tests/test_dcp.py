@@ -551,3 +551,19 @@ def test_hostile_byte_item(tmp_path):
     assert not marker.exists()
     assert ck.metadata["evil"]["__class__"] == "posix.system"
     assert torch.equal(ck.tensor("0.weight"), model.state_dict()["0.weight"])
+
+
+def test_tensor_entry_pointing_at_a_payload(tmp_path):
+    """A tensor's storage entry redirected to the bytes of a hostile object: refused when read, never run."""
+    marker = tmp_path / "pwned"
+    folder = save({"model": net().state_dict(), "evil": Payload(marker)}, tmp_path / "evil")
+
+    def change(md):
+        infos = {i.fqn: v for i, v in md.storage_data.items()}
+        infos["model.0.weight"].offset, infos["model.0.weight"].length = infos["evil"].offset, infos["evil"].length
+
+    _rewrite(folder, change)
+    ck = cv.open_checkpoint(folder, trust=True)
+    with pytest.raises(cv.CorruptCheckpointError, match=r"posix\.system"):
+        ck.tensor("0.weight")
+    assert not marker.exists()

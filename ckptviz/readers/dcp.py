@@ -330,7 +330,9 @@ class DcpFolder:
 
     def _zip_chunk(self, f, item: int, start: int, length: int, source: MappedFile) -> TensorRef:
         obj, up, spans = read_zip_window(f, start, length, source)
-        if not isinstance(obj, TensorRef) or obj.storage is None or up.unsafe:
+        if up.unsafe:
+            raise CorruptCheckpointError(f"the item's pickle names {sorted(up.unsafe)}; a tensor item names none")
+        if not isinstance(obj, TensorRef) or obj.storage is None:
             raise CorruptCheckpointError(f"the item is a {type(obj).__name__}, not one saved tensor")
         key = f"{start}/{obj.storage.key}"
         source.offsets[key] = spans[obj.storage.key][0]
