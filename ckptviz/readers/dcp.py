@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import json
 import math
 import os
@@ -91,6 +92,11 @@ def _kind(obj: Any) -> str | None:
     return getattr(type(obj), "_ckptviz_global", None) if isinstance(obj, Stub) else None
 
 
+def _kinds(items: list) -> set[str | None]:
+    """The class names of ``items``' records (None for anything not a record), over their types."""
+    return {t._ckptviz_global if issubclass(t, Stub) else None for t in set(map(type, items))}
+
+
 def load_metadata(path: str) -> tuple[dict, set[str]]:
     """(the fields of the ``Metadata`` record in ``path``, the globals it names beyond DCP's classes and
     torch's allowlist). Nothing the file names is imported or called."""
@@ -156,13 +162,13 @@ class DcpFolder:
             raise self._corrupt(f"storage_data is {type(data).__name__}, not the mapping FileSystemWriter writes")
         keys, infos = list(data), list(data.values())
         for kind, items, want in (("key", keys, _INDEX), ("entry", infos, _STORAGE_INFO)):
-            bad = {_kind(x) for x in items} - {want}
+            bad = _kinds(items) - {want}
             if bad:
                 raise self._corrupt(f"a storage_data {kind} is a {sorted(map(str, bad))[0]}, not a {want}")
         try:
             ks, vs = [k.state for k in keys], [v.state for v in infos]
             self.item_fqns = [k["fqn"] for k in ks]
-            self.item_offsets = [_offsets(k.get("offset")) for k in ks]
+            self.item_offsets = [k.get("offset") for k in ks]  # tuples (torch.Size), None for byte items
             rel = [v["relative_path"] for v in vs]
             self.start = np.array([v["offset"] for v in vs], dtype=np.int64).reshape(len(vs))
             self.length = np.array([v["length"] for v in vs], dtype=np.int64).reshape(len(vs))
@@ -210,28 +216,35 @@ class DcpFolder:
         if not isinstance(entries, dict) or not all(type(k) is str for k in entries):
             raise self._corrupt("state_dict_metadata is not a mapping of names to storage records")
         fqns, values = list(entries), list(entries.values())
-        kinds = [_kind(v) for v in values]
-        bad = [i for i, k in enumerate(kinds) if k not in (_TENSOR, _BYTES)]
+        types = list(map(type, values))
+        bad = {t for t in set(types) if getattr(t, "_ckptviz_global", None) not in (_TENSOR, _BYTES)
+               or not issubclass(t, Stub)}
         if bad:
-            raise self._corrupt(f"item {fqns[bad[0]]!r} is a {kinds[bad[0]] or type(values[bad[0]]).__name__}, "
+            i = next(i for i, t in enumerate(types) if t in bad)
+            raise self._corrupt(f"item {fqns[i]!r} is a {getattr(types[i], '_ckptviz_global', types[i].__name__)}, "
                                 "not a tensor or bytes storage record")
-        rows = [i for i, k in enumerate(kinds) if k == _TENSOR]
-        self.fqns, self.is_tensor = fqns, [k == _TENSOR for k in kinds]
+        tensor_type = next((t for t in set(types) if t._ckptviz_global == _TENSOR), None)
+        self.fqns, self.is_tensor = fqns, [t is tensor_type for t in types]
+        rows = [i for i, t in enumerate(self.is_tensor) if t]
         self.tensor_fqns = [fqns[i] for i in rows]
         try:
             states = [values[i].state for i in rows]
             self.shapes = [tuple(s["size"]) for s in states]
-            self.dtypes = [_dtype(s["properties"]) for s in states]
+            props = [s["properties"] for s in states]
             self.chunk_lists = [s["chunks"] for s in states]
+            if _kinds(props) - {_MD + "TensorProperties"}:
+                raise TypeError("tensor properties of another class")
+            self.dtypes = [p[0] if type(p) is tuple else p["dtype"] for p in (p.state for p in props)]
         except _BAD_FIELDS:
             raise self._corrupt(f"tensor record {self._first_bad(rows, values)!r} is malformed") from None
-        ok = (all(type(d) is int and d >= 0 for s in self.shapes for d in s)
+        dims = itertools.chain.from_iterable(self.shapes)
+        ok = (set(map(type, dims)) <= {int} and min(itertools.chain.from_iterable(self.shapes), default=0) >= 0
               and all(isinstance(d, torch.dtype) for d in set(self.dtypes))
-              and all(type(c) is list for c in self.chunk_lists))
+              and set(map(type, self.chunk_lists)) <= {list})
         if not ok:
             raise self._corrupt(f"tensor record {self._first_bad(rows, values)!r} is malformed")
         first = {f: r for f, o, r in zip(self.item_fqns, self.item_offsets, self.file_of.tolist())
-                 if o is not None and not any(o)}
+                 if type(o) is tuple and not any(o)}
         anywhere = dict(zip(self.item_fqns, self.file_of.tolist()))
         self.first_file = [first.get(f, anywhere.get(f)) for f in self.tensor_fqns]
 
@@ -467,7 +480,29 @@ class _Layout:
     def __init__(self, dcp: DcpFolder, planner: Any):
         paths = _paths(dcp.fqns, planner)
         self.roots = _optimizer_roots(paths)
+        owners = self._owners(paths)
+        tensor_paths = [p for p, t in zip(paths, dcp.is_tensor) if t]
+        tensor_owners = [o for o, t in zip(owners, dcp.is_tensor) if t]
+        self.byte_items = [(f, p, o) for f, p, o, t in zip(dcp.fqns, paths, owners, dcp.is_tensor) if not t]
+        self.optimizer_tensors = [(o, p[len(o):], row) for row, (p, o) in enumerate(zip(tensor_paths, tensor_owners))
+                                  if o is not None]
+        rows = [row for row, o in enumerate(tensor_owners) if o is None] if self.roots else range(len(tensor_paths))
+        names = [str(tensor_paths[r][0]) if len(tensor_paths[r]) > 1 else "" for r in rows]
+        keys = [_key(tensor_paths[r]) for r in rows]
+        self.sections: dict[str, tuple[list[str], list[int]]] = {}
+        if len(set(names)) == 1:  # the usual case: one section
+            self.sections[names[0]] = (keys, list(rows))
+            return
+        for name, key, row in zip(names, keys, rows):
+            section = self.sections.setdefault(name, ([], []))
+            section[0].append(key)
+            section[1].append(row)
+
+    def _owners(self, paths: list[tuple]) -> list[tuple | None]:
+        """The optimizer root each path lies under, or None."""
         depths = sorted({len(r) for r in self.roots})
+        if not depths:
+            return [None] * len(paths)
 
         def owner(p: tuple) -> tuple | None:
             for n in depths:
@@ -475,23 +510,14 @@ class _Layout:
                     return p[:n]
             return None
 
-        self.items = list(zip(dcp.fqns, paths, map(owner, paths) if depths else [None] * len(paths), dcp.is_tensor))
-        self.sections: dict[str, tuple[list[str], list[int]]] = {}
-        self.optimizer_tensors: list[tuple[tuple, tuple, int]] = []  # (root, path below it, tensor row)
-        self.byte_items: list[tuple[str, tuple, tuple | None]] = []  # (fqn, path, optimizer root or None)
-        row = 0
-        for fqn, p, root, is_tensor in self.items:
-            if not is_tensor:
-                self.byte_items.append((fqn, p, root))
-                continue
-            if root is not None:
-                self.optimizer_tensors.append((root, p[len(root):], row))
-            else:
-                name, key = (str(p[0]), ".".join(map(str, p[1:]))) if len(p) > 1 else ("", str(p[0]))
-                keys, rows = self.sections.setdefault(name, ([], []))
-                keys.append(key)
-                rows.append(row)
-            row += 1
+        return list(map(owner, paths))
+
+
+def _key(path: tuple) -> str:
+    """A tensor's key in its section: the path below the section's name, dotted."""
+    if len(path) == 1:
+        return str(path[0])
+    return path[1] if len(path) == 2 and type(path[1]) is str else ".".join(map(str, path[1:]))
 
 
 def _name(root: tuple) -> str:

@@ -97,11 +97,18 @@ class _Window(io.RawIOBase):
         return got
 
 
+_SMALL_WINDOW = 2**20
+
+
 def read_zip_window(f, start: int, length: int, source: MappedFile | None = None):
     """Read a torch.save zip stored at bytes ``[start, start + length)`` of the open file ``f`` (an item
     of a distributed checkpoint's ``.distcp``): returns (the object, the unpickler, each storage's
     absolute (offset, end) in the file). Raises zipfile, pickle and CorruptCheckpointError errors."""
-    window = _Window(f, start, length)
+    if length <= _SMALL_WINDOW:  # one read instead of a seek and read per zip record
+        f.seek(start)
+        window = io.BytesIO(f.read(length))
+    else:
+        window = _Window(f, start, length)
     with zipfile.ZipFile(window) as zf:
         infos = {i.filename: i for i in zf.infolist()}
         pkl = [n for n in infos if n.count("/") == 1 and n.endswith("/data.pkl")]
