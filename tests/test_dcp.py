@@ -569,3 +569,45 @@ def test_tensor_entry_pointing_at_a_payload(tmp_path):
     with pytest.raises(cv.CorruptCheckpointError, match=r"posix\.system"):
         ck.tensor("0.weight")
     assert not marker.exists()
+
+
+def _first_tensor(md):
+    return next(v for k, v in md.state_dict_metadata.items() if k == "model.0.weight")
+
+
+def _first_info(md):
+    return next(v for k, v in md.storage_data.items() if k.fqn == "model.0.weight")
+
+
+DAMAGES = {
+    "storage_data is a list": lambda md: setattr(md, "storage_data", []),
+    "an entry is a string": lambda md: md.state_dict_metadata.__setitem__("model.0.weight", "weight"),
+    "a negative size": lambda md: setattr(_first_tensor(md), "size", torch.Size([-6, 8])),
+    "chunk offsets of strings": lambda md: setattr(_first_tensor(md).chunks[0], "offsets", ["a", "b"]),
+    "a chunk smaller than its tensor": lambda md: setattr(_first_tensor(md).chunks[0], "sizes", torch.Size([3, 8])),
+    "relative_path is a number": lambda md: setattr(_first_info(md), "relative_path", 5),
+    "a negative offset": lambda md: setattr(_first_info(md), "offset", -10),
+    "a length that is text": lambda md: setattr(_first_info(md), "length", "many"),
+    "transform_descriptors is a number": lambda md: setattr(_first_info(md), "transform_descriptors", 5),
+    "the dtype is a string": lambda md: setattr(_first_tensor(md).properties, "dtype", "float32"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_damaged_metadata_fields_give_ckptviz_errors(saved, damage):
+    """Each damage either fails at open or when the tensor is read, always as a CheckpointError naming
+    a file of the folder; the undamaged tensors of a folder that opens still read exactly."""
+    folder, model, _ = saved
+    _rewrite(folder, DAMAGES[damage])
+    with pytest.raises(cv.CheckpointError, match=str(folder)):
+        ck = cv.open_checkpoint(folder)
+        assert torch.equal(ck.tensor("0.bias"), model.state_dict()["0.bias"])
+        ck.tensor("0.weight")
+
+
+def test_damaged_planner_data_falls_back_to_the_saved_keys(saved):
+    folder, model, _ = saved
+    _rewrite(folder, lambda md: md.planner_data.__setitem__("model.0.weight", ("model", ["0", "weight"])))
+    ck = cv.open_checkpoint(folder)
+    assert torch.equal(ck.tensor("model.0.weight", ""), model.state_dict()["0.weight"])
+    assert "0.weight" not in ck.tensors("model").index

@@ -153,7 +153,7 @@ class DcpFolder:
     def _corrupt(self, what: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(
             f"{self.meta_path}: {what}. The metadata is corrupted (or was not written by torch's "
-            "FileSystemWriter); ckptviz read nothing else from the folder."
+            "FileSystemWriter); save the checkpoint again, or copy the folder again."
         )
 
     # ---- storage_data: where each item's bytes are --------------------------------------------
@@ -170,13 +170,18 @@ class DcpFolder:
             self.item_fqns = [k["fqn"] for k in ks]
             self.item_offsets = [k.get("offset") for k in ks]  # tuples (torch.Size), None for byte items
             rel = [v["relative_path"] for v in vs]
-            self.start = np.array([v["offset"] for v in vs], dtype=np.int64).reshape(len(vs))
-            self.length = np.array([v["length"] for v in vs], dtype=np.int64).reshape(len(vs))
+            start, length = [v["offset"] for v in vs], [v["length"] for v in vs]
+            if (set(map(type, start)) | set(map(type, length))) - {int}:
+                raise TypeError("byte offsets and lengths must be integers")
+            self.start = np.array(start, dtype=np.int64).reshape(len(vs))
+            self.length = np.array(length, dtype=np.int64).reshape(len(vs))
             self.transforms = [v.get("transform_descriptors") for v in vs]
             self.index = dict(zip(zip(self.item_fqns, self.item_offsets), range(len(ks))))
         except _BAD_FIELDS as e:
             raise self._corrupt(f"a storage_data record is malformed ({type(e).__name__}: {e})") from None
-        names = sorted(set(rel), key=str)
+        if set(map(type, rel)) - {str}:
+            raise self._corrupt("a storage entry's relative_path is not a file name")
+        names = sorted(set(rel))
         self.relpaths = [self._checked_name(n) for n in names]
         self.files = [MappedFile(os.path.join(self.folder, n)) for n in self.relpaths]
         position = {n: i for i, n in enumerate(names)}
@@ -199,9 +204,13 @@ class DcpFolder:
         return norm
 
     def _check_extents(self) -> None:
+        negative = (self.start < 0) | (self.length < 0)
+        if negative.any():
+            i = int(np.flatnonzero(negative)[0])
+            raise self._corrupt(f"item {self.item_fqns[i]!r} has a negative byte offset or length")
         sizes = np.array([f.size for f in self.files], dtype=np.int64)
         end = self.start + self.length
-        bad = (self.start < 0) | (self.length < 0) | (end > sizes[self.file_of])
+        bad = end > sizes[self.file_of]
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             f = self.files[self.file_of[i]]
@@ -393,7 +402,7 @@ class DcpFolder:
         if descriptors:
             raise UnknownFormatError(
                 f"{path}: item {self.item_fqns[item]!r} was written through the stream transforms "
-                f"{list(descriptors)} (e.g. compression); ckptviz reads untransformed DCP items only. Read it with "
+                f"{descriptors!r} (e.g. compression); ckptviz reads untransformed DCP items only. Read it with "
                 "torch.distributed.checkpoint.load, or re-save without the extension."
             )
 
@@ -459,8 +468,11 @@ def _fits(ref: TensorRef, storage: StorageRef) -> bool:
 def _paths(fqns: list[str], planner: Any) -> list[tuple]:
     """Each item's path into the state dict that was saved (``planner_data``); ``(fqn,)`` without one."""
     get = planner.get if isinstance(planner, dict) else {}.get
-    return [p if type(p) is tuple and p else tuple(p) if type(p) is list and p else (f,)
-            for f, p in zip(fqns, map(get, fqns))]
+    paths = [p if type(p) is tuple and p else tuple(p) if type(p) is list and p else (f,)
+             for f, p in zip(fqns, map(get, fqns))]
+    if set(map(type, itertools.chain.from_iterable(paths))) <= {str, int}:
+        return paths
+    return [p if set(map(type, p)) <= {str, int} else (f,) for f, p in zip(fqns, paths)]  # a damaged planner_data
 
 
 def _optimizer_roots(paths: list[tuple]) -> set[tuple]:
