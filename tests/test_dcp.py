@@ -611,3 +611,17 @@ def test_damaged_planner_data_falls_back_to_the_saved_keys(saved):
     ck = cv.open_checkpoint(folder)
     assert torch.equal(ck.tensor("model.0.weight", ""), model.state_dict()["0.weight"])
     assert "0.weight" not in ck.tensors("model").index
+
+
+def test_lightning_meta_pt_beside_the_folder(saved):
+    """Lightning's FSDP strategy (state_dict_type="sharded") torch.saves its non-tensor state as meta.pt
+    next to the DCP files; it is read with the safe unpickler into ck.metadata."""
+    folder = saved[0]
+    torch.save({"epoch": 3, "global_step": 30, "hyper_parameters": {"lr": 0.01}}, folder / "meta.pt")
+    ck = cv.open_checkpoint(folder)
+    assert ck.metadata["epoch"] == 3 and ck.metadata["hyper_parameters"] == {"lr": 0.01}
+    assert ck.files[-1] == str(folder / "meta.pt") and ck.metadata["step"] == 5
+    torch.save({"callbacks": Payload(folder / "pwned")}, folder / "meta.pt")
+    with pytest.raises(cv.UnsafeCheckpointError, match=r"posix\.system"):
+        cv.open_checkpoint(folder)
+    assert not (folder / "pwned").exists()

@@ -31,10 +31,11 @@ from .pickle_reader import PICKLE_ERRORS, Stub, unpickle
 from .raw import RawCheckpoint
 from .records import LazyRecord, StorageRef, TensorRef, TensorTable, contiguous_stride, element_size
 from .safetensors_reader import _DTYPES, MAX_HEADER
-from .torch_zip import read_zip_window
+from .torch_zip import read_torch_zip, read_zip_window
 
 METADATA = ".metadata"
 SUFFIX = ".distcp"
+LIGHTNING_META = "meta.pt"  # Lightning's FSDP strategy torch.saves its non-tensor state beside the DCP files
 BYTES_BUDGET = 4 * 2**20  # bytes of non-tensor items read at open, in all
 MAX_OVERLAP_CHECK = 1024  # chunks of one tensor checked pairwise for overlaps; above, gaps read as zeros
 _MD = "torch.distributed.checkpoint.metadata."
@@ -611,13 +612,26 @@ def read_dcp(path: str | os.PathLike) -> RawCheckpoint:
         sections = _sections(dcp, layout)
     values, skipped, byte_unsafe = _read_byte_items(dcp, layout.byte_items)
     optimizers, tree = _trees(dcp, layout, values)
-    meta = {str(k): plain(v) for k, v in _listify(tree).items()}
+    extra, extra_unsafe, extra_path = _lightning_meta(folder)
+    meta = {**extra, **{str(k): plain(v) for k, v in _listify(tree).items()}}
     meta["dcp" if "dcp" not in meta else "_dcp"] = _facts(dcp, fields, layout, skipped)
     return RawCheckpoint(
-        format="dcp", root={**sections, **optimizers, **tree}, unsafe=unsafe | byte_unsafe, source=None,
-        extra_metadata=meta, files=[meta_path, *(f.path for f in dcp.files)], sections=sections,
-        optimizers=optimizers,
+        format="dcp", root={**sections, **optimizers, **tree}, unsafe=unsafe | byte_unsafe | extra_unsafe,
+        source=None, extra_metadata=meta, sections=sections, optimizers=optimizers,
+        files=[meta_path, *(f.path for f in dcp.files), *([extra_path] if extra_path else [])],
     )
+
+
+def _lightning_meta(folder: str) -> tuple[dict, set[str], str | None]:
+    """The plain data of Lightning's ``meta.pt`` beside the DCP files (epoch, global_step, hparams, loops),
+    read with the safe unpickler: (data, unsafe globals, its path or None)."""
+    path = os.path.join(folder, LIGHTNING_META)
+    if not os.path.isfile(path):
+        return {}, set(), None
+    raw = read_torch_zip(path)
+    root = raw.root
+    data = {str(k): plain(v) for k, v in root.items()} if isinstance(root, dict) else {LIGHTNING_META: plain(root)}
+    return data, set(raw.unsafe), path
 
 
 def _sections(dcp: DcpFolder, layout: _Layout) -> dict[str, TensorTable]:
