@@ -625,3 +625,28 @@ def test_lightning_meta_pt_beside_the_folder(saved):
     with pytest.raises(cv.UnsafeCheckpointError, match=r"posix\.system"):
         cv.open_checkpoint(folder)
     assert not (folder / "pwned").exists()
+
+
+def test_flattened_optimizer_state_as_torchtitan_saves_it(tmp_path):
+    """get_state_dict(..., flatten_optimizer_state_dict=True) keys: state.<fqn>.<name> and
+    param_groups.<fqn>.<hyper-parameter>; the groups come back from equal hyper-parameters."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    model = net()
+    opt = torch.optim.Adam([{"params": model[0].parameters(), "lr": 0.1},
+                            {"params": [*model[1].parameters(), *model[3].parameters()]}], lr=1e-2)
+    torch.manual_seed(1)
+    model(torch.randn(5, 8)).pow(2).sum().backward()
+    opt.step()
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
+    assert "state.0.weight.exp_avg" in osd and "param_groups.0.weight.lr" in osd
+    folder = save({"model": msd, "optimizer": osd, "train_state": {"step": 7}}, tmp_path / "titan")
+    ck = cv.open_checkpoint(folder)
+    assert ck.sections == ["model"] and ck.optimizer_sections == ["optimizer"] and ck.metadata["train_state"]
+    twin = net()
+    twin_opt = torch.optim.Adam([{"params": twin[0].parameters(), "lr": 0.1},
+                                 {"params": [*twin[1].parameters(), *twin[3].parameters()]}], lr=1e-2)
+    assert cv.load_optimizer(twin_opt, folder) == {"groups": 2, "params": 6, "params_with_state": 6}
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(opt.state[p]["exp_avg_sq"], twin_opt.state[q]["exp_avg_sq"])
+    assert [g["lr"] for g in twin_opt.param_groups] == [0.1, 1e-2]

@@ -487,12 +487,40 @@ def _optimizer_roots(paths: list[tuple]) -> set[tuple]:
     return roots
 
 
+_FLAT_GROUPS = "param_groups by parameter"  # where a flattened optimizer's hyper-parameters are gathered
+
+
+def _flat_optimizer_roots(paths: list[tuple], is_tensor: list[bool]) -> set[tuple]:
+    """Paths of optimizer states saved flattened (``get_optimizer_state_dict(...,
+    flatten_optimizer_state_dict=True)``, as torchtitan does): keys ``state.<fqn>.<name>``, and
+    ``param_groups.<fqn>.<hyper-parameter>`` for plain values."""
+    return {p[:-1] for p, t in zip(paths, is_tensor) if not t and type(p[-1]) is str
+            and p[-1].startswith("param_groups.") and p[-1].count(".") > 1}
+
+
+def _unflatten(paths: list[tuple], roots: set[tuple]) -> list[tuple]:
+    """Flattened optimizer keys as nested paths: ``("state", fqn, name)``, ``(_FLAT_GROUPS, fqn, name)``."""
+
+    def nested(p: tuple) -> tuple:
+        if p[:-1] not in roots or type(p[-1]) is not str:
+            return p
+        head, _, rest = p[-1].partition(".")
+        if head not in ("state", "param_groups") or "." not in rest:
+            return p
+        fqn, name = rest.rsplit(".", 1)
+        return (*p[:-1], "state" if head == "state" else _FLAT_GROUPS, fqn, name)
+
+    return list(map(nested, paths))
+
+
 class _Layout:
     """Where each item goes: a section's column, an optimizer state's tree, or the plain metadata."""
 
     def __init__(self, dcp: DcpFolder, planner: Any):
         paths = _paths(dcp.fqns, planner)
-        self.roots = _optimizer_roots(paths)
+        flat = _flat_optimizer_roots(paths, dcp.is_tensor)
+        paths = _unflatten(paths, flat) if flat else paths
+        self.roots = _optimizer_roots(paths) | flat
         owners = self._owners(paths)
         tensor_paths = [p for p, t in zip(paths, dcp.is_tensor) if t]
         tensor_owners = [o for o, t in zip(owners, dcp.is_tensor) if t]
@@ -558,6 +586,8 @@ def _optimizer(tree: dict) -> dict:
     """An optimizer state dict rebuilt from its items: ``state`` keyed as ``param_groups`` name params
     (DCP stores the integer ids as strings)."""
     out = _listify(tree)
+    if _FLAT_GROUPS in out:
+        out["param_groups"] = _groups_of(out.pop(_FLAT_GROUPS))
     groups = out.get("param_groups")
     if isinstance(groups, dict):  # indices with gaps: keep their order
         groups = [groups[k] for k in sorted(groups, key=str)]
@@ -567,6 +597,27 @@ def _optimizer(tree: dict) -> dict:
     if params and all(type(p) is int for p in params):
         state = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in state.items()}
     return {**out, "state": state, "param_groups": groups}
+
+
+def _groups_of(by_param: dict) -> list[dict]:
+    """Parameter groups from each parameter's hyper-parameters: parameters with equal ones share a group,
+    in the order they were saved."""
+    groups: list[dict] = []
+    for fqn, hyper in by_param.items():
+        hyper = hyper if type(hyper) is dict else {}
+        same = next((g for g in groups if g.keys() - {"params"} == hyper.keys() and _equal(g, hyper)), None)
+        if same is None:
+            groups.append({**hyper, "params": [fqn]})
+        else:
+            same["params"].append(fqn)
+    return groups
+
+
+def _equal(group: dict, hyper: dict) -> bool:
+    try:
+        return all(bool(group[k] == v) for k, v in hyper.items())
+    except (TypeError, ValueError, RuntimeError):
+        return False
 
 
 def _read_byte_items(dcp: DcpFolder, items: list[tuple[str, tuple, tuple | None]]):
