@@ -115,7 +115,7 @@ def phases(folder: Path) -> dict[str, float]:
         folder_._entries(fields.get("state_dict_metadata"))
         out["tensor columns"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        layout = dcp_reader._Layout(folder_, fields.get("planner_data"))
+        layout = dcp_reader.Layout(folder_.fqns, folder_.is_tensor, fields.get("planner_data"))
         sections = dcp_reader._sections(folder_, layout)
         out["sections from planner_data"] = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -2,10 +2,10 @@
 ``torch.distributed.checkpoint.save``, FSDP2, torchtitan and Lightning). It owns: recognising such a
 folder; reading ``.metadata`` with the no-execution unpickler, where DCP's own data classes become
 inert records and any other global is reported unsafe; checking every item's byte range against the
-``.distcp`` files at open; laying the flat keys out again, from ``planner_data``, as sections (columns,
-no object per tensor), optimizer state and plain metadata; and assembling a tensor from its chunks
-only when it is read (a chunk covering the whole tensor comes back as a view of a private map). It
-never writes into the folder."""
+``.distcp`` files at open; building the sections (columns, no object per tensor), optimizer states and
+plain metadata that ``dcp_layout`` places; reading the small non-tensor items; and assembling a tensor
+from its chunks only when it is read (a chunk covering the whole tensor comes back as a view of a
+private map). It never writes into the folder."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import torch
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnknownFormatError
 from ..sections import plain
+from .dcp_layout import Layout, insert, listify, name_of, optimizer_state
 from .mapped import MappedFile, materialize
 from .pickle_reader import PICKLE_ERRORS, Stub, unpickle
 from .raw import RawCheckpoint
@@ -465,161 +466,6 @@ def _fits(ref: TensorRef, storage: StorageRef) -> bool:
     return (last + 1) * element_size(ref.dtype) <= storage.nbytes
 
 
-# ---- the layout: sections, optimizer state and plain data, from planner_data --------------------
-def _paths(fqns: list[str], planner: Any) -> list[tuple]:
-    """Each item's path into the state dict that was saved (``planner_data``); ``(fqn,)`` without one."""
-    get = planner.get if isinstance(planner, dict) else {}.get
-    paths = [p if type(p) is tuple and p else tuple(p) if type(p) is list and p else (f,)
-             for f, p in zip(fqns, map(get, fqns))]
-    if set(map(type, itertools.chain.from_iterable(paths))) <= {str, int}:
-        return paths
-    return [p if set(map(type, p)) <= {str, int} else (f,) for f, p in zip(fqns, paths)]  # a damaged planner_data
-
-
-def _optimizer_roots(paths: list[tuple]) -> set[tuple]:
-    """Paths of the optimizer states saved: what precedes ``"param_groups", <int>`` in some path."""
-    roots = set()
-    for p in paths:
-        if "param_groups" in p:
-            i = p.index("param_groups")
-            if i + 1 < len(p) and type(p[i + 1]) is int:
-                roots.add(p[:i])
-    return roots
-
-
-_FLAT_GROUPS = "param_groups by parameter"  # where a flattened optimizer's hyper-parameters are gathered
-
-
-def _flat_optimizer_roots(paths: list[tuple], is_tensor: list[bool]) -> set[tuple]:
-    """Paths of optimizer states saved flattened (``get_optimizer_state_dict(...,
-    flatten_optimizer_state_dict=True)``, as torchtitan does): keys ``state.<fqn>.<name>``, and
-    ``param_groups.<fqn>.<hyper-parameter>`` for plain values."""
-    return {p[:-1] for p, t in zip(paths, is_tensor) if not t and type(p[-1]) is str
-            and p[-1].startswith("param_groups.") and p[-1].count(".") > 1}
-
-
-def _unflatten(paths: list[tuple], roots: set[tuple]) -> list[tuple]:
-    """Flattened optimizer keys as nested paths: ``("state", fqn, name)``, ``(_FLAT_GROUPS, fqn, name)``."""
-
-    def nested(p: tuple) -> tuple:
-        if p[:-1] not in roots or type(p[-1]) is not str:
-            return p
-        head, _, rest = p[-1].partition(".")
-        if head not in ("state", "param_groups") or "." not in rest:
-            return p
-        fqn, name = rest.rsplit(".", 1)
-        return (*p[:-1], "state" if head == "state" else _FLAT_GROUPS, fqn, name)
-
-    return list(map(nested, paths))
-
-
-class _Layout:
-    """Where each item goes: a section's column, an optimizer state's tree, or the plain metadata."""
-
-    def __init__(self, dcp: DcpFolder, planner: Any):
-        paths = _paths(dcp.fqns, planner)
-        flat = _flat_optimizer_roots(paths, dcp.is_tensor)
-        paths = _unflatten(paths, flat) if flat else paths
-        self.roots = _optimizer_roots(paths) | flat
-        owners = self._owners(paths)
-        tensor_paths = [p for p, t in zip(paths, dcp.is_tensor) if t]
-        tensor_owners = [o for o, t in zip(owners, dcp.is_tensor) if t]
-        self.byte_items = [(f, p, o) for f, p, o, t in zip(dcp.fqns, paths, owners, dcp.is_tensor) if not t]
-        self.optimizer_tensors = [(o, p[len(o):], row) for row, (p, o) in enumerate(zip(tensor_paths, tensor_owners))
-                                  if o is not None]
-        rows = [row for row, o in enumerate(tensor_owners) if o is None] if self.roots else range(len(tensor_paths))
-        names = [str(tensor_paths[r][0]) if len(tensor_paths[r]) > 1 else "" for r in rows]
-        keys = [_key(tensor_paths[r]) for r in rows]
-        self.sections: dict[str, tuple[list[str], list[int]]] = {}
-        if len(set(names)) == 1:  # the usual case: one section
-            self.sections[names[0]] = (keys, list(rows))
-            return
-        for name, key, row in zip(names, keys, rows):
-            section = self.sections.setdefault(name, ([], []))
-            section[0].append(key)
-            section[1].append(row)
-
-    def _owners(self, paths: list[tuple]) -> list[tuple | None]:
-        """The optimizer root each path lies under, or None."""
-        depths = sorted({len(r) for r in self.roots})
-        if not depths:
-            return [None] * len(paths)
-
-        def owner(p: tuple) -> tuple | None:
-            for n in depths:
-                if len(p) > n and p[:n] in self.roots:
-                    return p[:n]
-            return None
-
-        return list(map(owner, paths))
-
-
-def _key(path: tuple) -> str:
-    """A tensor's key in its section: the path below the section's name, dotted."""
-    if len(path) == 1:
-        return str(path[0])
-    return path[1] if len(path) == 2 and type(path[1]) is str else ".".join(map(str, path[1:]))
-
-
-def _name(root: tuple) -> str:
-    return ".".join(map(str, root))
-
-
-def _insert(tree: dict, path: tuple, value: Any) -> None:
-    for key in path[:-1]:
-        child = tree.get(key)
-        tree = child if type(child) is dict else tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _listify(tree: Any) -> Any:
-    """Nested dicts with the keys 0..n-1 (lists, as DCP flattens them) back into lists."""
-    if type(tree) is not dict:  # values read from byte items (Stubs are dicts too) stay as they are
-        return tree
-    out = {k: _listify(v) for k, v in tree.items()}
-    if out and all(type(k) is int for k in out) and sorted(out) == list(range(len(out))):
-        return [out[i] for i in range(len(out))]
-    return out
-
-
-def _optimizer(tree: dict) -> dict:
-    """An optimizer state dict rebuilt from its items: ``state`` keyed as ``param_groups`` name params
-    (DCP stores the integer ids as strings)."""
-    out = _listify(tree)
-    if _FLAT_GROUPS in out:
-        out["param_groups"] = _groups_of(out.pop(_FLAT_GROUPS))
-    groups = out.get("param_groups")
-    if isinstance(groups, dict):  # indices with gaps: keep their order
-        groups = [groups[k] for k in sorted(groups, key=str)]
-    groups = groups if isinstance(groups, list) else []
-    params = [p for g in groups if isinstance(g, dict) for p in g.get("params", ())]
-    state = out.get("state") if isinstance(out.get("state"), dict) else {}
-    if params and all(type(p) is int for p in params):
-        state = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in state.items()}
-    return {**out, "state": state, "param_groups": groups}
-
-
-def _groups_of(by_param: dict) -> list[dict]:
-    """Parameter groups from each parameter's hyper-parameters: parameters with equal ones share a group,
-    in the order they were saved."""
-    groups: list[dict] = []
-    for fqn, hyper in by_param.items():
-        hyper = hyper if type(hyper) is dict else {}
-        same = next((g for g in groups if g.keys() - {"params"} == hyper.keys() and _equal(g, hyper)), None)
-        if same is None:
-            groups.append({**hyper, "params": [fqn]})
-        else:
-            same["params"].append(fqn)
-    return groups
-
-
-def _equal(group: dict, hyper: dict) -> bool:
-    try:
-        return all(bool(group[k] == v) for k, v in hyper.items())
-    except (TypeError, ValueError, RuntimeError):
-        return False
-
-
 def _read_byte_items(dcp: DcpFolder, items: list[tuple[str, tuple, tuple | None]]):
     """(values by fqn, skipped fqns, unsafe globals): optimizer items first, within BYTES_BUDGET."""
     values, skipped, unsafe, spent = {}, [], set(), 0
@@ -659,12 +505,12 @@ def read_dcp(path: str | os.PathLike) -> RawCheckpoint:
     fields, unsafe = load_metadata(meta_path)
     with _no_gc():
         dcp = DcpFolder(folder, fields)
-        layout = _Layout(dcp, fields.get("planner_data"))
+        layout = Layout(dcp.fqns, dcp.is_tensor, fields.get("planner_data"))
         sections = _sections(dcp, layout)
     values, skipped, byte_unsafe = _read_byte_items(dcp, layout.byte_items)
     optimizers, tree = _trees(dcp, layout, values)
     extra, extra_unsafe, extra_path = _lightning_meta(folder)
-    meta = {**extra, **{str(k): plain(v) for k, v in _listify(tree).items()}}
+    meta = {**extra, **{str(k): plain(v) for k, v in listify(tree).items()}}
     meta["dcp" if "dcp" not in meta else "_dcp"] = _facts(dcp, fields, layout, skipped)
     return RawCheckpoint(
         format="dcp", root={**sections, **optimizers, **tree}, unsafe=unsafe | byte_unsafe | extra_unsafe,
@@ -685,7 +531,7 @@ def _lightning_meta(folder: str) -> tuple[dict, set[str], str | None]:
     return data, set(raw.unsafe), path
 
 
-def _sections(dcp: DcpFolder, layout: _Layout) -> dict[str, TensorTable]:
+def _sections(dcp: DcpFolder, layout: Layout) -> dict[str, TensorTable]:
     labels = dcp.file_labels()
     out = {}
     for name, (keys, rows) in layout.sections.items():
@@ -694,19 +540,19 @@ def _sections(dcp: DcpFolder, layout: _Layout) -> dict[str, TensorTable]:
     return out
 
 
-def _trees(dcp: DcpFolder, layout: _Layout, values: dict) -> tuple[dict[str, dict], dict]:
+def _trees(dcp: DcpFolder, layout: Layout, values: dict) -> tuple[dict[str, dict], dict]:
     """(optimizer states by name, the tree of plain values outside them)."""
     opt_trees: dict[tuple, dict] = {root: {} for root in layout.roots}
     for root, below, row in layout.optimizer_tensors:
-        _insert(opt_trees[root], below, DcpTensor(dcp, row))
+        insert(opt_trees[root], below, DcpTensor(dcp, row))
     tree: dict = {}
     for fqn, p, root in layout.byte_items:
         if fqn in values:
-            _insert(opt_trees[root] if root is not None else tree, p[len(root):] if root else p, values[fqn])
-    return {_name(root): _optimizer(t) for root, t in opt_trees.items()}, tree
+            insert(opt_trees[root] if root is not None else tree, p[len(root):] if root else p, values[fqn])
+    return {name_of(root): optimizer_state(t) for root, t in opt_trees.items()}, tree
 
 
-def _facts(dcp: DcpFolder, fields: dict, layout: _Layout, skipped: list[str]) -> dict:
+def _facts(dcp: DcpFolder, fields: dict, layout: Layout, skipped: list[str]) -> dict:
     referenced = {os.path.basename(f.path) for f in dcp.files}
     with os.scandir(dcp.folder) as entries:
         stray = sorted(e.name for e in entries if e.name.endswith(SUFFIX) and e.name not in referenced)
