@@ -27,7 +27,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import ckptviz as cv
-from ckptviz.readers.dcp import dcp_folder_of, is_dcp_folder
+from ckptviz.readers.dcp import dcp_folder_of, is_dcp_folder, read_dcp
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # dcp.save without a process group says so
 
@@ -187,6 +187,11 @@ def test_without_planner_data_keys_are_taken_as_saved(tmp_path):
     ck = cv.open_checkpoint(folder)
     assert ck.metadata["dcp"]["planner_data"] is False
     assert ck.sections == [""] and torch.equal(ck.tensor("w"), state["w"]) and ck.metadata["s"] == 3
+
+
+def test_a_missing_folder(tmp_path):
+    with pytest.raises(cv.CheckpointNotFoundError, match="no such folder"):
+        read_dcp(tmp_path / "nowhere")
 
 
 def test_open_through_metadata_or_distcp_path(saved):
@@ -621,6 +626,9 @@ def test_lightning_meta_pt_beside_the_folder(saved):
     ck = cv.open_checkpoint(folder)
     assert ck.metadata["epoch"] == 3 and ck.metadata["hyper_parameters"] == {"lr": 0.01}
     assert ck.files[-1] == str(folder / "meta.pt") and ck.metadata["step"] == 5
+    (folder / "meta.pt").write_bytes((folder / "meta.pt").read_bytes()[:50])  # cut off: said, weights still open
+    ck = cv.open_checkpoint(folder)
+    assert ck.metadata["meta.pt"].startswith("unreadable") and len(ck.state_dict()) == 9
     torch.save({"callbacks": Payload(folder / "pwned")}, folder / "meta.pt")
     with pytest.raises(cv.UnsafeCheckpointError, match=r"posix\.system"):
         cv.open_checkpoint(folder)

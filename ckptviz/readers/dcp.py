@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnknownFormatError
+from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UnknownFormatError
 from ..sections import plain
 from .dcp_layout import Layout, insert, listify, name_of, optimizer_state
 from .mapped import MappedFile, materialize
@@ -496,6 +496,8 @@ def read_dcp(path: str | os.PathLike) -> RawCheckpoint:
     """Read a DCP folder (or its ``.metadata`` / a ``.distcp`` in it): ``.metadata`` only, plus the small
     non-tensor items; tensors are listed from the metadata and read when asked for."""
     folder = dcp_folder_of(path) or os.fspath(path)
+    if not os.path.isdir(folder):
+        raise CheckpointNotFoundError(f"{folder}: no such folder (relative paths start at {os.getcwd()}).")
     meta_path = os.path.join(folder, METADATA)
     if not os.path.isfile(meta_path):
         raise CorruptCheckpointError(
@@ -525,7 +527,10 @@ def _lightning_meta(folder: str) -> tuple[dict, set[str], str | None]:
     path = os.path.join(folder, LIGHTNING_META)
     if not os.path.isfile(path):
         return {}, set(), None
-    raw = read_torch_zip(path)
+    try:
+        raw = read_torch_zip(path)
+    except CheckpointError as e:  # the weights stay readable without it
+        return {LIGHTNING_META: f"unreadable: {e}"}, set(), path
     root = raw.root
     data = {str(k): plain(v) for k, v in root.items()} if isinstance(root, dict) else {LIGHTNING_META: plain(root)}
     return data, set(raw.unsafe), path
