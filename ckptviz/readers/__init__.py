@@ -4,13 +4,11 @@ file's bytes."""
 
 from __future__ import annotations
 
-import gc
 import os
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnknownFormatError
+from ._gc import no_gc
 from .raw import RawCheckpoint
 
 __all__ = ["RawCheckpoint", "read", "read_file", "sniff"]
@@ -45,22 +43,9 @@ def _check_path(path: str) -> None:
         raise CorruptCheckpointError(f"{path}: the file is empty (0 bytes); the save or the copy did not finish.")
 
 
-@contextmanager
-def _no_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector: a header of 500,000 entries makes millions of small objects
-    without cycles, and collections triggered by their allocation would double the time to read it."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
 def read(path: str) -> RawCheckpoint:
     """Read the structure of the checkpoint at ``path`` (a file or a folder) without reading tensor data."""
-    with _no_gc():
+    with no_gc():
         return _read(path)
 
 

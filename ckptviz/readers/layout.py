@@ -41,7 +41,7 @@ def detect(path: str) -> Layout:
     if os.path.isdir(path):
         return _folder(path)
     folder, name = os.path.split(os.path.abspath(path))
-    if name == ".metadata" or name.endswith(".distcp") and os.path.isfile(os.path.join(folder, ".metadata")):
+    if name == ".metadata" or name.endswith(".distcp"):  # without .metadata, the DCP reader says what is missing
         return Layout("dcp", folder)
     if name.endswith(INDEX_SUFFIXES):
         return _hub_index(folder, path)
@@ -85,7 +85,7 @@ def _folder(folder: str) -> Layout:
     entries = _listing(folder)
     files = {e.name: e for e in entries if _is_file(e)}
     dirs = {e.name: e for e in entries if _is_dir(e)}
-    if ".metadata" in files:
+    if ".metadata" in files or any(n.endswith(".distcp") for n in files):
         return Layout("dcp", folder)
     ds = deepspeed_dir(folder, files, dirs)
     if ds is not None:
