@@ -104,7 +104,7 @@ def _read(ck: Checkpoint, section: str, path: str | None) -> tuple[list[str], st
     """(import lines, code that binds ``sd`` to the section, the keys ``sd`` will hold)."""
     imports, lines = ["import torch"], []
     keys = list(ck._section(section))
-    sharded = _read_sharded(ck, path)
+    sharded = _read_dcp(ck, section, path) if ck.format == "dcp" else _read_sharded(ck, path)
     if sharded is not None:
         return [*imports, *sharded[0]], sharded[1], keys
     if ck.format == "safetensors":
@@ -139,6 +139,22 @@ def _read(ck: Checkpoint, section: str, path: str | None) -> tuple[list[str], st
         keys = [str(k) for k in node]  # torch.load also returns the entries that are not tensors
     lines.append(f"sd = {expr}  # {where}")
     return imports, "\n".join(lines) + "\n", keys
+
+
+def _read_dcp(ck: Checkpoint, section: str, path: str | None) -> tuple[list[str], str]:
+    """(imports, code binding ``sd``) for a torch.distributed.checkpoint folder, read whole into one process
+    the way torch's own ``dcp_to_torch_save`` reads it."""
+    imports = ["from torch.distributed.checkpoint import FileSystemReader",
+               "from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner",
+               "from torch.distributed.checkpoint.state_dict_loader import _load_state_dict"]
+    pick = f"ckpt[{_q(section)}]" if section else "ckpt"
+    where = f"section {section!r}" if section else "the folder holds the state dict itself"
+    code = ("# torch reads .metadata with pickle.load (it can run code): only for folders you trust\n"
+            "ckpt = {}\n"
+            f"_load_state_dict(ckpt, storage_reader=FileSystemReader({_q(path or ck.path)}),\n"
+            "                 planner=_EmptyStateDictLoadPlanner(), no_dist=True)\n"
+            f"sd = {pick}  # {where}\n")
+    return imports, code
 
 
 def _read_sharded(ck: Checkpoint, path: str | None) -> tuple[list[str], str] | None:

@@ -152,6 +152,12 @@ def test_compare_load_partial_and_forward(saved):
     x = torch.randn(4, 8)
     assert torch.equal(fresh(x), model(x))
 
+    code = cv.torch_code(res)  # the same load in plain PyTorch, through torch's own DCP reader
+    assert "FileSystemReader" in code and 'sd = ckpt["model"]' in code
+    twin = net().eval()
+    exec(code, {"model": twin})
+    assert torch.equal(twin(x), model(x))
+
 
 def test_load_optimizer_restores_adam(saved):
     folder, model, opt = saved
