@@ -19,7 +19,7 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .load import LoadResult, load_optimizer, load_partial
-from .models import build_model, find_models, parse_kwargs, torchvision_models
+from .models import build_model, find_models, model_from_config, parse_kwargs, torchvision_models
 from .snippet import torch_code
 from .stats import Histogram, StatsCache, histogram, stats_frame, summarize, tensor_stats
 
@@ -40,6 +40,7 @@ __all__ = [
     "CheckpointWarning", "CheckpointNotFoundError", "CorruptCheckpointError", "LoadError", "LoadResult", "ModelError",
     "NoTensorsError", "OptimizerMismatchError", "Report", "Rule", "SectionError", "UnknownFormatError",
     "UnsafeCheckpointError", "compare", "load_optimizer", "load_partial", "open_checkpoint", "build_model",
-    "find_models", "parse_kwargs", "torchvision_models", "torch_code", "DiffReport", "diff", "diff_tensors",
+    "find_models", "model_from_config", "parse_kwargs", "torchvision_models", "torch_code", "DiffReport", "diff",
+    "diff_tensors",
     "Histogram", "StatsCache", "histogram", "stats_frame", "summarize", "tensor_stats",
 ]

@@ -153,6 +153,10 @@ def test_tensor_panel_data_and_device_summary(tmp_path):
     assert (hists["checkpoint"].edges == hists["model"].edges).all()  # one range, comparable bins
     summary = device_summary(rep, model)
     assert f"{len(model.state_dict())} tensors saved on <b>cpu</b> stay on <b>cpu</b>" in summary
+    with torch.device("meta"):
+        empty = SmallCNN()
+    summary = device_summary(cv.compare(empty, tmp_path / "m.pt"), empty)
+    assert f"{len(model.state_dict())} tensors saved on <b>cpu</b> will be materialized on <b>cpu</b>" in summary
 
 
 def test_static_export_falls_back_to_the_styled_table(tmp_path):

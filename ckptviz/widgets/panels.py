@@ -98,6 +98,10 @@ def device_summary(report: Report, model: nn.Module) -> str:
     """Where the checkpoint's tensors were saved, where the model holds them, and what a load moves."""
     lines = []
     for r in report.device_moves().itertuples(index=False):
+        if r.model_device == "meta":  # a load assigns them (load_partial(assign=True)) onto the CPU
+            lines.append(f"{r.tensors} tensors saved on <b>{r.ckpt_device}</b> will be materialized on <b>cpu</b> "
+                         "(the model holds them on meta, with no memory)")
+            continue
         verb = "stay on" if r.ckpt_device == r.model_device else "will be copied to"
         lines.append(f"{r.tensors} tensors saved on <b>{r.ckpt_device}</b> {verb} <b>{r.model_device}</b>")
     held = Counter(str(t.device) for t in model_tensors(model).values())
