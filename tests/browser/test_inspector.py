@@ -299,5 +299,29 @@ def test_inspector_user_journey(jupyter_lab, page, page_log):
         report_timing(f"{label} ({keys:,} keys)", seconds, kernel_seconds(page, "_bench"))
         save_screenshot(page, f"inspector-{Path(rel_path).stem}", full_page=False)
 
+    # 9. a sharded folder (huggingface_hub's writer) is one entry of the file list, and opens whole
+    out = run_new_cell(
+        page,
+        "from huggingface_hub import save_torch_state_dict\n"
+        "os.makedirs('demo/sharded', exist_ok=True)\n"
+        "save_torch_state_dict(model.state_dict(), 'demo/sharded', max_shard_size='8KB')\n"
+        "_shards = cv.CheckpointInspector(model=model, start_dir='demo')\n"
+        "display(_shards)\n"
+        "print('shards', len(cv.open_checkpoint('demo/sharded').files) - 1)",
+        NB,
+        timeout=BIG_CELL_TIMEOUT_S,
+    )
+    shards = int(re.search(r"^shards (\d+)$", out, re.MULTILINE).group(1))
+    assert shards > 1, out
+    folder_insp = page.locator(".ckptviz-inspector").last
+    folder_insp.scroll_into_view_if_needed()
+    choose_in_file_list(folder_insp, "sharded/")
+    expect(folder_insp.locator(".ckptviz-file-list select")).to_contain_text(
+        f"hf-safetensors-sharded: {shards} shards")
+    expect(folder_insp.locator(TABLE_ROWS)).to_have_count(PAGE_LENGTH, timeout=TABLE_TIMEOUT_MS)
+    expect(folder_insp.locator(".ckptviz-counts")).to_contain_text("match 18")
+    expect(folder_insp).to_contain_text(f"in {shards + 1} files")
+    save_screenshot(page, "inspector-sharded-folder", full_page=False)
+
     assert not page_log.errors, page_log.format()
     print(f"\n[journey] done in {time.monotonic() - started:.1f} s", flush=True)
