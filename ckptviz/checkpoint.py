@@ -362,6 +362,7 @@ def open_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
     """
     path = os.fspath(path)
     raw = read(path)
+    raw.trust = trust
     if raw.unsafe and not trust:
         raise UnsafeCheckpointError(path, raw.unsafe)
     damaged = raw.damaged_storages()

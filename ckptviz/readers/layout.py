@@ -88,7 +88,7 @@ def _folder(folder: str) -> Layout:
     if ".metadata" in files:
         return Layout("dcp", folder)
     ds = deepspeed_dir(folder, files, dirs)
-    if ds is not None:
+    if ds is not None or any(DEEPSPEED_OPTIM.match(n) for n in files):  # a tag folder lacking its model states, too
         return Layout("deepspeed", folder)
     indexes = sorted((n for n in files if n.endswith(INDEX_SUFFIXES)),
                      key=lambda n: (not n.endswith(".safetensors.index.json"), n))
@@ -107,6 +107,8 @@ def _folder(folder: str) -> Layout:
     weights = [n for n in files if n.lower().endswith(WEIGHT_SUFFIXES) and files[n].stat().st_size > 0]
     if len(weights) == 1:
         return Layout("file", os.path.join(folder, weights[0]))
+    if "latest" in files and not weights:  # DeepSpeed's, naming a tag that is not there: the reader says so
+        return Layout("deepspeed", folder)
     raise _no_checkpoint(folder, weights, dirs)
 
 
