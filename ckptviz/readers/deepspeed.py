@@ -465,17 +465,21 @@ def _stamps(folder: str, names: list[str]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _open_rank_file(info: _Info, name: str, stamp: tuple | None, what: str) -> RawCheckpoint:
-    """Read the structure of one rank's file, refusing it if it is missing, changed since open, or damaged."""
-    from . import read_file
-
-    path = os.path.join(info.tag_dir, name)
+def _require(info: _Info, path: str, what: str) -> None:
     if not os.path.isfile(path):
         raise CheckpointNotFoundError(
             f"{path}: missing. It is {what} of the {info.ws} data-parallel ranks, needed to rebuild section 'fp32'; "
             "the save did not finish on every rank or the file was not copied. Copy it from where the checkpoint "
             "was saved" + (" ('module' holds the weights without it)." if not info.stage3 else ".")
         )
+
+
+def _open_rank_file(info: _Info, name: str, stamp: tuple | None, what: str) -> RawCheckpoint:
+    """Read the structure of one rank's file, refusing it if it is missing, changed since open, or damaged."""
+    from . import read_file
+
+    path = os.path.join(info.tag_dir, name)
+    _require(info, path, what)
     if stamp is not None and file_stamp(path) != stamp:
         raise CorruptCheckpointError(f"{path}: the file changed on disk since the checkpoint was opened; open it "
                                      "again.")
@@ -506,6 +510,8 @@ class _Partitions:
 
     def _parse(self) -> Callable[[int], list]:
         info = self.info
+        for r, name in enumerate(self.names):  # a missing rank first: the count check would not name it
+            _require(info, os.path.join(info.tag_dir, name), f"the optimizer partition of rank {r}")
         states = [self._state(0)]
         ws = self._world_size(states[0])
         states += [self._state(r) for r in range(1, ws)]
