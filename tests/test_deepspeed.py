@@ -388,6 +388,17 @@ def test_no_latest_opens_the_newest_step(tmp_path):
     assert ck.metadata["deepspeed"]["tag"] == "global_step12" and "emb.weight" in ck.tensors().index
 
 
+def test_folder_summary(tmp_path):
+    from ckptviz.readers.layout import summarize_folder
+
+    write_deepspeed_checkpoint(tmp_path, tiny(), 2, 2)
+    summary = summarize_folder(str(tmp_path))
+    assert (summary.format, summary.files) == ("deepspeed", 3)
+    (tmp_path / "global_step2" / "mp_rank_00_model_states.pt").unlink()
+    summary = summarize_folder(str(tmp_path / "global_step2"))  # its own files, not the working directory's
+    assert (summary.format, summary.files) == ("deepspeed", 2)
+
+
 # ---------------------------------------------------------------- safety
 def _names_in_pickle(path: Path) -> bytes:
     import zipfile

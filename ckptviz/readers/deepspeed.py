@@ -9,6 +9,7 @@ own pickled classes become inert records; nothing a file names is imported or ca
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 import re
@@ -47,7 +48,13 @@ SHOWN = 5
 
 
 def read_deepspeed(path: str) -> RawCheckpoint:
-    """The structure of the DeepSpeed checkpoint at ``path`` (its save folder or its tag folder)."""
+    """The structure of the DeepSpeed checkpoint at ``path`` (its save folder or its tag folder).
+
+    Table columns: ``file`` is the file holding a tensor, relative to ``path``; for the consolidated parameters of
+    ``fp32``, rank 0's optimizer file (the other ranks' files hold the rest of the slices). ``device`` is the saved
+    location; for consolidated parameters, that of the parameter in the model file (the optimizer's partitions
+    are not read at open; with ZeRO-Offload they lived on the CPU).
+    """
     location = os.path.abspath(path)
     tag_dir, tag, warnings = _tag_dir(location)
     model_names, optim_names, other = _tag_files(tag_dir)
@@ -384,13 +391,13 @@ def _table(keys: list[str], shape: list, dtype: list, device: list, makers: list
                 index[alias] = len(keys)
                 keys.append(alias)
                 src.append(src[index[owner]])
-    starts = np.cumsum([0] + [n for n, _ in makers])
+    starts = np.cumsum([0] + [n for n, _ in makers]).tolist()
     file = [model_label if s < n_model else opt_label for s in src]
 
     def make(i: int) -> Any:
         s = src[i]
-        k = int(np.searchsorted(starts, s, side="right")) - 1
-        return makers[k][1](s - int(starts[k]))
+        k = bisect.bisect_right(starts, s) - 1
+        return makers[k][1](s - starts[k])
 
     def pick(col: list) -> list:
         return [col[s] for s in src]
@@ -408,7 +415,7 @@ class _Lazy(LazyRecord):
         return self._fn(maps)
 
 
-def _view(ref: TensorRef, maps: dict[int, Any]) -> torch.Tensor:
+def _view(ref: TensorRef, maps: dict[Any, Any]) -> torch.Tensor:
     """``ref``'s tensor over the caller's shared map of its file (no copy)."""
     src = ref.storage.source
     if id(src) not in maps:
@@ -416,24 +423,33 @@ def _view(ref: TensorRef, maps: dict[int, Any]) -> torch.Tensor:
     return materialize(ref, maps[id(src)])
 
 
+def _flat(ref: TensorRef, maps: dict[Any, Any]) -> torch.Tensor:
+    """A flat partition's tensor, made once per read call (``maps`` lives as long as the call)."""
+    key = ("deepspeed-flat", id(ref))
+    t = maps.get(key)
+    if t is None:
+        t = maps[key] = _view(ref, maps)
+    return t
+
+
 def _pieces(segments: list[tuple[TensorRef, int, int]], shape: tuple, maps: dict) -> torch.Tensor:
     """The elements of ``segments`` (flat tensor, start, length) back to back, as ``shape``: a view of the
     file when one segment holds them all, else a copy."""
-    views = [_view(ref, maps).narrow(0, start, n) for ref, start, n in segments]
+    views = [_flat(ref, maps).narrow(0, start, n) for ref, start, n in segments]
     if not views:
         return torch.empty(shape, dtype=torch.float32)
     flat = views[0] if len(views) == 1 else torch.cat(views)
     return flat.view(shape)
 
 
-def _split(cum: np.ndarray, refs: list[TensorRef], start: int, length: int) -> list[tuple[TensorRef, int, int]]:
+def _split(cum: list[int], refs: list[TensorRef], start: int, length: int) -> list[tuple[TensorRef, int, int]]:
     """The segments of ``length`` elements from ``start`` in the concatenation of ``refs`` (``cum``: their
     cumulative lengths, from 0)."""
     out = []
-    k = int(np.searchsorted(cum, start, side="right")) - 1
+    k = bisect.bisect_right(cum, start) - 1
     while length > 0 and k < len(refs):
-        local = start - int(cum[k])
-        take = min(length, int(cum[k + 1]) - start)
+        local = start - cum[k]
+        take = min(length, cum[k + 1] - start)
         if take > 0:
             out.append((refs[k], local, take))
             start, length = start + take, length - take
@@ -593,13 +609,14 @@ class _Partitions:
                 raise CorruptCheckpointError(f"{path0}: parameter group {g} needs {used} elements but the "
                                              f"{len(states)} partition(s) hold {avail}; the files do not belong "
                                              "together or one is damaged.")
-            offsets.append(ends - n - pad)
-            starts.append(np.concatenate([[0], np.cumsum(lengths[:, g])]))
+            offsets.append((ends - n - pad).tolist())
+            starts.append(np.concatenate([[0], np.cumsum(lengths[:, g])]).tolist())
+        refs = [[f[g] for f in flats] for g in range(n_groups)]
+        group_of, first_of, numel = self.group_of.tolist(), self.first_of.tolist(), self.numel.tolist()
 
         def segments(j: int) -> list:
-            g = int(self.group_of[j])
-            off = int(offsets[g][j - self.first_of[g]])
-            return _split(starts[g], [f[g] for f in flats], off, int(self.numel[j]))
+            g = group_of[j]
+            return _split(starts[g], refs[g], offsets[g][j - first_of[g]], numel[j])
 
         return segments
 
@@ -615,8 +632,11 @@ class _Partitions:
                 raise CorruptCheckpointError(f"{path}: its fp32 partitions hold {int(cum[-1])} elements, but the "
                                              f"parameters need {used} per rank; the files do not belong together.")
 
+        cums = [c.tolist() for c in cums]
+        numel, part, off = self.numel.tolist(), part.tolist(), off.tolist()
+
         def segments(j: int) -> list:
-            n, s, o = int(self.numel[j]), int(part[j]), int(off[j])
+            n, s, o = numel[j], part[j], off[j]
             out = []
             for r in range(ws):
                 take = min(s, n - r * s)

@@ -183,7 +183,7 @@ def summarize_folder(folder: str) -> FolderSummary | None:
             from . import sniff
 
             return FolderSummary(sniff(layout.path), 1, os.path.getsize(layout.path))
-        where = deepspeed_dir(folder) if layout.kind == "deepspeed" else folder
+        where = (deepspeed_dir(folder) or folder) if layout.kind == "deepspeed" else folder
         names = os.listdir(where)
         if layout.kind == "hub":
             ext = ".bin" if (layout.index or layout.shards[0]).endswith((".bin", ".bin.index.json")) else ".safetensors"
