@@ -225,6 +225,20 @@ def test_stage3_several_sub_groups(tmp_path, ws):
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_floating_buffers_become_fp32(tmp_path, stage):
+    """zero_to_fp32 returns floating buffers as fp32 (``.float()``), other dtypes as saved."""
+    model = wider()
+    model.register_buffer("scale", torch.linspace(-2, 2, 6, dtype=torch.float16))
+    model.register_buffer("index", torch.arange(4))
+    write_deepspeed_checkpoint(tmp_path, model, stage, 2)
+    ck = open_ds(tmp_path)
+    got = ck.state_dict("fp32")
+    assert_same_state(got, consolidate_reference(tmp_path))
+    assert got["scale"].dtype == torch.float32 and torch.equal(got["scale"], model.scale.float())
+    assert got["index"].dtype == torch.int64
+
+
 def test_exclude_frozen_parameters(tmp_path):
     model = tiny()
     write_deepspeed_checkpoint(tmp_path, model, 3, 2, exclude_frozen_parameters=True)
@@ -386,6 +400,19 @@ def test_no_latest_opens_the_newest_step(tmp_path):
     with pytest.warns(cv.CheckpointWarning, match="opened the newest tag global_step12"):
         ck = cv.open_checkpoint(tmp_path)
     assert ck.metadata["deepspeed"]["tag"] == "global_step12" and "emb.weight" in ck.tensors().index
+
+
+def test_trainer_folder_with_weights_beside(tmp_path):
+    """A trainer's checkpoint-N/ folder: the DeepSpeed state plus the weights it exported, each readable."""
+    from safetensors.torch import save_file
+
+    model = tiny()
+    write_deepspeed_checkpoint(tmp_path, model, 2, 1)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "head.weight"},
+              tmp_path / "model.safetensors")
+    with pytest.warns(cv.CheckpointWarning, match="also holds model.safetensors"):
+        assert cv.open_checkpoint(tmp_path).format == "deepspeed"
+    assert cv.open_checkpoint(tmp_path / "model.safetensors").format == "safetensors"
 
 
 def test_folder_summary(tmp_path):

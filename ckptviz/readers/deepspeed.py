@@ -79,8 +79,8 @@ def read_deepspeed(path: str) -> RawCheckpoint:
     if stage3:
         warnings.append(
             f"ZeRO-3 model files hold no weights (empty placeholders with the names and shapes); section 'fp32' is "
-            f"consolidated from the {ws} optimizer partition(s) as DeepSpeed's zero_to_fp32.py does (fp32 master "
-            "weights), read from those files when a value is asked for."
+            f"consolidated from the {ws} optimizer partition(s) as DeepSpeed's zero_to_fp32.py does "
+            f"({dtype_name(info.master_dtype())} master weights), read from those files when a value is asked for."
         )
     info.raw = RawCheckpoint(
         format="deepspeed", root=root, unsafe=raw0.unsafe - DEEPSPEED_GLOBALS, source=raw0.source,
