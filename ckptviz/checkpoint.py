@@ -12,7 +12,14 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .errors import CheckpointWarning, CorruptCheckpointError, NoTensorsError, SectionError, UnsafeCheckpointError
+from .errors import (
+    CheckpointError,
+    CheckpointWarning,
+    CorruptCheckpointError,
+    NoTensorsError,
+    SectionError,
+    UnsafeCheckpointError,
+)
 from .readers import RawCheckpoint, read
 from .readers.mapped import file_stamp, materialize
 from .readers.pickle_reader import OpaqueTensor, Stub
@@ -224,6 +231,8 @@ class Checkpoint:
         if isinstance(v, LazyRecord):
             try:
                 return v.read(maps if maps is not None else {})
+            except CheckpointError:  # the record's own error, naming its file
+                raise
             except (RuntimeError, OSError, ValueError) as e:
                 where = v.path or self.path
                 raise CorruptCheckpointError(f"{where}: could not read the bytes of a tensor ({e}).") from None
@@ -362,6 +371,7 @@ def open_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
     """
     path = os.fspath(path)
     raw = read(path)
+    raw.trust = trust
     if raw.unsafe and not trust:
         raise UnsafeCheckpointError(path, raw.unsafe)
     damaged = raw.damaged_storages()

@@ -104,7 +104,11 @@ def _read(ck: Checkpoint, section: str, path: str | None) -> tuple[list[str], st
     """(import lines, code that binds ``sd`` to the section, the keys ``sd`` will hold)."""
     imports, lines = ["import torch"], []
     keys = list(ck._section(section))
-    sharded = _read_dcp(ck, section, path) if ck.format == "dcp" else _read_sharded(ck, path)
+    folder_readers = {"dcp": _read_dcp, "deepspeed": _read_deepspeed}
+    if ck.format in folder_readers:
+        sharded = folder_readers[ck.format](ck, section, path)
+    else:
+        sharded = _read_sharded(ck, path)
     if sharded is not None:
         return [*imports, *sharded[0]], sharded[1], keys
     if ck.format == "safetensors":
@@ -177,6 +181,26 @@ def _read_sharded(ck: Checkpoint, path: str | None) -> tuple[list[str], str] | N
     code = (f"folder = {_q(folder)}\n{shards}sd = {{}}\nfor shard in shards:  # one file after another\n"
             f"    p = os.path.join(folder, shard)\n    sd.update({read})\n")
     return imports, code
+
+
+def _read_deepspeed(ck: Checkpoint, section: str, path: str | None) -> tuple[list[str], str]:
+    """(imports, code binding ``sd``) for a DeepSpeed folder: ``module`` from rank 0's model-states file (plain
+    tensors, weights_only-safe), ``fp32`` through DeepSpeed's own zero_to_fp32."""
+    info = ck.metadata["deepspeed"]
+    root = path or ck.path
+    model = os.path.join(root, info["model_files"][0])
+    if section == "module":
+        if ck.unsafe_globals:
+            return [], (f"# the file pickles {', '.join(ck.unsafe_globals[:3])}: weights_only=False imports and runs "
+                        "them, so do this only if you trust the file's origin\n"
+                        f'sd = torch.load({_q(model)}, map_location="cpu", weights_only=False)["module"]\n')
+        return [], f'sd = torch.load({_q(model)}, map_location="cpu", weights_only=True)["module"]\n'
+    folder, tag = os.path.split(os.path.dirname(os.path.normpath(model)))
+    return ["from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint"], (
+        "# needs DeepSpeed installed; it unpickles every file of the tag with torch.load(weights_only=False),\n"
+        "# which imports and runs what the files name: only for checkpoints you trust\n"
+        f"sd = get_fp32_state_dict_from_zero_checkpoint({_q(folder)}, tag={_q(tag)})\n"
+    )
 
 
 def _renamed(keys: list[str], rules: list[tuple[str, str]]) -> dict[str, str] | None:

@@ -88,7 +88,7 @@ def _folder(folder: str) -> Layout:
     if ".metadata" in files or any(n.endswith(".distcp") for n in files):
         return Layout("dcp", folder)
     ds = deepspeed_dir(folder, files, dirs)
-    if ds is not None:
+    if ds is not None or any(DEEPSPEED_OPTIM.match(n) for n in files):  # a tag folder lacking its model states, too
         return Layout("deepspeed", folder)
     indexes = sorted((n for n in files if n.endswith(INDEX_SUFFIXES)),
                      key=lambda n: (not n.endswith(".safetensors.index.json"), n))
@@ -107,6 +107,8 @@ def _folder(folder: str) -> Layout:
     weights = [n for n in files if n.lower().endswith(WEIGHT_SUFFIXES) and files[n].stat().st_size > 0]
     if len(weights) == 1:
         return Layout("file", os.path.join(folder, weights[0]))
+    if "latest" in files and not weights:  # DeepSpeed's, naming a tag that is not there: the reader says so
+        return Layout("deepspeed", folder)
     raise _no_checkpoint(folder, weights, dirs)
 
 
@@ -181,7 +183,7 @@ def summarize_folder(folder: str) -> FolderSummary | None:
             from . import sniff
 
             return FolderSummary(sniff(layout.path), 1, os.path.getsize(layout.path))
-        where = deepspeed_dir(folder) if layout.kind == "deepspeed" else folder
+        where = (deepspeed_dir(folder) or folder) if layout.kind == "deepspeed" else folder
         names = os.listdir(where)
         if layout.kind == "hub":
             ext = ".bin" if (layout.index or layout.shards[0]).endswith((".bin", ".bin.index.json")) else ".safetensors"

@@ -24,6 +24,7 @@ class RawCheckpoint:
     optimizers: dict[str, Any] | None = None
     location: str | None = None  # the folder that is the checkpoint, when it is one
     warnings: list[str] = field(default_factory=list)  # things a user should know that did not stop the read
+    trust: bool = False  # set by open_checkpoint; readers that unpickle more files on first read honour it
 
     def damaged_storages(self) -> list[str]:
         """Storages whose declared bytes do not fit in the file."""
