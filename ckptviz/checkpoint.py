@@ -202,7 +202,7 @@ class Checkpoint:
         """A file-backed checkpoint pickles as "open this path again" (for executors in other processes)."""
         if self._raw is None or not self.path:
             return object.__reduce__(self)
-        return (_reopen, (self.path, bool(self.unsafe_globals)))
+        return (_reopen, (self.path, bool(self._raw.trust or self.unsafe_globals)))
 
     def histogram(self, key: str, bins: int = 64, range: tuple[float, float] | None = None, *,
                   section: str | None = None):
