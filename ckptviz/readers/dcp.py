@@ -319,10 +319,7 @@ class DcpFolder:
         return materialize(ref, maps[id(where)])
 
     def _parse_chunk(self, item: int, fqn: str) -> TensorRef:
-        source = self.files[self.file_of[item]]
-        start, length = int(self.start[item]), int(self.length[item])
-        self._refuse_transforms(item, source.path)
-        source.verify()
+        source, start, length = self._window(item)
         try:
             with open(source.path, "rb") as f:
                 f.seek(start)
@@ -385,6 +382,13 @@ class DcpFolder:
             cached = self._headers[(file, start)] = (start + 8 + n, header if isinstance(header, dict) else {})
         return cached
 
+    def _window(self, item: int) -> tuple[MappedFile, int, int]:
+        """(the file holding ``item``, its start, its length), once the item and the file check out."""
+        source = self.files[self.file_of[item]]
+        self._refuse_transforms(item, source.path)
+        source.verify()
+        return source, int(self.start[item]), int(self.length[item])
+
     def _refuse_transforms(self, item: int, path: str) -> None:
         descriptors = self.transforms[item]
         if descriptors:
@@ -400,10 +404,7 @@ class DcpFolder:
         item = self.index.get((fqn, None))
         if item is None:
             raise self._corrupt(f"no storage entry for the item {fqn!r}")
-        source = self.files[self.file_of[item]]
-        start, length = int(self.start[item]), int(self.length[item])
-        self._refuse_transforms(item, source.path)
-        source.verify()
+        source, start, length = self._window(item)
         try:
             with open(source.path, "rb") as f:
                 obj, up, _ = read_zip_window(f, start, length, None)

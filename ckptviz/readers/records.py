@@ -55,8 +55,23 @@ class StorageRef:
         return self.numel * element_size(self.dtype)
 
 
+class _Sized:
+    """``numel`` and ``nbytes`` from a record's ``shape`` and ``dtype``."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * element_size(self.dtype)
+
+
 @dataclass
-class TensorRef:
+class TensorRef(_Sized):
     """A tensor known by its metadata only; its values are read when asked for."""
 
     storage: StorageRef | None
@@ -74,14 +89,6 @@ class TensorRef:
     def device(self) -> str:
         return self.storage.location if self.storage is not None else "meta"
 
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * element_size(self.dtype)
-
 
 @dataclass
 class OpaqueTensor:
@@ -91,25 +98,15 @@ class OpaqueTensor:
     args: tuple = field(repr=False, default=())
 
 
-class LazyRecord:
+class LazyRecord(_Sized):
     """Base of records whose value takes more than one view of one file (e.g. a distributed
     checkpoint's tensor assembled from chunks). Subclasses set ``shape``, ``dtype``, ``device``
     (the saved location) and ``path`` (the file holding its first byte, for caching and errors), and
     implement ``read(maps)``, where ``maps`` is the caller's dict to share file maps across reads
     (key ``id(mapped_file)``, value ``mapped_file.map()``)."""
 
-    shape: tuple[int, ...]
-    dtype: torch.dtype
     device: str = "cpu"
     path: str | None = None
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * element_size(self.dtype)
 
     def read(self, maps: dict[int, Any]) -> torch.Tensor:
         raise NotImplementedError
