@@ -28,10 +28,9 @@ import shutil
 import statistics
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+import bench_core as core  # the cache folder and the interleaved timer
 import torch
 
 import ckptviz
@@ -40,15 +39,11 @@ from ckptviz.readers import dcp as dcp_reader
 TARGET = 2.0
 
 
-def bench_dir() -> Path:
-    return Path(os.environ.get("CKPTVIZ_BENCH_DIR") or Path.home() / ".cache" / "ckptviz-bench").expanduser()
-
-
 def build_folder(n: int) -> Path:
     """Write (once) a DCP folder of ``n`` small tensors with torch's own writer."""
     import torch.distributed.checkpoint as dcp
 
-    folder = bench_dir() / f"dcp-{n}-tensors"
+    folder = core.bench_dir() / f"dcp-{n}-tensors"
     if (folder / ".metadata").is_file():
         return folder
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
@@ -62,27 +57,6 @@ def build_folder(n: int) -> Path:
     os.replace(tmp, folder)
     print(f"built in {time.perf_counter() - t0:.1f} s", flush=True)
     return folder
-
-
-def run_timed(fn: Callable[[], Any]) -> float:
-    gc.collect()
-    t0 = time.perf_counter()
-    out = fn()
-    elapsed = time.perf_counter() - t0
-    del out
-    gc.collect()
-    return elapsed
-
-
-def interleaved(cases: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
-    """Time every case ``repeats`` times, round robin (after one untimed warm-up round)."""
-    for fn in cases.values():
-        run_timed(fn)
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            times[name].append(run_timed(fn))
-    return times
 
 
 def baseline(folder: Path):
@@ -146,7 +120,7 @@ def main() -> None:
     assert len(frame) == args.tensors and ck.format == "dcp", (len(frame), ck.format)
     del ck, frame
     print("a: open + list ...", flush=True)
-    times = interleaved({"baseline": lambda: baseline(folder), "open": lambda: ckptviz_open(folder)}, args.repeats)
+    times = core.interleaved({"baseline": lambda: baseline(folder), "open": lambda: ckptviz_open(folder)}, args.repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
     ratio = med["open"] / med["baseline"]

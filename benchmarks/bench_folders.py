@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import bench_core as core  # the cache folder
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -38,12 +39,6 @@ TARGET_OPEN = 2.0
 TARGET_RSS_MB = 1024.0
 
 
-def bench_dir() -> Path:
-    path = Path(os.environ.get("CKPTVIZ_BENCH_DIR", Path.home() / ".cache" / "ckptviz-bench"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def key_names(n: int) -> list[str]:
     """``n`` MoE-style keys: 128 experts x 3 projections per layer, as many layers as needed."""
     per_layer = 128 * 3
@@ -51,7 +46,7 @@ def key_names(n: int) -> list[str]:
 
 
 def build_folder(n: int, shards: int) -> Path:
-    folder = bench_dir() / f"moe-{n}-tensors-{shards}-shards"
+    folder = core.bench_dir() / f"moe-{n}-tensors-{shards}-shards"
     if (folder / "model.safetensors.index.json").exists():
         return folder
     folder.mkdir(exist_ok=True)
