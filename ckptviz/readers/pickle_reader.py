@@ -217,12 +217,17 @@ def nesting_bound(data: bytes) -> int:
 
 
 class _Handed:
-    """Base of the objects find_class hands out for allowlisted callables and classes: no instance
-    state at all (``__slots__ = ()``, so BUILD and setattr have nothing to change), not a type (so
-    NEWOBJ refuses them), and each a fresh class per unpickler."""
+    """Base of the objects find_class hands out for allowlisted callables and classes: no state at all
+    (``__slots__ = ()``, and setattr refused, ``__class__`` included, so BUILD cannot change them), not
+    a type (so NEWOBJ refuses them), and each a fresh class per unpickler."""
 
     __slots__ = ()
     _name = "?"
+
+    def __setattr__(self, name: str, value: Any) -> None:  # BUILD's slot state, even __class__
+        raise AttributeError(f"{self._name} (ckptviz stand-in) has no attribute {name!r} to set")
+
+    __delattr__ = __setattr__
 
     def __repr__(self) -> str:
         return f"<ckptviz stand-in for {self._name}>"
