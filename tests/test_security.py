@@ -9,10 +9,13 @@ from __future__ import annotations
 import builtins
 import gc
 import importlib
+import io
 import os
 import pickle
 import shlex
+import struct
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -772,6 +775,93 @@ def test_scan_accepts_only_streams_the_grammar_reads_the_same_way():
         refused = {"INST", "OBJ", "EXT1", "EXT2", "EXT4", "NEXT_BUFFER", "READONLY_BUFFER", "PERSID"}
         assert not refused & {op.name for op, _, _ in ops}
     assert accepted > 1000
+
+
+def test_unpickling_from_a_file_stops_right_after_stop():
+    """Several pickles in a row (the legacy container's layout) read one after another from one file:
+    each leaves the position just past its STOP, however far the reader looked ahead."""
+    from ckptviz.readers.pickle_reader import unpickle
+
+    objects = [0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}, {"w": list(range(5000))}, ["0", "1"]]
+    buf = io.BytesIO(b"".join(pickle.dumps(obj, 2) for obj in objects) + b"raw storage bytes")
+    for obj in objects:
+        assert unpickle(buf)[0] == obj
+    assert buf.read() == b"raw storage bytes"
+
+
+# ---------------------------------------------------------------------------------------------
+# the container: ckptviz's central directory reader sees what zipfile sees, or fails cleanly
+# ---------------------------------------------------------------------------------------------
+
+
+def _same_as_zipfile(path) -> None:
+    import mmap
+
+    from ckptviz.readers.torch_zip import ZipDirectory
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, \
+            zipfile.ZipFile(path) as zf:
+        zd = ZipDirectory(mm)
+        infos = zf.infolist()
+        assert zd.names == [i.filename for i in infos]
+        assert zd.header.tolist() == [i.header_offset for i in infos]
+        assert zd.size.tolist() == [i.file_size for i in infos]
+        assert zd.compressed.tolist() == [i.compress_size for i in infos]
+        assert zd.crc.tolist() == [i.CRC for i in infos] and zd.method.tolist() == [i.compress_type for i in infos]
+        for info in infos:
+            assert zd.read(info.filename) == zf.read(info.filename)
+        del zd
+
+
+@pytest.mark.parametrize("variant", ["torch", "zip64", "deflated", "stub-before-the-archive", "signature-in-names"])
+def test_central_directory_reader_agrees_with_zipfile(variant, tmp_path, monkeypatch):
+    path = tmp_path / "archive.zip"
+    if variant == "torch":
+        write("torch-zip", {f"t{i}": torch.full((i + 1,), float(i)) for i in range(40)}, path)
+        _same_as_zipfile(path)
+        return
+    if variant == "zip64":  # zipfile writes zip64 fields and records beyond these limits
+        monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 500)
+        monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 10)
+    method = zipfile.ZIP_DEFLATED if variant == "deflated" else zipfile.ZIP_STORED
+    name = "arch/PK\x01\x02-{}" if variant == "signature-in-names" else "arch/data/{}"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", method) as zf:
+        for i in range(60):
+            zf.writestr(name.format(i), bytes([i]) * (i * 7))
+        zf.writestr("arch/data.pkl", pickle.dumps({"x": 1}))
+        zf.comment = b"a comment"
+    prefix = b"#!/bin/sh\nexit 0\n" if variant == "stub-before-the-archive" else b""
+    path.write_bytes(prefix + buf.getvalue())
+    monkeypatch.undo()
+    if variant == "zip64":
+        assert b"PK\x06\x06" in path.read_bytes()  # the zip64 end record, and entries with 64-bit offsets
+    _same_as_zipfile(path)
+
+
+def test_damaged_central_directory_fails_cleanly(small_cnn, tmp_path):
+    """Random bytes changed in the directory and end records: ckptviz reads the same as zipfile or
+    reports a corrupted file, never another exception."""
+    import random
+
+    src = write("torch-zip", state_of(small_cnn), tmp_path / "model.pt")
+    data = bytearray(src.read_bytes())
+    (cd_start,) = struct.unpack_from("<L", data, data.rfind(b"PK\x05\x06") + 16)
+    rng = random.Random(3)
+    outcomes = set()
+    for trial in range(150):
+        damaged = bytearray(data)
+        for _ in range(rng.randrange(1, 4)):
+            damaged[rng.randrange(cd_start, len(damaged))] = rng.randrange(256)
+        path = tmp_path / f"damaged{trial}.pt"
+        path.write_bytes(damaged)
+        try:
+            cv.open_checkpoint(path).tensors()
+            outcomes.add("opened")
+        except cv.CheckpointError as e:
+            assert_clean_error(e, path)
+            outcomes.add("refused")
+    assert outcomes == {"opened", "refused"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import gc
 import pickle
 import re
 import struct
-import sys
 import threading
 from collections import Counter, OrderedDict
 from contextlib import contextmanager
@@ -146,7 +145,7 @@ def _pattern(bits: int) -> re.Pattern:
         b"[ILFSVg][^\\n]*\\n",  # INT, LONG, FLOAT, STRING, UNICODE, GET
         b"p[0-9]{1,%d}\\n" % max(1, len(str(bound)) - 1),  # PUT, bounded
     ]
-    return re.compile(b"(?:" + b"|".join(parts) + (b")*+" if sys.version_info >= (3, 11) else b")*"))
+    return re.compile(b"(?:" + b"|".join(parts) + b"){0,4096}")  # bounded: no backtracking state piles up
 
 
 def _cut_off(buf, pos: int, stop: int) -> bool:
@@ -176,7 +175,8 @@ def scan(buf, start: int = 0, stop: int | None = None, limit: int | None = None)
     match = _pattern(max(8, (limit if limit is not None else stop - start).bit_length())).match
     pos = start
     while True:
-        pos = match(buf, pos, stop).end()
+        while (end := match(buf, pos, stop).end()) > pos:
+            pos = end
         if pos >= stop:
             raise TruncatedPickle(f"the pickle is cut off after {stop - start} bytes")
         op = buf[pos]
@@ -227,7 +227,8 @@ class _Handed:
     def __setattr__(self, name: str, value: Any) -> None:  # BUILD's slot state, even __class__
         raise AttributeError(f"{self._name} (ckptviz stand-in) has no attribute {name!r} to set")
 
-    __delattr__ = __setattr__
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{self._name} (ckptviz stand-in) has no attribute {name!r} to delete")
 
     def __repr__(self) -> str:
         return f"<ckptviz stand-in for {self._name}>"
@@ -448,7 +449,7 @@ def _handout_table() -> dict[str, tuple[str, Any]]:
     for name, obj in _get_allowed_globals().items():
         if name in _INTERCEPTED:
             table[name] = ("call", _INTERCEPTED[name])
-        elif name in _OPAQUE_BUILDERS:
+        elif name in _OPAQUE_BUILDERS or name.startswith("torch._utils._rebuild_"):  # other tensor kinds
             table[name] = ("call", _opaque_builder(name))
         elif name in _PLAIN_CALLS:
             table[name] = ("call", _PLAIN_CALLS[name])
@@ -674,14 +675,15 @@ def _on_stack(fn, nesting: int):
             out["error"] = e
 
     with _STACK_LOCK:
-        old = threading.stack_size(nesting * _STACK_PER_LEVEL + _STACK_MARGIN)
         try:
-            worker = threading.Thread(target=run, name="ckptviz-unpickle", daemon=True)
-            worker.start()
-        except (RuntimeError, ValueError, MemoryError) as e:
+            old = threading.stack_size(nesting * _STACK_PER_LEVEL + _STACK_MARGIN)
+            try:
+                worker = threading.Thread(target=run, name="ckptviz-unpickle", daemon=True)
+                worker.start()
+            finally:
+                threading.stack_size(old)
+        except (RuntimeError, ValueError, MemoryError) as e:  # the platform's limits on thread stacks
             raise MemoryError(f"cannot reserve a stack for a pickle nested up to {nesting} deep ({e})") from None
-        finally:
-            threading.stack_size(old)
     worker.join()
     if "error" in out:
         raise out["error"]
