@@ -170,7 +170,8 @@ def components(path: Path, repeats: int) -> dict[str, float]:
     from ckptviz.readers import pickle_reader, raw, records, torch_zip
 
     targets = [
-        ("zipfile central directory", zipfile.ZipFile, "_RealGetContents"),
+        ("zip central directory", torch_zip.ZipDirectory, "__init__"),
+        ("data.pkl read + CRC", torch_zip.ZipDirectory, "read"),
         ("opcode scan", pickle_reader, "scan"),
         ("C unpickler + record builders", pickle_reader, "load_checked"),
         ("local headers (_data_offsets)", torch_zip, "_data_offsets"),

@@ -709,13 +709,18 @@ def load_checked(data: bytes, found: Unpickled) -> Any:
 @contextmanager
 def paused_gc():
     """Pause the cyclic garbage collector while building many long-lived objects (each collection
-    re-walks the whole growing heap); reference counting still frees everything else at once."""
+    would re-walk the whole growing heap; reference counting still frees the rest at once). On the
+    way out the objects made meanwhile join the oldest generation (``freeze`` then ``unfreeze``,
+    skipped if anything was frozen before) instead of being walked by the next young collection."""
     collecting = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if collecting:
+            if gc.get_count()[0] > 10_000 and gc.get_freeze_count() == 0:
+                gc.freeze()
+                gc.unfreeze()
             gc.enable()
 
 

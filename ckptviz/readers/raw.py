@@ -36,11 +36,18 @@ class RawCheckpoint:
         sizes = {dtype: element_size(dtype) for dtype in set(map(_DTYPE, refs))}
         n = len(refs)
         try:
-            start = np.fromiter(map(offsets.get, map(_KEY, refs), repeat(-1)), np.int64, n)
+            if list(offsets) == keys and all(map(str.__eq__, map(_KEY, refs), keys)):  # a reader's own order
+                start = np.fromiter(offsets.values(), np.int64, n)
+            else:
+                start = np.fromiter(map(offsets.get, map(_KEY, refs), repeat(-1)), np.int64, n)
+            if list(limits) == keys:
+                bound = np.fromiter(limits.values(), np.int64, n)
+            else:
+                bound = np.fromiter(map(limits.get, keys, repeat(size)), np.int64, n)
+            bound = np.minimum(bound, size)
             nbytes = np.fromiter(map(_NUMEL, refs), np.int64, n) * np.fromiter(
                 map(sizes.__getitem__, map(_DTYPE, refs)), np.int64, n)
             end = start + np.fromiter(map(_BYTE_OFFSET, refs), np.int64, n) + nbytes
-            bound = np.minimum(np.fromiter(map(limits.get, keys, repeat(size)), np.int64, n), size)
             bad = np.flatnonzero((start < 0) | (end > bound) | (nbytes < 0)).tolist()
         except OverflowError:  # sizes beyond int64: exact arithmetic
             bad = range(n)

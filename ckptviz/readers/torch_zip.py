@@ -8,6 +8,8 @@ import mmap
 import struct
 import zipfile
 import zlib
+from itertools import repeat
+from operator import methodcaller
 
 import numpy as np
 
@@ -155,11 +157,12 @@ def read_torch_zip(path: str) -> RawCheckpoint:
                     "If it is another framework's archive, export its weights with torch.save or safetensors."
                 )
             root = pkl[0][: -len("data.pkl")]
-            is_script = f"{root}constants.pkl" in zd.index or any(n.startswith(f"{root}code/") for n in zd.names)
+            is_script = f"{root}constants.pkl" in zd.index or any(map(methodcaller("startswith", f"{root}code/"),
+                                                                        zd.names))
             byteorder = zd.read(f"{root}byteorder").decode() if f"{root}byteorder" in zd.index else "little"
             obj, up = unpickle(zd.read(pkl[0]), trusted_prefixes=("__torch__.",) if is_script else (), source=source)
             keys = list(up.storages)
-            rows = [zd.index.get(f"{root}data/{key}", -1) for key in keys]
+            rows = list(map(zd.index.get, map(f"{root}data/".__add__, keys), repeat(-1)))
             if -1 in rows:
                 key = keys[rows.index(-1)]
                 raise CorruptCheckpointError(f"{path}: tensor storage {root}data/{key} is missing from the zip")
