@@ -285,21 +285,22 @@ def _check_extents(path: str, ck: Checkpoint) -> None:
 
 
 _EXTENT_FIELDS = operator.attrgetter("offset", "shape", "stride", "dtype", "storage")
-_VECTOR_LIMIT = 2**31  # shapes, strides and offsets below this cannot overflow int64 below
 
 
 def _first_overrun(offset, shape, stride, dtype, storage) -> int | None:
     """Index of the first tensor that does not fit its storage (elements ``offset + sum((s-1)*st)``
-    must lie inside it, strides non-negative), or None."""
+    must lie inside it, strides non-negative), or None. int64 columns where every value is small
+    enough that no sum or product below can overflow; exact Python arithmetic otherwise."""
     ndim = np.fromiter(map(len, shape), np.int64, len(shape))
     try:
         flat_shape = np.fromiter(itertools.chain.from_iterable(shape), np.int64, int(ndim.sum()))
         flat_stride = np.fromiter(itertools.chain.from_iterable(stride), np.int64, len(flat_shape))
         start = np.fromiter(offset, np.int64, len(offset))
         numel = np.fromiter(map(_NUMEL, storage), np.int64, len(storage))
-    except OverflowError:  # values beyond int64: exact arithmetic, one tensor at a time
+    except OverflowError:
         return _first_overrun_exact(offset, shape, stride, dtype, storage)
-    if max(flat_shape.max(initial=0), flat_stride.max(initial=0), start.max(), numel.max()) >= _VECTOR_LIMIT:
+    small = max(flat_shape.max(initial=0), flat_stride.max(initial=0)) < 2**28 and ndim.max(initial=0) <= 32
+    if not small or max(start.max(), numel.max()) >= 2**40:  # then sums < 2**62, products < 2**45
         return _first_overrun_exact(offset, shape, stride, dtype, storage)
     sizes = {d: element_size(d) for d in {*dtype, *map(_DTYPE, storage)}}
     ends = np.cumsum(ndim)
@@ -313,7 +314,7 @@ def _first_overrun(offset, shape, stride, dtype, storage) -> int | None:
     negative = per_tensor(flat_stride < 0) > 0
     itemsize = np.fromiter(map(sizes.__getitem__, dtype), np.int64, len(dtype))
     capacity = numel * np.fromiter(map(sizes.__getitem__, map(_DTYPE, storage)), np.int64, len(storage))
-    bad = ~empty & (negative | ((last + 1) * itemsize > capacity))
+    bad = ~empty & (negative | (last + 1 > capacity // itemsize))  # (last + 1) * itemsize > capacity
     return int(np.argmax(bad)) if bad.any() else None
 
 

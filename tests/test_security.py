@@ -416,6 +416,39 @@ def test_build_on_records_changes_nothing(tmp_path):
     assert ck._root["q"].builder == "torch._utils._rebuild_qtensor"
 
 
+def _strided(storage: bytes, offset: int, size: tuple, stride: tuple) -> bytes:
+    """torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())"""
+    def ints(values):
+        return P.MARK + b"".join(_long(v) for v in values) + P.TUPLE
+    return (_global("torch._utils", "_rebuild_tensor_v2") + P.MARK + storage + _long(offset) + ints(size)
+            + ints(stride) + P.NEWFALSE + _global("collections", "OrderedDict") + P.EMPTY_TUPLE + P.REDUCE
+            + P.TUPLE + P.REDUCE)
+
+
+OVERRUNS = {  # tensor records over storage "0" (6 floats) whose last element lies outside it
+    "past-the-end": (4, (3,), (1,)),
+    "wraps-int64-in-a-product": (0, (3,), (2**62,)),
+    "wraps-int64-in-a-sum": (0, (2, 2, 2), (2**62, 2**62, 2**61)),
+    "wraps-int64-times-itemsize": (2**61, (1,), (1,)),
+    "huge-shape-zero-stride": (0, (2**40, 2), (0, 6)),
+}
+
+
+@pytest.mark.parametrize("case", list(OVERRUNS))
+def test_tensor_records_past_their_storage_are_refused(case, tmp_path):
+    """A record that would map bytes outside its storage is refused before anything is read, however
+    large its numbers (arithmetic that wraps around int64 would let it through)."""
+    offset, size, stride = OVERRUNS[case]
+    data = (HEAD + P.EMPTY_DICT + _str("w") + _strided(_storage("0", 6), offset, size, stride) + P.SETITEM
+            + _str("b") + _tensor(_storage("1", 3), 3) + P.SETITEM + P.STOP)
+    path, _ = _record_zip(data, tmp_path)
+    with pytest.raises(cv.CorruptCheckpointError, match="claims more bytes than its storage holds") as err:
+        cv.open_checkpoint(path)
+    assert_clean_error(err.value, path)
+    ok = (HEAD + P.EMPTY_DICT + _str("w") + _strided(_storage("0", 6), 1, (2, 2), (2, 1)) + P.SETITEM + P.STOP)
+    assert cv.open_checkpoint(_record_zip(ok, tmp_path / "ok")[0]).tensors().loc["w", "shape"] == (2, 2)
+
+
 def test_a_callable_returned_by_an_allowed_call_is_never_called(tmp_path):
     """torch's _rebuild_from_type_v2(func, type, args, state) returns func(*args): with func=getattr it
     returns os.system, which the next REDUCE calls. In ckptviz getattr is an inert Stub class, and
