@@ -770,7 +770,7 @@ def _random_objects(rng, depth=0):
 
 def test_scan_agrees_with_the_opcode_grammar():
     """For real pickles of every protocol the scan ends exactly at STOP, and every cut-off copy is
-    reported as cut off (never mis-tokenized)."""
+    reported as cut off (never mis-tokenized) at an opcode boundary the scan can resume from."""
     import pickletools
     import random
 
@@ -784,8 +784,9 @@ def test_scan_agrees_with_the_opcode_grammar():
             stop = next(pos for op, _, pos in pickletools.genops(data) if op.name == "STOP") + 1
             assert scan(data) == stop
             for cut in (stop - 1, rng.randrange(1, stop)):
-                with pytest.raises(TruncatedPickle):
+                with pytest.raises(TruncatedPickle) as err:
                     scan(data[:cut])
+                assert scan(data, resume=err.value.at) == stop  # a reader with more bytes goes on from there
 
 
 def test_scan_accepts_only_streams_the_grammar_reads_the_same_way():

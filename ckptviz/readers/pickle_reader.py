@@ -79,7 +79,12 @@ PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, Attrib
 
 
 class TruncatedPickle(pickle.UnpicklingError):
-    """The pickle runs past the end of the bytes given (a reader may retry with more)."""
+    """The pickle runs past the end of the bytes given; ``at`` is where the cut-off opcode starts
+    (a reader with more bytes may resume the scan there)."""
+
+    def __init__(self, message: str, at: int):
+        super().__init__(message)
+        self.at = at
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,19 +171,20 @@ _FIXED = {ord("h"): 2, ord("q"): 2, ord("K"): 2, 0x80: 2, ord("J"): 5, ord("j"):
           ord("G"): 9}
 
 
-def scan(buf, start: int = 0, stop: int | None = None, limit: int | None = None) -> int:
-    """Check every opcode of the pickle at ``buf[start:stop]`` (bytes or an mmap); return the offset
-    just past its STOP. Raises :class:`TruncatedPickle` if it runs past ``stop``, and
-    ``UnpicklingError`` for what ckptviz refuses. Memo indices must stay below ``limit`` (default: the
-    bytes scanned; a pickle of n bytes memoizes fewer than n objects)."""
+def scan(buf, start: int = 0, stop: int | None = None, limit: int | None = None, resume: int | None = None) -> int:
+    """Check every opcode of the pickle at ``buf[start:stop]`` (bytes or an mmap), from ``resume``
+    (an opcode boundary, default ``start``); return the offset just past its STOP. Raises
+    :class:`TruncatedPickle` if it runs past ``stop``, and ``UnpicklingError`` for what ckptviz
+    refuses. Memo indices must stay below ``limit`` (default: the bytes from ``start`` to ``stop``; a
+    pickle of n bytes memoizes fewer than n objects)."""
     stop = len(buf) if stop is None else stop
     match = _pattern(max(8, (limit if limit is not None else stop - start).bit_length())).match
-    pos = start
+    pos = start if resume is None else resume
     while True:
         while (end := match(buf, pos, stop).end()) > pos:
             pos = end
         if pos >= stop:
-            raise TruncatedPickle(f"the pickle is cut off after {stop - start} bytes")
+            raise TruncatedPickle(f"the pickle is cut off after {stop - start} bytes", pos)
         op = buf[pos]
         if op == _STOP:
             return pos + 1
@@ -186,19 +192,19 @@ def scan(buf, start: int = 0, stop: int | None = None, limit: int | None = None)
         if counted is not None or op == _FRAME:  # FRAME: 8-byte length, then opcodes
             width, signed = counted or (8, False)
             if pos + 1 + width > stop:
-                raise TruncatedPickle(f"the pickle is cut off at byte {pos - start}")
+                raise TruncatedPickle(f"the pickle is cut off at byte {pos - start}", pos)
             size = int.from_bytes(buf[pos + 1 : pos + 1 + width], "little", signed=signed)
             if size < 0:
                 raise pickle.UnpicklingError(f"opcode {op:#04x} at byte {pos - start} has a negative length")
             if pos + 1 + width + size > stop:
                 raise TruncatedPickle(f"opcode {op:#04x} at byte {pos - start} claims {size} bytes; "
-                                      f"only {stop - pos} remain")
+                                      f"only {stop - pos} remain", pos)
             pos += 1 + width + (0 if op == _FRAME else size)
             continue
         if op in _REFUSED:
             raise pickle.UnpicklingError(f"the pickle {_REFUSED[op]} (byte {pos - start})")
         if _cut_off(buf, pos, stop):
-            raise TruncatedPickle(f"the pickle is cut off at byte {pos - start}")
+            raise TruncatedPickle(f"the pickle is cut off at byte {pos - start}", pos)
         if op in b"rp":
             raise pickle.UnpicklingError(f"the pickle stores a memo index at byte {pos - start} beyond what a "
                                          f"pickle of {stop - start} bytes can hold")
@@ -535,8 +541,9 @@ class Unpickled:
         return obj
 
     def persistent_load(self, pid: Any) -> Any:
-        if type(pid) is tuple and len(pid) == 5:  # ('storage', dtype, key, location, numel): every zip storage
-            tag, dtype, key, location, numel = pid
+        # ('storage', dtype, key, location, numel): every zip storage; legacy ones add a view (None: whole)
+        if type(pid) is tuple and (len(pid) == 5 or (len(pid) == 6 and pid[5] is None)):
+            tag, dtype, key, location, numel = pid[:5]
             root = self.storages.get(key)
             if root is not None and root.dtype is dtype and tag == "storage":
                 return root
@@ -744,15 +751,15 @@ def unpickle_from(buf, start: int, *, trusted_prefixes: tuple[str, ...] = (), so
     """Unpickle the pickle at ``buf[start:]`` (bytes, or a map of a file whose pickles are followed
     by other data), scanning a growing window so that memo indices stay bounded by the pickle's own
     size; ``found.end`` is the pickle's length."""
-    stop = min(len(buf), start + first_window)
+    stop, resume = min(len(buf), start + first_window), None
     while True:
         try:
-            end = scan(buf, start, stop)
+            end = scan(buf, start, stop, resume=resume)
             break
-        except TruncatedPickle:
+        except TruncatedPickle as cut:  # go on from the cut-off opcode with a window 16 times larger
             if stop >= len(buf):
                 raise
-            stop = min(len(buf), start + (stop - start) * 8)
+            stop, resume = min(len(buf), start + (stop - start) * 16), cut.at
     data = buf if start == 0 and end == len(buf) and type(buf) is bytes else bytes(buf[start:end])
     found = Unpickled(trusted_prefixes, source)
     found.end = end - start

@@ -39,16 +39,17 @@ def read_torch_legacy(path: str) -> RawCheckpoint:
             if type(keys) is not list:
                 raise EOFError("the list of storage keys is missing")
             offsets, limits, size = source.offsets, {}, len(mm)
-            for key in keys:
-                key = str(key)
+            sizes = {dtype: element_size(dtype) for dtype in {ref.dtype for ref in up.storages.values()}}
+            storage, count_at = up.storages.get, struct.Struct("<q").unpack_from
+            for key in map(str, keys):  # each storage: its element count, then its bytes
                 if pos + 8 > size:
                     raise EOFError(f"storage {key} is cut off")
-                (count,) = struct.unpack_from("<q", mm, pos)
-                ref = up.storages.get(key)
-                nbytes = count * (element_size(ref.dtype) if ref is not None else 1)
+                ref = storage(key)
+                nbytes = count_at(mm, pos)[0] * (sizes[ref.dtype] if ref is not None else 1)
                 offsets[key] = pos = pos + 8
-                limits[key] = pos + nbytes
-                pos += nbytes
+                limits[key] = pos = pos + nbytes
+                if nbytes < 0:
+                    raise EOFError(f"storage {key} has a negative size")
     except CorruptCheckpointError:
         raise
     except (OSError, *PICKLE_ERRORS) as e:
