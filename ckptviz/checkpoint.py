@@ -4,11 +4,15 @@ structure safely, find and rank its sections, and hand out tensors only when ask
 from __future__ import annotations
 
 import html
+import itertools
+import math
+import operator
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -21,6 +25,7 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .readers import RawCheckpoint, read
+from .readers._gc import paused_gc
 from .readers.mapped import file_stamp, materialize
 from .readers.pickle_reader import OpaqueTensor, Stub
 from .readers.records import (
@@ -349,19 +354,71 @@ def human_size(n: float) -> str:
 
 
 def check_extents(path: str, sections: Mapping[str, TensorTable]) -> None:
-    """Every tensor must fit inside its storage, so that reading it can never fault."""
+    """Every tensor must fit inside its storage, so that reading it can never fault (numpy over the
+    records' columns)."""
     for section, entries in sections.items():
-        for key, v in entries.items():
-            if not isinstance(v, TensorRef) or v.storage is None or v.numel == 0:
-                continue
-            last = v.offset + sum((s - 1) * st for s, st in zip(v.shape, v.stride))
-            if min(v.stride, default=0) < 0 or (last + 1) * element_size(v.dtype) > v.storage.nbytes:
-                raise CorruptCheckpointError(
-                    f"{path}: tensor {key!r} (section {section!r}) claims more bytes than its storage holds; "
-                    "the file is corrupted."
-                )
+        records = getattr(entries, "records_list", None) or list(map(entries.record, range(len(entries))))
+        rows = [i for i, v in enumerate(records) if isinstance(v, TensorRef) and v.storage is not None]
+        if not rows:
+            continue
+        offset, shape, stride, dtype, storage = zip(*map(_EXTENT_FIELDS, map(records.__getitem__, rows)))
+        bad = _first_overrun(offset, shape, stride, dtype, storage)
+        if bad is not None:
+            raise CorruptCheckpointError(
+                f"{path}: tensor {entries.keys_list[rows[bad]]!r} (section {section!r}) claims more bytes than its "
+                "storage holds; the file is corrupted."
+            )
 
 
+_EXTENT_FIELDS = operator.attrgetter("offset", "shape", "stride", "dtype", "storage")
+
+
+def _first_overrun(offset, shape, stride, dtype, storage) -> int | None:
+    """Index of the first tensor that does not fit its storage (elements ``offset + sum((s-1)*st)``
+    must lie inside it, strides non-negative), or None. int64 columns where every value is small
+    enough that no sum or product below can overflow; exact Python arithmetic otherwise."""
+    ndim = np.fromiter(map(len, shape), np.int64, len(shape))
+    try:
+        flat_shape = np.fromiter(itertools.chain.from_iterable(shape), np.int64, int(ndim.sum()))
+        flat_stride = np.fromiter(itertools.chain.from_iterable(stride), np.int64, len(flat_shape))
+        start = np.fromiter(offset, np.int64, len(offset))
+        numel = np.fromiter(map(_NUMEL, storage), np.int64, len(storage))
+    except OverflowError:
+        return _first_overrun_exact(offset, shape, stride, dtype, storage)
+    small = max(flat_shape.max(initial=0), flat_stride.max(initial=0)) < 2**28 and ndim.max(initial=0) <= 32
+    if not small or max(start.max(), numel.max()) >= 2**40:  # then sums < 2**62, products < 2**45
+        return _first_overrun_exact(offset, shape, stride, dtype, storage)
+    sizes = {d: element_size(d) for d in {*dtype, *map(_DTYPE, storage)}}
+    ends = np.cumsum(ndim)
+
+    def per_tensor(values: np.ndarray) -> np.ndarray:  # the sum of each tensor's run of ``values``
+        total = np.concatenate([[0], np.cumsum(values)])
+        return total[ends] - total[ends - ndim]
+
+    last = start + per_tensor((flat_shape - 1) * flat_stride)
+    empty = per_tensor(flat_shape == 0) > 0
+    negative = per_tensor(flat_stride < 0) > 0
+    itemsize = np.fromiter(map(sizes.__getitem__, dtype), np.int64, len(dtype))
+    capacity = numel * np.fromiter(map(sizes.__getitem__, map(_DTYPE, storage)), np.int64, len(storage))
+    bad = ~empty & (negative | (last + 1 > capacity // itemsize))  # (last + 1) * itemsize > capacity
+    return int(np.argmax(bad)) if bad.any() else None
+
+
+_NUMEL = operator.attrgetter("numel")
+_DTYPE = operator.attrgetter("dtype")
+
+
+def _first_overrun_exact(offset, shape, stride, dtype, storage) -> int | None:
+    for i, (o, sh, st, d, s) in enumerate(zip(offset, shape, stride, dtype, storage)):
+        if math.prod(sh) == 0:
+            continue
+        last = o + sum((n - 1) * k for n, k in zip(sh, st))
+        if min(st, default=0) < 0 or (last + 1) * element_size(d) > s.nbytes:
+            return i
+    return None
+
+
+@paused_gc()
 def open_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoint:
     """Open a checkpoint lazily and safely.
 

@@ -8,7 +8,7 @@ import os
 import struct
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnknownFormatError
-from ._gc import no_gc
+from ._gc import paused_gc
 from .raw import RawCheckpoint
 
 __all__ = ["RawCheckpoint", "read", "read_file", "sniff"]
@@ -45,7 +45,7 @@ def _check_path(path: str) -> None:
 
 def read(path: str) -> RawCheckpoint:
     """Read the structure of the checkpoint at ``path`` (a file or a folder) without reading tensor data."""
-    with no_gc():
+    with paused_gc():
         return _read(path)
 
 
@@ -103,14 +103,16 @@ def read_file(path: str) -> RawCheckpoint:
 
 
 def _read_plain_pickle(path: str) -> RawCheckpoint:
+    import mmap
+
     from .mapped import MappedFile
-    from .pickle_reader import PICKLE_ERRORS, unpickle
+    from .pickle_reader import PICKLE_ERRORS, unpickle_from
 
     source = MappedFile(path, {})
     try:
-        with open(path, "rb") as f:
-            obj, up = unpickle(f, source=source)
-    except PICKLE_ERRORS as e:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            obj, up = unpickle_from(mm, 0, source=source)
+    except (OSError, *PICKLE_ERRORS) as e:
         raise CorruptCheckpointError(f"{path}: a pickle, but it is truncated or corrupted ({e}).") from None
     return RawCheckpoint(format="pickle", root=obj, unsafe=up.unsafe, source=source, storages=up.storages,
                          files=[path])

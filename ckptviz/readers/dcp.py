@@ -23,7 +23,7 @@ import torch
 
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UnknownFormatError
 from ..sections import plain
-from ._gc import no_gc
+from ._gc import paused_gc
 from .dcp_layout import Layout, insert, listify, name_of, optimizer_state
 from .mapped import MappedFile, materialize
 from .pickle_reader import PICKLE_ERRORS, Stub, unpickle
@@ -91,7 +91,7 @@ def load_metadata(path: str) -> tuple[dict, set[str]]:
     with open(path, "rb") as f:
         data = f.read()
     try:
-        with no_gc():
+        with paused_gc():
             obj, up = unpickle(data)
     except PICKLE_ERRORS as e:
         raise CorruptCheckpointError(
@@ -492,7 +492,7 @@ def read_dcp(path: str | os.PathLike) -> RawCheckpoint:
             f"{SUFFIX} file, so the save did not finish or the copy is incomplete; save or copy it again."
         )
     fields, unsafe = load_metadata(meta_path)
-    with no_gc():
+    with paused_gc():
         dcp = DcpFolder(folder, fields)
         layout = Layout(dcp.fqns, dcp.is_tensor, fields.get("planner_data"))
         sections = _sections(dcp, layout)

@@ -1,20 +1,37 @@
-"""The no-execution pickle reader: unpickles a torch pickle into plain containers, lazy tensor
-references and inert stand-ins for any other class, without importing or calling anything from the
-file. It records every global the pickle names beyond torch's ``weights_only`` allowlist."""
+"""The no-execution pickle reader: turns a torch pickle into plain containers, lazy tensor records
+(``TensorRef`` over ``StorageRef``) and inert :class:`Stub` stand-ins for every other class, at C
+speed, without importing or calling anything the file names. Design: a regex scanner (C speed)
+first walks every opcode and refuses what torch.save never writes (INST, OBJ, EXT1/2/4, out-of-band
+buffers), memo indices beyond the stream's size and lengths beyond its end; then the C
+``pickle.Unpickler`` reads the bytes, its ``find_class`` handing out only inert values (dtypes), per
+file wrapper objects (``__slots__ = ()``, nothing to set, not types) that call ckptviz's own
+validating record builders, inert markers and per-file Stub classes. So REDUCE, NEWOBJ, BUILD,
+APPEND(S), SETITEM(S) and ADDITEMS can only reach those objects, the fresh builtins they return and
+the records, which ignore BUILD; no object outside this file's unpickling can be changed. Tuples
+hash recursively in C, so the unpickler runs on a stack sized for the deepest nesting the stream can
+build, and trees nested deeper than :data:`MAX_NESTING` are refused. Every global the pickle names
+beyond torch's ``weights_only`` allowlist is recorded."""
 
 from __future__ import annotations
 
 import _compat_pickle
-import io
 import pickle
+import re
 import struct
-from collections import OrderedDict
+import threading
+from collections import Counter, OrderedDict
+from dataclasses import fields
+from functools import lru_cache
 from typing import Any, BinaryIO
 
 import torch
 
 from ..errors import CheckpointError
+from ._gc import paused_gc
 from .records import OpaqueTensor, StorageRef, TensorRef, element_size
+
+MAX_NESTING = 200  # containers nested deeper than this are refused (torch.save never nests beyond ~10)
+MAX_GLOBALS = 10_000  # distinct global names one pickle may refer to
 
 
 class Stub(dict):
@@ -48,74 +65,248 @@ class Stub(dict):
         """The recorded state as a dict (what ``__dict__`` would have held)."""
         state = self.state
         if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
-            merged = dict(state[0] or {})
+            merged = dict(state[0]) if isinstance(state[0], dict) else {}
             merged.update(state[1])
             return merged
         return dict(state) if isinstance(state, dict) else {}
 
 
-# What a damaged or hostile pickle can raise while we read it.
-# Allowlisted callables run on the file's arguments, so this includes what they raise (torch's
-# RuntimeError, int overflow, unknown codecs).
+# What a damaged or hostile pickle can raise while we read it (allowlisted builders run on the
+# file's arguments, so this includes what they raise: int overflow, unknown layouts, torch errors).
 PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, LookupError,
                  struct.error, RecursionError, MemoryError, OverflowError, RuntimeError, CheckpointError)
 
 
-def _allowed_names() -> dict[str, Any]:
-    from torch._weights_only_unpickler import _get_allowed_globals
+class TruncatedPickle(pickle.UnpicklingError):
+    """The pickle runs past the end of the bytes given; ``at`` is where the cut-off opcode starts
+    (a reader with more bytes may resume the scan there)."""
 
-    names = dict(_get_allowed_globals())
-    for entry in torch.serialization.get_safe_globals():
-        obj, name = entry if isinstance(entry, tuple) else (entry, None)
-        qual = name or f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
-        names[qual] = obj
-    return names
+    def __init__(self, message: str, at: int):
+        super().__init__(message)
+        self.at = at
 
 
-def _dtype_of(storage_type: Any) -> torch.dtype:
-    if isinstance(storage_type, torch.dtype):
-        return storage_type
-    dtype = getattr(storage_type, "dtype", None)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if storage_type is torch.UntypedStorage:
-        return torch.uint8
-    raise CheckpointError(f"unknown storage type {storage_type!r}")
+# ---------------------------------------------------------------------------------------------
+# the scan: every opcode of the stream, at C speed (one regex), before anything is built
+# ---------------------------------------------------------------------------------------------
+
+_STOP, _FRAME = 0x2E, 0x95
+# opcode byte -> (bytes of its length field, signed): counted opcodes longer than the regex inlines
+_COUNTED = {ord("X"): (4, False), 0x8C: (1, False), ord("U"): (1, False), ord("T"): (4, True),
+            ord("B"): (4, False), ord("C"): (1, False), 0x8A: (1, False), 0x8B: (4, True),
+            0x8D: (8, False), 0x8E: (8, False), 0x96: (8, False)}
+_REFUSED = {
+    ord("i"): "instantiates classes with protocol-0 INST, which torch.save never writes",
+    ord("o"): "instantiates classes with protocol-0 OBJ, which torch.save never writes",
+    0x82: "uses a copyreg extension code (EXT1), which torch.save never writes",
+    0x83: "uses a copyreg extension code (EXT2), which torch.save never writes",
+    0x84: "uses a copyreg extension code (EXT4), which torch.save never writes",
+    0x97: "refers to out-of-band buffers (NEXT_BUFFER), which torch.save never writes",
+    0x98: "refers to out-of-band buffers (READONLY_BUFFER), which torch.save never writes",
+    ord("P"): "uses a protocol-0 persistent id, which torch.save never writes",
+}
+_NO_ARG = b"(012NQRabde}lstu)]\x81\x85\x86\x87\x88\x89\x8f\x90\x91\x92\x93\x94"  # everything but STOP
+
+
+def _hex(data: bytes) -> bytes:
+    return b"".join(b"\\x%02x" % c for c in data)
+
+
+def _le_below(bound: int, width: int) -> bytes:
+    """A regex for ``width``-byte little-endian unsigned values below ``bound``."""
+    if bound >= 256**width:
+        return b"(?s:.{%d})" % width
+    digits = [(bound >> (8 * i)) & 255 for i in range(width)]
+    alts = [(b"(?s:.{%d})" % k if k else b"") + b"[\\x00-\\x%02x]" % (digits[k] - 1) + _hex(bytes(digits[k + 1:]))
+            for k in range(width - 1, -1, -1) if digits[k]]
+    return b"(?:" + b"|".join(alts) + b")" if alts else b"(?!)"
+
+
+def _short_counted(op: int, width: int, below: int) -> bytes:
+    """A regex for opcode ``op`` with a ``width``-byte length below ``below`` and its data."""
+    alts = [_hex(n.to_bytes(width, "little")) + (b"(?s:.{%d})" % n if n else b"") for n in range(below)]
+    return _hex(bytes([op])) + b"(?:" + b"|".join(alts) + b")"
+
+
+@lru_cache(maxsize=32)
+def _pattern(bits: int) -> re.Pattern:
+    """Runs of opcodes the C unpickler may execute, with memo indices below ``2**bits``; stops at
+    STOP, at long counted data and FRAME (checked in Python) and at anything refused."""
+    bound = 1 << bits
+    parts = [  # the most common opcodes of torch.save pickles first
+        b"[hqK\\x80](?s:.)",  # BINGET, BINPUT, BININT1, PROTO
+        b"r" + _le_below(bound, 4),  # LONG_BINPUT, bounded
+        b"[" + _hex(_NO_ARG) + b"]",
+        _short_counted(ord("X"), 4, 128),
+        b"[Jj](?s:.{4})",  # BININT, LONG_BINGET
+        b"M(?s:..)",
+        b"G(?s:.{8})",
+        _short_counted(0x8C, 1, 128),
+        _short_counted(ord("C"), 1, 64),
+        _short_counted(ord("U"), 1, 64),
+        _short_counted(0x8A, 1, 16),
+        b"c[^\\n]*\\n[^\\n]*\\n",  # GLOBAL
+        b"[ILFSVg][^\\n]*\\n",  # INT, LONG, FLOAT, STRING, UNICODE, GET
+        b"p[0-9]{1,%d}\\n" % max(1, len(str(bound)) - 1),  # PUT, bounded
+    ]
+    return re.compile(b"(?:" + b"|".join(parts) + b"){0,4096}")  # bounded: no backtracking state piles up
+
+
+def _cut_off(buf, pos: int, stop: int) -> bool:
+    """Whether the opcode at ``pos`` is a valid one whose argument runs past ``stop``."""
+    op = buf[pos]
+    if op in b"cILFSVgp":
+        lines = 2 if op == ord("c") else 1
+        at = pos
+        for _ in range(lines):
+            at = buf.find(b"\n", at + 1, stop)
+            if at < 0:
+                return True
+        return False
+    return pos + _FIXED.get(op, 0) > stop
+
+
+_FIXED = {ord("h"): 2, ord("q"): 2, ord("K"): 2, 0x80: 2, ord("J"): 5, ord("j"): 5, ord("r"): 5, ord("M"): 3,
+          ord("G"): 9}
+
+
+def scan(buf, start: int = 0, stop: int | None = None, limit: int | None = None, resume: int | None = None) -> int:
+    """Check every opcode of the pickle at ``buf[start:stop]`` (bytes or an mmap), from ``resume``
+    (an opcode boundary, default ``start``); return the offset just past its STOP. Raises
+    :class:`TruncatedPickle` if it runs past ``stop``, and ``UnpicklingError`` for what ckptviz
+    refuses. Memo indices must stay below ``limit`` (default: the bytes from ``start`` to ``stop``; a
+    pickle of n bytes memoizes fewer than n objects)."""
+    stop = len(buf) if stop is None else stop
+    match = _pattern(max(8, (limit if limit is not None else stop - start).bit_length())).match
+    pos = start if resume is None else resume
+    while True:
+        while (end := match(buf, pos, stop).end()) > pos:
+            pos = end
+        if pos >= stop:
+            raise TruncatedPickle(f"the pickle is cut off after {stop - start} bytes", pos)
+        op = buf[pos]
+        if op == _STOP:
+            return pos + 1
+        counted = _COUNTED.get(op)
+        if counted is not None or op == _FRAME:  # FRAME: 8-byte length, then opcodes
+            width, signed = counted or (8, False)
+            if pos + 1 + width > stop:
+                raise TruncatedPickle(f"the pickle is cut off at byte {pos - start}", pos)
+            size = int.from_bytes(buf[pos + 1 : pos + 1 + width], "little", signed=signed)
+            if size < 0:
+                raise pickle.UnpicklingError(f"opcode {op:#04x} at byte {pos - start} has a negative length")
+            if pos + 1 + width + size > stop:
+                raise TruncatedPickle(f"opcode {op:#04x} at byte {pos - start} claims {size} bytes; "
+                                      f"only {stop - pos} remain", pos)
+            pos += 1 + width + (0 if op == _FRAME else size)
+            continue
+        if op in _REFUSED:
+            raise pickle.UnpicklingError(f"the pickle {_REFUSED[op]} (byte {pos - start})")
+        if _cut_off(buf, pos, stop):
+            raise TruncatedPickle(f"the pickle is cut off at byte {pos - start}", pos)
+        if op in b"rp":
+            raise pickle.UnpicklingError(f"the pickle stores a memo index at byte {pos - start} beyond what a "
+                                         f"pickle of {stop - start} bytes can hold")
+        raise pickle.UnpicklingError(f"invalid pickle opcode {bytes([op])!r} at byte {pos - start}")
+
+
+def nesting_bound(data: bytes) -> int:
+    """An upper bound on how deep the stream can nest hashable containers (tuples, frozensets):
+    every level needs one tuple-building opcode byte."""
+    return sum(data.count(op) for op in (b"t", b"\x85", b"\x86", b"\x87", b"\x91")) + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# what find_class hands out
+# ---------------------------------------------------------------------------------------------
+
+
+class _Handed:
+    """Base of the objects find_class hands out for allowlisted callables and classes: no state at all
+    (``__slots__ = ()``, and setattr refused, ``__class__`` included, so BUILD cannot change them), not
+    a type (so NEWOBJ refuses them), and each a fresh class per unpickler."""
+
+    __slots__ = ()
+    _name = "?"
+
+    def __setattr__(self, name: str, value: Any) -> None:  # BUILD's slot state, even __class__
+        raise AttributeError(f"{self._name} (ckptviz stand-in) has no attribute {name!r} to set")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{self._name} (ckptviz stand-in) has no attribute {name!r} to delete")
+
+    def __repr__(self) -> str:
+        return f"<ckptviz stand-in for {self._name}>"
+
+
+def _callable(name: str, fn) -> _Handed:
+    call = staticmethod(fn)  # calling the stand-in calls fn with the pickle's arguments, nothing else
+    return type(name.rsplit(".", 1)[-1], (_Handed,), {"__slots__": (), "_name": name, "__call__": call})()
+
+
+def _marker(name: str) -> _Handed:
+    """An allowlisted class ckptviz never calls (``torch.Tensor``, legacy tensor types): only a name."""
+    return type(name.rsplit(".", 1)[-1], (_Handed,), {"__slots__": (), "_name": name})()
 
 
 def _ints(what: str, values: Any, minimum: int | None = None) -> tuple[int, ...]:
     """``values`` as a tuple of ints (bools excluded), each at least ``minimum``; else a pickle error."""
-    ok = type(values) in (tuple, list)
-    if ok:
+    if type(values) in (tuple, list):
         for v in values:
             if type(v) is not int or (minimum is not None and v < minimum):
-                ok = False
                 break
-    if not ok:
-        raise pickle.UnpicklingError(f"tensor record has an invalid {what}: {values!r}")
-    return tuple(values)
+        else:
+            return values if type(values) is tuple else tuple(values)
+    raise pickle.UnpicklingError(f"tensor record has an invalid {what}: {_short(values)}")
+
+
+def _short(v: Any) -> str:
+    try:
+        text = repr(v)
+    except (RecursionError, ValueError):
+        text = f"<{type(v).__name__}>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+_new_object = object.__new__  # records built field by field: the objects their dataclass __init__ makes
+assert [f.name for f in fields(TensorRef)] == ["storage", "offset", "shape", "stride", "dtype", "requires_grad",
+                                               "is_param"]
+assert [f.name for f in fields(StorageRef)] == ["key", "dtype", "location", "numel", "byte_offset", "source"]
+
+
+def _flag(v: Any) -> bool:
+    return type(v) in (bool, int) and bool(v)
 
 
 def _rebuild_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    if isinstance(storage, Stub):  # e.g. pickle.dump's torch.storage._load_from_bytes: not unpacked
-        return OpaqueTensor("torch._utils._rebuild_tensor_v2", (storage, offset, size, stride))
-    if not isinstance(storage, StorageRef):
+    if type(storage) is not StorageRef:
+        if isinstance(storage, Stub):  # e.g. pickle.dump's torch.storage._load_from_bytes: not unpacked
+            return OpaqueTensor("torch._utils._rebuild_tensor_v2", (storage, offset, size, stride))
         raise pickle.UnpicklingError(
             f"tensor record without a torch storage (got {type(storage).__name__}); "
             "not a torch.save file, or a damaged one"
         )
-    (offset,) = _ints("storage offset", (offset,), minimum=0)
-    size, stride = _ints("size", size, minimum=0), _ints("stride", stride, minimum=0)
-    if len(size) != len(stride):
-        raise pickle.UnpicklingError(f"tensor record has size {size} but stride {stride}")
-    return TensorRef(storage, offset, size, stride, storage.dtype, bool(requires_grad))
+    if type(offset) is not int or offset < 0:
+        raise pickle.UnpicklingError(f"tensor record has an invalid storage offset: {_short(offset)}")
+    if type(size) is not tuple or type(stride) is not tuple or len(size) != len(stride):
+        size, stride = _ints("size", size, 0), _ints("stride", stride, 0)
+        if len(size) != len(stride):
+            raise pickle.UnpicklingError(f"tensor record has size {size} but stride {stride}")
+    for v in size + stride:
+        if type(v) is not int or v < 0:
+            _ints("size", size, 0), _ints("stride", stride, 0)
+    ref = _new_object(TensorRef)
+    ref.storage, ref.offset, ref.shape, ref.stride, ref.dtype = storage, offset, size, stride, storage.dtype
+    ref.requires_grad = requires_grad is True or (type(requires_grad) is int and requires_grad != 0)
+    ref.is_param = False
+    return ref
 
 
 def _rebuild_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
     ref = _rebuild_v2(storage, offset, size, stride, requires_grad)
-    if isinstance(ref, TensorRef):
-        if not isinstance(dtype, torch.dtype):
-            raise pickle.UnpicklingError(f"tensor record has an invalid dtype: {dtype!r}")
+    if type(ref) is TensorRef:
+        if type(dtype) is not torch.dtype:
+            raise pickle.UnpicklingError(f"tensor record has an invalid dtype: {_short(dtype)}")
         ref.dtype = dtype
     return ref
 
@@ -125,17 +316,22 @@ def _rebuild_v1(storage, offset, size, stride):
 
 
 def _rebuild_parameter(data, requires_grad, hooks, state=None):
-    if isinstance(data, TensorRef):
-        data.is_param, data.requires_grad = True, bool(requires_grad)
+    if type(data) is TensorRef:
+        data.is_param, data.requires_grad = True, _flag(requires_grad)
     return data
 
 
 def _rebuild_from_type(func, new_type, args, state):
-    return func(*args)
+    if type(args) is not tuple:
+        raise pickle.UnpicklingError(f"tensor subclass record with invalid arguments: {_short(args)}")
+    return func(*args)  # func is from this stream: only what find_class handed out is callable
 
 
 def _rebuild_meta(dtype, size, stride, requires_grad):
-    return TensorRef(None, 0, tuple(size), tuple(stride), dtype, bool(requires_grad))
+    if type(dtype) is not torch.dtype:
+        raise pickle.UnpicklingError(f"tensor record has an invalid dtype: {_short(dtype)}")
+    size, stride = _ints("size", size, minimum=0), _ints("stride", stride, minimum=0)
+    return TensorRef(None, 0, size, stride, dtype, _flag(requires_grad))
 
 
 def _parameter(data=None, requires_grad=True):
@@ -143,12 +339,67 @@ def _parameter(data=None, requires_grad=True):
 
 
 def _size(*args):
-    return tuple(args[0]) if len(args) == 1 else tuple(args)
+    return _ints("torch.Size", args[0] if len(args) == 1 and type(args[0]) in (tuple, list) else args)
 
 
 def _device(*args):
+    if not args or len(args) > 2 or not all(type(a) in (str, int) or a is None for a in args):
+        raise pickle.UnpicklingError(f"invalid torch.device arguments: {_short(args)}")
     return ":".join(str(a) for a in args if a is not None)
 
+
+_TEXT_CODECS = frozenset({"latin1", "latin-1", "iso-8859-1", "iso8859-1", "ascii", "utf-8", "utf8"})
+
+
+def _refuse(name: str, args: tuple):
+    raise pickle.UnpicklingError(f"refusing {name}{_short(args)}: not what a pickler writes")
+
+
+def _text(args: tuple) -> bool:
+    return type(args[0]) is str and (len(args) == 1 or (len(args) == 2 and args[1] in _TEXT_CODECS))
+
+
+# The real callables of the allowlist, called only with the argument shapes picklers write.
+def _ordered_dict(*args):
+    if not args:
+        return OrderedDict()
+    if len(args) == 1 and type(args[0]) in (list, dict, OrderedDict):
+        return OrderedDict(args[0])
+    return _refuse("collections.OrderedDict", args)
+
+
+def _counter(*args):
+    if not args or (len(args) == 1 and type(args[0]) in (dict, Counter)):
+        return Counter(*args)
+    return _refuse("collections.Counter", args)
+
+
+def _set(*args):
+    if not args or (len(args) == 1 and type(args[0]) in (list, tuple, set, frozenset)):
+        return set(*args)
+    return _refuse("builtins.set", args)
+
+
+def _bytearray(*args):
+    if not args or (len(args) == 1 and type(args[0]) in (bytes, bytearray)) or (len(args) == 2 and _text(args)):
+        return bytearray(*args)
+    return _refuse("builtins.bytearray", args)
+
+
+def _complex(*args):
+    if len(args) <= 2 and all(type(a) in (int, float, complex, str) for a in args):
+        return complex(*args)
+    return _refuse("builtins.complex", args)
+
+
+def _encode(*args):
+    if 1 <= len(args) <= 2 and _text(args):
+        return str.encode(*args)
+    return _refuse("_codecs.encode", args)
+
+
+_PLAIN_CALLS = {"collections.OrderedDict": _ordered_dict, "collections.Counter": _counter, "builtins.set": _set,
+                "builtins.bytearray": _bytearray, "builtins.complex": _complex, "_codecs.encode": _encode}
 
 _INTERCEPTED = {
     "torch._utils._rebuild_tensor_v2": _rebuild_v2,
@@ -172,109 +423,6 @@ _OPAQUE_BUILDERS = (
 )
 
 
-class SafeUnpickler(pickle._Unpickler):
-    """Unpickles without importing: allowlisted globals resolve, all others become :class:`Stub`."""
-
-    dispatch = dict(pickle._Unpickler.dispatch)
-
-    def __init__(self, file: BinaryIO, *, trusted_prefixes: tuple[str, ...] = (), source: Any = None):
-        super().__init__(file)
-        self.source = source  # the MappedFile that storages' bytes come from
-        self.unsafe: set[str] = set()
-        self.storages: dict[str, StorageRef] = {}
-        self._allowed = _allowed_names()
-        self._trusted_prefixes = trusted_prefixes
-        self._stubs: dict[str, type] = {}
-        self._callables: set[int] = set()
-
-    def find_class(self, module: str, name: str) -> Any:
-        if self.proto < 3:  # Python 2 names, as pickle.Unpickler(fix_imports=True) maps them
-            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        full = f"{module}.{name}"
-        if full in _INTERCEPTED:
-            obj = _INTERCEPTED[full]
-        elif full in _OPAQUE_BUILDERS:
-            obj = _opaque_builder(full)
-        elif full in self._allowed:
-            obj = self._allowed[full]
-        else:
-            if not full.startswith(self._trusted_prefixes):
-                self.unsafe.add(full)
-            obj = self._stub(full)
-        self._callables.add(id(obj))
-        return obj
-
-    def _stub(self, full: str) -> type:
-        if full not in self._stubs:
-            self._stubs[full] = type(full.rsplit(".", 1)[-1], (Stub,), {"_ckptviz_global": full})
-        return self._stubs[full]
-
-    def persistent_load(self, pid: Any) -> StorageRef:
-        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module":
-            return pid[1]  # legacy whole-module saves: ('module', cls, source_file, source); cls is a Stub
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
-        storage_type, key, location, numel = pid[1], str(pid[2]), str(pid[3]), int(pid[4])
-        dtype = _dtype_of(storage_type)
-        root = self.storages.get(key)
-        if root is None:
-            root = self.storages[key] = StorageRef(key, dtype, location, numel, source=self.source)
-        view = pid[5] if len(pid) > 5 else None
-        if view is not None:  # legacy: (view_key, offset, view_size)
-            _, view_offset, view_size = view
-            return StorageRef(key, dtype, location, int(view_size), int(view_offset) * element_size(dtype),
-                              source=self.source)
-        return root
-
-    # Only objects that find_class handed out may be called or instantiated.
-    def _check_callable(self, func: Any) -> None:
-        if id(func) not in self._callables:
-            raise pickle.UnpicklingError(f"refusing to call {type(func).__name__} object from the pickle")
-
-    def load_reduce(self):
-        args = self.stack.pop()
-        func = self.stack[-1]
-        self._check_callable(func)
-        self.stack[-1] = func(*args)
-
-    def load_newobj(self):
-        args = self.stack.pop()
-        cls = self.stack.pop()
-        self._check_callable(cls)
-        self.append(cls.__new__(cls, *args) if isinstance(cls, type) else cls(*args))
-
-    def load_newobj_ex(self):
-        kwargs = self.stack.pop()
-        args = self.stack.pop()
-        cls = self.stack.pop()
-        self._check_callable(cls)
-        self.append(cls.__new__(cls, *args, **kwargs) if isinstance(cls, type) else cls(*args))
-
-    def load_build(self):
-        state = self.stack.pop()
-        inst = self.stack[-1]
-        if isinstance(inst, Stub):
-            inst.__setstate__(state)
-        elif isinstance(inst, OrderedDict) and isinstance(state, dict):
-            inst.__dict__.update({k: v for k, v in state.items() if isinstance(k, str)})
-        elif isinstance(inst, TensorRef):
-            pass  # tensor state (e.g. tensor subclass attributes) is not needed
-        else:
-            raise pickle.UnpicklingError(f"refusing to set state on a {type(inst).__name__}")
-
-    dispatch[pickle.REDUCE[0]] = load_reduce
-    dispatch[pickle.NEWOBJ[0]] = load_newobj
-    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
-    dispatch[pickle.BUILD[0]] = load_build
-    def load_inst_or_obj(self):
-        raise pickle.UnpicklingError("the pickle instantiates classes with protocol-0 INST/OBJ, "
-                                     "which torch.save never writes")
-
-    dispatch[pickle.INST[0]] = load_inst_or_obj
-    dispatch[pickle.OBJ[0]] = load_inst_or_obj
-
-
 def _opaque_builder(full: str):
     def build(*args):
         return OpaqueTensor(full, args)
@@ -282,10 +430,322 @@ def _opaque_builder(full: str):
     return build
 
 
-def unpickle(data: bytes | BinaryIO, *, trusted_prefixes: tuple[str, ...] = (),
-             source: Any = None) -> tuple[Any, SafeUnpickler]:
-    """Unpickle one object from ``data``; return it with the unpickler (for ``unsafe``, ``storages``).
+def _layouts() -> dict[str, Any]:
+    return {str(v): v for v in vars(torch).values() if isinstance(v, torch.layout)}
+
+
+def _get_layout(*args):
+    if len(args) != 1 or type(args[0]) is not str:
+        raise pickle.UnpicklingError(f"invalid layout arguments: {_short(args)}")
+    return _LAYOUTS[args[0]]
+
+
+_LAYOUTS = _layouts()
+_INERT_TYPES = (torch.dtype, torch.qscheme, torch.layout)
+
+
+@lru_cache(maxsize=1)
+def _handout_table() -> dict[str, tuple[str, Any]]:
+    """What each name of torch's allowlist resolves to: ("value", an immutable torch singleton),
+    ("call", a function to wrap) or ("marker", None) for classes ckptviz never instantiates."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    table: dict[str, tuple[str, Any]] = {}
+    for name, obj in _get_allowed_globals().items():
+        if name in _INTERCEPTED:
+            table[name] = ("call", _INTERCEPTED[name])
+        elif name in _OPAQUE_BUILDERS or name.startswith("torch._utils._rebuild_"):  # other tensor kinds
+            table[name] = ("call", _opaque_builder(name))
+        elif name in _PLAIN_CALLS:
+            table[name] = ("call", _PLAIN_CALLS[name])
+        elif name == "torch.serialization._get_layout":
+            table[name] = ("call", _get_layout)
+        elif isinstance(obj, _INERT_TYPES):
+            table[name] = ("value", obj)
+        elif isinstance(obj, torch.serialization.StorageType):  # legacy storage classes: their dtype
+            table[name] = ("value", obj.dtype)
+        elif obj is torch.storage.UntypedStorage:
+            table[name] = ("value", torch.uint8)
+        else:  # torch.Tensor, tensor type classes, TypedStorage: named in pickles, never called
+            table[name] = ("marker", None)
+    for name, fn in _INTERCEPTED.items():  # ckptviz's own builders, allowlisted or not in this torch
+        table.setdefault(name, ("call", fn))
+    return table
+
+
+def _user_safe_names() -> set[str]:
+    names = set()
+    for entry in torch.serialization.get_safe_globals():
+        obj, name = entry if isinstance(entry, tuple) else (entry, None)
+        names.add(name or f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# the unpickler
+# ---------------------------------------------------------------------------------------------
+
+
+def _storage_ref(key: str, dtype: torch.dtype, location: str, numel: int, byte_offset: int, source: Any) -> StorageRef:
+    """``StorageRef(...)`` without the frozen dataclass's six ``object.__setattr__`` calls (same fields)."""
+    ref = _new_object(StorageRef)
+    state = ref.__dict__
+    state["key"], state["dtype"], state["location"] = key, dtype, location
+    state["numel"], state["byte_offset"], state["source"] = numel, byte_offset, source
+    return ref
+
+
+class Unpickled:
+    """What one unpickling found besides the object: ``unsafe`` (global names beyond the
+    allowlist), ``storages`` (key -> StorageRef) and ``end`` (bytes the pickle took)."""
+
+    def __init__(self, trusted_prefixes: tuple[str, ...] = (), source: Any = None):
+        self.source = source  # the MappedFile that storages' bytes come from
+        self.unsafe: set[str] = set()
+        self.storages: dict[str, StorageRef] = {}
+        self.end = 0
+        self._trusted_prefixes = trusted_prefixes
+        self._table = _handout_table()
+        self._user_safe = _user_safe_names()
+        self._handed: dict[str, Any] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        full = f"{module}.{name}"
+        obj = self._handed.get(full)
+        if obj is None:
+            obj = self._handed[full] = self._resolve(module, name, full)
+        return obj
+
+    def _resolve(self, module: str, name: str, full: str) -> Any:
+        if full not in self._table:  # Python 2 names, mapped as torch's weights_only unpickler maps them
+            module, name = _compat_pickle.NAME_MAPPING.get(
+                (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
+            full = f"{module}.{name}"
+            if full in self._handed:
+                return self._handed[full]
+        if len(self._handed) >= MAX_GLOBALS:
+            raise pickle.UnpicklingError(f"the pickle refers to more than {MAX_GLOBALS} distinct globals")
+        kind, what = self._table.get(full, ("stub", None))
+        if kind == "value":
+            obj = what
+        elif kind == "call":
+            obj = _callable(full, what)
+        elif kind == "marker":
+            obj = _marker(full)
+        else:
+            if not full.startswith(self._trusted_prefixes) and full not in self._user_safe:
+                self.unsafe.add(full)
+            obj = type(full.rsplit(".", 1)[-1], (Stub,), {"_ckptviz_global": full})
+        self._handed[full] = obj
+        return obj
+
+    def persistent_load(self, pid: Any) -> Any:
+        # ('storage', dtype, key, location, numel): every zip storage; legacy ones add a view (None: whole)
+        if type(pid) is tuple and (len(pid) == 5 or (len(pid) == 6 and pid[5] is None)):
+            tag, dtype, key, location, numel = pid[:5]
+            root = self.storages.get(key)
+            if root is not None and root.dtype is dtype and tag == "storage":
+                return root
+            if (tag == "storage" and type(dtype) is torch.dtype and type(key) is str and type(location) is str
+                    and type(numel) is int and numel >= 0 and root is None):
+                root = self.storages[key] = _storage_ref(key, dtype, location, numel, 0, self.source)
+                return root
+        return self._persistent_load(pid)
+
+    def _persistent_load(self, pid: Any) -> Any:
+        if type(pid) is tuple and len(pid) == 4 and pid[0] == "module":
+            return pid[1]  # legacy whole-module saves: ('module', cls, source_file, source); cls is a Stub
+        if not (type(pid) is tuple and len(pid) in (5, 6) and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unsupported persistent id {_short(pid)}")
+        storage_type, key, location, numel = pid[1:5]
+        if type(key) is not str or type(location) is not str or type(numel) is not int or numel < 0:
+            raise pickle.UnpicklingError(f"invalid storage record {_short(pid)}")
+        if type(storage_type) is not torch.dtype:
+            raise pickle.UnpicklingError(f"unknown storage type {_short(storage_type)}")
+        root = self.storages.get(key)
+        if root is None:
+            root = self.storages[key] = StorageRef(key, storage_type, location, numel, 0, self.source)
+        view = pid[5] if len(pid) > 5 else None
+        if view is None:
+            return root
+        if type(view) is not tuple or len(view) != 3:  # legacy: (view_key, offset, view_size)
+            raise pickle.UnpicklingError(f"invalid storage view {_short(view)}")
+        view_offset, view_size = _ints("storage view", view[1:], minimum=0)
+        dtype = root.dtype
+        return StorageRef(key, dtype, location, view_size, view_offset * element_size(dtype), self.source)
+
+
+class _Input:
+    """The bytes of one pickle as a file for the C unpickler: ``peek`` hands over everything at once,
+    so the unpickler reads from one buffer and calls back only to say how much it consumed."""
+
+    __slots__ = ("data", "view", "pos")
+
+    def __init__(self, data: bytes):
+        self.data, self.view, self.pos = data, memoryview(data), 0
+
+    def peek(self, n: int = 0) -> memoryview:
+        return self.view[self.pos :]
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.data) if n is None or n < 0 else min(len(self.data), self.pos + n)
+        out, self.pos = self.data[self.pos : end], end
+        return out
+
+    def readinto(self, buf) -> int:
+        chunk = self.read(len(buf))
+        buf[: len(chunk)] = chunk
+        return len(chunk)
+
+    def readline(self) -> bytes:
+        end = self.data.find(b"\n", self.pos)
+        return self.read(-1 if end < 0 else end + 1 - self.pos)
+
+
+class _CUnpickler(pickle.Unpickler):
+    """The C unpickler calling ckptviz's find_class and persistent_load (state kept in :class:`Unpickled`)."""
+
+    def __init__(self, file: _Input, found: Unpickled):
+        self.find_class = found.find_class  # looked up on each GLOBAL: the instance attribute wins
+        self.persistent_load = found.persistent_load  # bound once, by the base __init__
+        super().__init__(file, fix_imports=False)
+
+
+_LEAVES = frozenset({str, int, float, bool, bytes, complex, type(None), TensorRef, StorageRef, torch.dtype,
+                     torch.layout, torch.qscheme, bytearray})
+
+
+def _children(obj: Any):
+    t = type(obj)
+    if t in (list, tuple, set, frozenset):
+        return obj
+    if isinstance(obj, dict):  # dict, OrderedDict, Counter, Stub
+        items = [*obj.keys(), *obj.values()]
+        if isinstance(obj, Stub):
+            items += [obj.args, obj.state, obj.items_list]
+        return items
+    if t is OpaqueTensor:
+        return obj.args
+    return ()
+
+
+def check_nesting(root: Any, limit: int = MAX_NESTING) -> None:
+    """Refuse trees whose containers nest deeper than ``limit`` (iterative; shared nodes counted once)."""
+    if type(root) in _LEAVES:
+        return
+    done: dict[int, int] = {}  # id -> height of a finished node
+    active = {id(root)}
+    stack = [[root, iter(_children(root)), 1]]
+    while stack:
+        frame = stack[-1]
+        for child in frame[1]:
+            if type(child) in _LEAVES or isinstance(child, (type, _Handed)):
+                continue
+            height = done.get(id(child))
+            if height is None:
+                if id(child) in active:
+                    continue  # a cycle (a list holding itself): no deeper than its first visit
+                if len(stack) >= limit:
+                    raise pickle.UnpicklingError(f"the pickle nests containers more than {limit} deep")
+                active.add(id(child))
+                stack.append([child, iter(_children(child)), 1])
+                break
+            if height + 1 > frame[2]:
+                frame[2] = height + 1
+                if len(stack) + height > limit:
+                    raise pickle.UnpicklingError(f"the pickle nests containers more than {limit} deep")
+        else:
+            stack.pop()
+            done[id(frame[0])] = frame[2]
+            active.discard(id(frame[0]))
+            if stack and frame[2] + 1 > stack[-1][2]:
+                stack[-1][2] = frame[2] + 1
+
+
+_INLINE_NESTING = 2_000  # below this, hashing the deepest possible tuple fits any thread's stack
+_STACK_PER_LEVEL = 256  # bytes of C stack per level of tuple hashing (measured ~60 on x86-64)
+_STACK_MARGIN = 16 << 20
+_STACK_LOCK = threading.Lock()
+
+
+def _on_stack(fn, nesting: int):
+    """``fn()``, on a thread whose stack fits hashing a tuple nested ``nesting`` deep."""
+    if nesting <= _INLINE_NESTING:
+        return fn()
+    out: dict[str, Any] = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+            out["error"] = e
+
+    with _STACK_LOCK:
+        try:
+            old = threading.stack_size(nesting * _STACK_PER_LEVEL + _STACK_MARGIN)
+            try:
+                worker = threading.Thread(target=run, name="ckptviz-unpickle", daemon=True)
+                worker.start()
+            finally:
+                threading.stack_size(old)
+        except (RuntimeError, ValueError, MemoryError) as e:  # the platform's limits on thread stacks
+            raise MemoryError(f"cannot reserve a stack for a pickle nested up to {nesting} deep ({e})") from None
+    worker.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def load_checked(data: bytes, found: Unpickled) -> Any:
+    """Unpickle ``data`` (a whole pickle, already :func:`scan`-ned) with the C unpickler, the garbage
+    collector paused (see :func:`paused_gc`)."""
+    file = _Input(data)
+
+    def load():
+        obj = _CUnpickler(file, found).load()
+        if file.pos != len(data):
+            raise pickle.UnpicklingError(f"the unpickler stopped at byte {file.pos}, the scan at {len(data)}")
+        check_nesting(obj)
+        return obj
+
+    with paused_gc():
+        return _on_stack(load, nesting_bound(data))
+
+
+def unpickle(data: bytes | bytearray | memoryview | BinaryIO, *, trusted_prefixes: tuple[str, ...] = (),
+             source: Any = None) -> tuple[Any, Unpickled]:
+    """Unpickle one object from ``data`` (bytes-like, or a binary file read from its position, which
+    is left just past the pickle); return it with what was found (``unsafe``, ``storages``, ``end``).
     Storages it finds read their bytes from ``source`` (a MappedFile)."""
-    file = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-    up = SafeUnpickler(file, trusted_prefixes=trusted_prefixes, source=source)
-    return up.load(), up
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return unpickle_from(bytes(data) if type(data) is not bytes else data, 0,
+                             trusted_prefixes=trusted_prefixes, source=source, first_window=len(data))
+    start = data.tell()
+    buf = data.read()
+    obj, found = unpickle_from(buf, 0, trusted_prefixes=trusted_prefixes, source=source, first_window=len(buf))
+    data.seek(start + found.end)
+    return obj, found
+
+
+def unpickle_from(buf, start: int, *, trusted_prefixes: tuple[str, ...] = (), source: Any = None,
+                  first_window: int = 1 << 20) -> tuple[Any, Unpickled]:
+    """Unpickle the pickle at ``buf[start:]`` (bytes, or a map of a file whose pickles are followed
+    by other data), scanning a growing window so that memo indices stay bounded by the pickle's own
+    size; ``found.end`` is the pickle's length."""
+    stop, resume = min(len(buf), start + first_window), None
+    while True:
+        try:
+            end = scan(buf, start, stop, resume=resume)
+            break
+        except TruncatedPickle as cut:  # go on from the cut-off opcode with a window 16 times larger
+            if stop >= len(buf):
+                raise
+            stop, resume = min(len(buf), start + (stop - start) * 16), cut.at
+    data = buf if start == 0 and end == len(buf) and type(buf) is bytes else bytes(buf[start:end])
+    found = Unpickled(trusted_prefixes, source)
+    found.end = end - start
+    return load_checked(data, found), found
+
+
+__all__ = ["MAX_NESTING", "PICKLE_ERRORS", "OpaqueTensor", "StorageRef", "Stub", "TensorRef", "TruncatedPickle",
+           "Unpickled", "check_nesting", "scan", "unpickle", "unpickle_from"]

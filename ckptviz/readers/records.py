@@ -6,6 +6,7 @@ tensor data."""
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,12 @@ class StorageRef:
     def nbytes(self) -> int:
         return self.numel * element_size(self.dtype)
 
+    def __setstate__(self, state: Any) -> None:  # a pickle's BUILD on a record changes nothing
+        pass
+
+    def __reduce__(self):  # copies and pickles go through the constructor, not __setstate__
+        return (StorageRef, (self.key, self.dtype, self.location, self.numel, self.byte_offset, self.source))
+
 
 class _Sized:
     """``numel`` and ``nbytes`` from a record's ``shape`` and ``dtype``."""
@@ -85,6 +92,10 @@ class TensorRef(_Sized):
     def __setstate__(self, state: Any) -> None:  # a pickle's BUILD on a record changes nothing
         pass
 
+    def __reduce__(self):
+        return (TensorRef, (self.storage, self.offset, self.shape, self.stride, self.dtype, self.requires_grad,
+                            self.is_param))
+
     @property
     def device(self) -> str:
         return self.storage.location if self.storage is not None else "meta"
@@ -96,6 +107,12 @@ class OpaqueTensor:
 
     builder: str
     args: tuple = field(repr=False, default=())
+
+    def __setstate__(self, state: Any) -> None:  # a pickle's BUILD on a record changes nothing
+        pass
+
+    def __reduce__(self):
+        return (OpaqueTensor, (self.builder, self.args))
 
 
 class LazyRecord(_Sized):
@@ -121,6 +138,7 @@ def contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 Tensorish = TensorRef | LazyRecord | torch.Tensor
+_SHAPE, _DTYPE, _STORAGE = (operator.attrgetter(name) for name in ("shape", "dtype", "storage"))
 LAZY = (TensorRef, LazyRecord)
 
 
@@ -156,20 +174,27 @@ class TensorTable(Mapping):
 
     @classmethod
     def from_refs(cls, entries: Mapping[str, Tensorish], file: str | None = None) -> TensorTable:
-        """A table over existing records (a pickle's tensors, an in-memory state dict)."""
+        """A table over existing records (a pickle's tensors, an in-memory state dict); the records
+        stay in ``records_list``, parallel to ``keys_list``."""
         if isinstance(entries, TensorTable):
             return entries
         keys, values = list(entries), list(entries.values())
-        shape, dtype, device = [], [], []
-        for v in values:
-            if isinstance(v, LAZY):
-                shape.append(v.shape)
-                device.append(v.device)
-            else:
-                shape.append(tuple(v.shape))
-                device.append(str(v.device))
-            dtype.append(v.dtype)
-        return cls(keys, shape, dtype, device, file, values)
+        if all(type(v) is TensorRef for v in values):  # a pickle's records: columns at C speed
+            shape, dtype = list(map(_SHAPE, values)), list(map(_DTYPE, values))
+            device = [s.location if s is not None else "meta" for s in map(_STORAGE, values)]
+        else:
+            shape, dtype, device = [], [], []
+            for v in values:
+                if isinstance(v, LAZY):
+                    shape.append(v.shape)
+                    device.append(v.device)
+                else:
+                    shape.append(tuple(v.shape))
+                    device.append(str(v.device))
+                dtype.append(v.dtype)
+        table = cls(keys, shape, dtype, device, file, values)
+        table.records_list = values
+        return table
 
     @classmethod
     def concat(cls, tables: Sequence[TensorTable]) -> TensorTable:

@@ -1,13 +1,15 @@
 """Reader for torch's legacy pickle container (``_use_new_zipfile_serialization=False``): a run of
-pickles followed by raw storages, each behind an 8-byte element count; data is located, not read."""
+pickles followed by raw storages, each behind an 8-byte element count; read through one read-only
+map of the file, so data is located, never read."""
 
 from __future__ import annotations
 
+import mmap
 import struct
 
 from ..errors import CorruptCheckpointError
 from .mapped import MappedFile
-from .pickle_reader import PICKLE_ERRORS, SafeUnpickler
+from .pickle_reader import PICKLE_ERRORS, unpickle_from
 from .raw import RawCheckpoint
 from .records import element_size
 
@@ -17,28 +19,37 @@ MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 def read_torch_legacy(path: str) -> RawCheckpoint:
     source = MappedFile(path)
     try:
-        with open(path, "rb") as f:
-            header = SafeUnpickler(f)
-            if header.load() != MAGIC_NUMBER:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            pos = 0
+
+            def load(**kwargs):
+                nonlocal pos
+                obj, found = unpickle_from(mm, pos, **kwargs)
+                pos += found.end
+                return obj, found
+
+            if load()[0] != MAGIC_NUMBER:
                 raise CorruptCheckpointError(f"{path}: not a torch legacy checkpoint (bad magic number)")
-            header.load()  # protocol version
-            sys_info = header.load()
+            load()  # protocol version
+            sys_info = load()[0]
             if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
                 raise CorruptCheckpointError(f"{path}: big-endian checkpoints are not supported")
-            up = SafeUnpickler(f, source=source)
-            obj = up.load()
-            keys = [str(k) for k in SafeUnpickler(f).load()]
-            offsets, limits = source.offsets, {}
-            for key in keys:
-                count = f.read(8)
-                if len(count) != 8:
+            obj, up = load(source=source)
+            keys = load()[0]
+            if type(keys) is not list:
+                raise EOFError("the list of storage keys is missing")
+            offsets, limits, size = source.offsets, {}, len(mm)
+            sizes = {dtype: element_size(dtype) for dtype in {ref.dtype for ref in up.storages.values()}}
+            storage, count_at = up.storages.get, struct.Struct("<q").unpack_from
+            for key in map(str, keys):  # each storage: its element count, then its bytes
+                if pos + 8 > size:
                     raise EOFError(f"storage {key} is cut off")
-                ref = up.storages.get(key)
-                elsize = element_size(ref.dtype) if ref is not None else 1
-                offsets[key] = f.tell()
-                nbytes = struct.unpack("<q", count)[0] * elsize
-                limits[key] = offsets[key] + nbytes
-                f.seek(nbytes, 1)
+                ref = storage(key)
+                nbytes = count_at(mm, pos)[0] * (sizes[ref.dtype] if ref is not None else 1)
+                offsets[key] = pos = pos + 8
+                limits[key] = pos = pos + nbytes
+                if nbytes < 0:
+                    raise EOFError(f"storage {key} has a negative size")
     except CorruptCheckpointError:
         raise
     except (OSError, *PICKLE_ERRORS) as e:

@@ -1,51 +1,180 @@
 """Reader for torch's zip container (``torch.save`` since 1.6, and TorchScript archives): reads the
-central directory and ``data.pkl`` only; tensor bytes stay in the file until asked for."""
+central directory and ``data.pkl``, and finds where each storage's bytes start from its local
+header (one read-only map of the file, all headers at once); tensor bytes stay in the file."""
 
 from __future__ import annotations
 
 import io
+import mmap
 import struct
 import zipfile
+import zlib
+from itertools import repeat
+from operator import methodcaller
+
+import numpy as np
 
 from ..errors import CorruptCheckpointError
 from .mapped import MappedFile
 from .pickle_reader import PICKLE_ERRORS, unpickle
 from .raw import RawCheckpoint
 
+_HEADER_FIELDS = np.array([0, 1, 2, 3, 26, 27, 28, 29])  # signature; name and extra field lengths
 
-def _data_offset(f, info: zipfile.ZipInfo) -> int:
-    f.seek(info.header_offset)
-    header = f.read(30)
-    if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        raise zipfile.BadZipFile(f"bad local header for {info.filename}")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    return info.header_offset + 30 + name_len + extra_len
+
+def _data_offsets(mm: mmap.mmap, header_offsets: list[int]) -> list[int]:
+    """Where the data of each zip entry starts: past its local header (30 bytes), name and extra field
+    (torch pads the local extra field for alignment, so the central directory's does not tell)."""
+    if not header_offsets:
+        return []
+    at = np.array(header_offsets, dtype=np.int64)
+    if at.min() < 0 or at.max() + 30 > len(mm):
+        raise zipfile.BadZipFile("a local header lies past the end of the file")
+    picked = np.frombuffer(mm, dtype=np.uint8)[at[:, None] + _HEADER_FIELDS]  # (n, 8) bytes of every header
+    if (picked[:, :4].copy().view("<u4") != 0x04034B50).any():
+        raise zipfile.BadZipFile("bad local header signature")
+    lengths = picked[:, 4:].copy().view("<u2").astype(np.int64)  # file name length, extra field length
+    name_len, extra_len = lengths[:, 0], lengths[:, 1]
+    return (at + 30 + name_len + extra_len).tolist()
+
+
+class ZipDirectory:
+    """The central directory of a zip file, read from a map of it in one pass: entry names and, per
+    entry, method, sizes, CRC and local header offset as numpy columns. It reads only what torch's
+    archives need (stored or deflated entries, zip64), and raises ``zipfile.BadZipFile`` otherwise."""
+
+    def __init__(self, mm: mmap.mmap):
+        self.mm = mm
+        count, cd_size, cd_offset, concat = _end_of_directory(mm)
+        cd = bytes(mm[cd_offset : cd_offset + cd_size])
+        starts = _entry_starts(cd, count)
+        raw = np.frombuffer(cd, dtype=np.uint8)
+        fixed = raw[starts[:, None] + np.arange(46)]  # (n, 46): every entry's fixed part
+        u16 = lambda at: fixed[:, at : at + 2].copy().view("<u2")[:, 0].astype(np.int64)  # noqa: E731
+        u32 = lambda at: fixed[:, at : at + 4].copy().view("<u4")[:, 0].astype(np.int64)  # noqa: E731
+        flags, name_len, extra_len = u16(8), u16(28), u16(30)
+        self.method, self.crc = u16(10), u32(16)
+        self.compressed, self.size, self.header = u32(20), u32(24), u32(42)
+        names = [cd[a : a + n] for a, n in zip((starts + 46).tolist(), name_len.tolist())]
+        if (flags & 0x800).all():
+            self.names = [name.decode("utf-8") for name in names]
+        else:
+            self.names = [name.decode("utf-8" if f & 0x800 else "cp437") for name, f in zip(names, flags.tolist())]
+        wide = np.flatnonzero((self.compressed == 0xFFFFFFFF) | (self.size == 0xFFFFFFFF)
+                              | (self.header == 0xFFFFFFFF))
+        for i in wide.tolist():  # zip64: the 32-bit fields are placeholders for the extra field's values
+            extra_at = int(starts[i]) + 46 + int(name_len[i])
+            self._zip64(i, cd[extra_at : extra_at + int(extra_len[i])])
+        self.header = self.header + concat
+        self.index = dict(zip(self.names, range(len(self.names))))
+
+    def _zip64(self, i: int, extra: bytes) -> None:
+        at = 0
+        while at + 4 <= len(extra):
+            tag, size = struct.unpack_from("<HH", extra, at)
+            if tag == 1:
+                values = iter(struct.unpack_from(f"<{size // 8}Q", extra, at + 4))
+                for column in (self.size, self.compressed, self.header):
+                    if column[i] == 0xFFFFFFFF:
+                        column[i] = next(values)
+                return
+            at += 4 + size
+        raise zipfile.BadZipFile("zip64 entry without its zip64 extra field")
+
+    def read(self, name: str) -> bytes:
+        """The bytes of entry ``name`` (CRC checked)."""
+        i = self.index[name]
+        (start,) = _data_offsets(self.mm, [int(self.header[i])])
+        data = bytes(self.mm[start : start + int(self.compressed[i])])
+        if len(data) != self.compressed[i]:
+            raise zipfile.BadZipFile(f"{name} is cut off")
+        if self.method[i] == zipfile.ZIP_DEFLATED:
+            data = zlib.decompressobj(-15).decompress(data)
+        elif self.method[i] != zipfile.ZIP_STORED:
+            raise zipfile.BadZipFile(f"{name} is compressed with method {self.method[i]}; torch never writes that")
+        if len(data) != self.size[i] or zlib.crc32(data) != self.crc[i]:
+            raise zipfile.BadZipFile(f"bad CRC-32 or size for {name}")
+        return data
+
+
+def _end_of_directory(mm: mmap.mmap) -> tuple[int, int, int, int]:
+    """(entries, size and offset of the central directory, bytes prepended to the archive)."""
+    tail_at = max(0, len(mm) - (1 << 16) - 22)
+    tail = bytes(mm[tail_at:])
+    at = len(tail)
+    while True:  # the last record whose comment runs exactly to the end (a comment may hold the signature)
+        at = tail.rfind(b"PK\x05\x06", 0, at)
+        if at < 0:
+            raise zipfile.BadZipFile("no end of central directory record (the file is cut off?)")
+        if at + 22 <= len(tail) and at + 22 + struct.unpack_from("<H", tail, at + 20)[0] == len(tail):
+            break
+    count, cd_size, cd_offset = struct.unpack_from("<10xHLL", tail, at)
+    eocd = tail_at + at
+    if eocd >= 76 and mm[eocd - 20 : eocd - 16] == b"PK\x06\x07":  # zip64: its record precedes the locator
+        location = eocd - 20 - 56
+        if mm[location : location + 4] != b"PK\x06\x06":
+            raise zipfile.BadZipFile("bad zip64 end of central directory record")
+        count, cd_size, cd_offset = struct.unpack_from("<32xQQQ", mm, location)
+    else:
+        location = eocd
+    concat = location - cd_size - cd_offset  # data before the archive (e.g. a self-extracting stub)
+    if concat < 0 or cd_offset + concat + cd_size > len(mm):
+        raise zipfile.BadZipFile("the central directory lies outside the file")
+    return count, cd_size, cd_offset + concat, concat
+
+
+def _entry_starts(cd: bytes, count: int) -> np.ndarray:
+    """Offsets of the ``count`` entries in the central directory ``cd``: every signature found,
+    accepted only if they chain exactly (each entry ends where the next starts)."""
+    raw = np.frombuffer(cd, dtype=np.uint8)
+    if len(raw) >= 46:
+        hits = np.flatnonzero((raw[:-3] == 0x50) & (raw[1:-2] == 0x4B) & (raw[2:-1] == 1) & (raw[3:] == 2))
+        hits = hits[hits + 46 <= len(raw)]
+        lengths = raw[hits[:, None] + np.arange(28, 34)].astype(np.int64)
+        ends = hits + 46 + lengths[:, 0] + (lengths[:, 1] << 8) + lengths[:, 2] + (lengths[:, 3] << 8) \
+            + lengths[:, 4] + (lengths[:, 5] << 8)
+        if len(hits) == count and (count == 0 or (hits[0] == 0 and (ends[:-1] == hits[1:]).all()
+                                                   and ends[-1] == len(raw))):
+            return hits
+    starts, at = [], 0  # a signature inside a name or extra field: walk the entries one by one
+    for _ in range(count):
+        if at + 46 > len(cd) or cd[at : at + 4] != b"PK\x01\x02":
+            raise zipfile.BadZipFile("truncated or corrupted central directory")
+        n, m, k = struct.unpack_from("<HHH", cd, at + 28)
+        starts.append(at)
+        at += 46 + n + m + k
+    return np.array(starts, dtype=np.int64).reshape(-1)
 
 
 def read_torch_zip(path: str) -> RawCheckpoint:
     source = MappedFile(path)
     try:
-        with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
-            infos = {i.filename: i for i in zf.infolist()}
-            pkl = [n for n in infos if n.count("/") == 1 and n.endswith("/data.pkl")]
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            zd = ZipDirectory(mm)
+            pkl = [n for n in zd.names if n.count("/") == 1 and n.endswith("/data.pkl")]
             if not pkl:
                 raise CorruptCheckpointError(
                     f"{path}: a zip file, but not one written by torch.save (no <archive>/data.pkl inside). "
                     "If it is another framework's archive, export its weights with torch.save or safetensors."
                 )
             root = pkl[0][: -len("data.pkl")]
-            is_script = f"{root}constants.pkl" in infos or any(n.startswith(f"{root}code/") for n in infos)
-            byteorder = zf.read(f"{root}byteorder").decode() if f"{root}byteorder" in infos else "little"
-            obj, up = unpickle(zf.read(pkl[0]), trusted_prefixes=("__torch__.",) if is_script else (), source=source)
-            offsets, limits = source.offsets, {}
-            for key in up.storages:
-                info = infos.get(f"{root}data/{key}")
-                if info is None:
-                    raise CorruptCheckpointError(f"{path}: tensor storage {root}data/{key} is missing from the zip")
-                if info.compress_type != zipfile.ZIP_STORED:
-                    raise CorruptCheckpointError(f"{path}: storage {key} is compressed; torch never writes that")
-                offsets[key] = _data_offset(f, info)
-                limits[key] = offsets[key] + info.file_size
+            is_script = f"{root}constants.pkl" in zd.index or any(map(methodcaller("startswith", f"{root}code/"),
+                                                                        zd.names))
+            byteorder = zd.read(f"{root}byteorder").decode() if f"{root}byteorder" in zd.index else "little"
+            obj, up = unpickle(zd.read(pkl[0]), trusted_prefixes=("__torch__.",) if is_script else (), source=source)
+            keys = list(up.storages)
+            rows = list(map(zd.index.get, map(f"{root}data/".__add__, keys), repeat(-1)))
+            if -1 in rows:
+                key = keys[rows.index(-1)]
+                raise CorruptCheckpointError(f"{path}: tensor storage {root}data/{key} is missing from the zip")
+            rows = np.array(rows, dtype=np.int64)
+            stored = zd.method[rows] == zipfile.ZIP_STORED
+            if not stored.all():
+                key = keys[int(np.argmin(stored))]
+                raise CorruptCheckpointError(f"{path}: storage {key} is compressed; torch never writes that")
+            starts = _data_offsets(mm, zd.header[rows].tolist())
+            source.offsets.update(zip(keys, starts))
+            limits = dict(zip(keys, (np.array(starts, dtype=np.int64) + zd.size[rows]).tolist()))
     except CorruptCheckpointError:
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, *PICKLE_ERRORS) as e:
@@ -98,6 +227,16 @@ class _Window(io.RawIOBase):
 
 
 _SMALL_WINDOW = 2**20
+
+
+def _data_offset(f, info: zipfile.ZipInfo) -> int:
+    """Where ``info``'s data starts in ``f``: after its local header (whose extra field torch pads)."""
+    f.seek(info.header_offset)
+    header = f.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad local header for {info.filename}")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len
 
 
 def read_zip_window(f, start: int, length: int, source: MappedFile | None = None):
