@@ -615,6 +615,9 @@ _LEAVES = frozenset({str, int, float, bool, bytes, complex, type(None), TensorRe
                      torch.layout, torch.qscheme, bytearray})
 
 
+_SEQUENCES = frozenset({list, tuple, set, frozenset})
+
+
 def _children(obj: Any):
     t = type(obj)
     if t in (list, tuple, set, frozenset):
@@ -639,7 +642,12 @@ def check_nesting(root: Any, limit: int = MAX_NESTING) -> None:
     while stack:
         frame = stack[-1]
         for child in frame[1]:
-            if type(child) in _LEAVES or isinstance(child, (type, _Handed)):
+            kind = type(child)
+            if kind in _LEAVES or isinstance(child, (type, _Handed)):
+                continue
+            if kind in _SEQUENCES and _LEAVES.issuperset(map(type, child)):  # a torch.Size, a list of names
+                if frame[2] < 2:
+                    frame[2] = 2
                 continue
             height = done.get(id(child))
             if height is None:
