@@ -1,18 +1,26 @@
 """Key alignment between a checkpoint and a model: user rename rules first, then exact matches, then
-inferred prefix and wrapper-token renames, each applied only where it pairs keys one-to-one."""
+inferred prefix and wrapper-token renames, each applied only where it pairs keys one-to-one.
+
+Per-key work is column work: exact names pair by set look-ups, and the rename search finds candidate
+rules on a sample of the unpaired keys, tests each candidate on the whole column at once, and samples
+more only while a rule it has not seen could still pair as many keys as the best one it has."""
 
 from __future__ import annotations
 
 import re
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from .errors import AlignmentError
 
 # Wrapper modules that insert a token into every key below them.
 WRAPPER_TOKENS = ("module", "_orig_mod", "_forward_module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 MAX_ROUNDS = 32
+SEEDS = 16  # keys per side sampled before the first round, spread over the column
+MAX_COLUMN_RULES = 16  # a sample that proposes more new rules than this: enumerate its whole side instead
+STRIP, DROP, ADD = 0, 1, 2  # kinds of inferred rule; a candidate is (kind, prefix or token)
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,15 @@ def drop_token(token: str) -> Rule:
     return Rule(r"(^|\.)" + re.escape(token) + r"\.", r"\1")
 
 
+def _dropped(name: str, token: str) -> str:
+    """``drop_token(token).apply(name)`` without the regex: both remove every leftmost non-overlapping
+    ``token.`` that starts the name or follows a dot."""
+    return ("." + name).replace(f".{token}.", ".")[1:]
+
+
+_MAKE = {STRIP: strip_prefix, DROP: drop_token, ADD: add_prefix}
+
+
 @dataclass
 class Alignment:
     """Which checkpoint key feeds which model key, and the rules that renamed it."""
@@ -65,45 +82,38 @@ def _as_rules(rules: Iterable[tuple[str, str] | Rule] | None) -> list[Rule]:
     return out
 
 
-def _dot_splits(name: str) -> Iterable[tuple[str, str]]:
-    for i, ch in enumerate(name):
-        if ch == ".":
-            yield name[: i + 1], name[i + 1 :]
+def _apply_user_rules(ckpt_keys: Sequence[str], user: list[Rule], result: Alignment) -> dict[str, str]:
+    """Checkpoint key -> its name after the user rules, recording which rules renamed which key."""
+    keys = list(ckpt_keys)
+    names, changed = keys, []
+    for rule in user:
+        sub = re.compile(rule.pattern).sub
+        new = [sub(rule.replacement, n) for n in names]
+        changed.append([i for i, (a, b) in enumerate(zip(names, new)) if a != b])
+        names = new
+    applied: dict[int, list[Rule]] = {}
+    for rule, idx in zip(user, changed):
+        for i in idx:
+            applied.setdefault(i, []).append(rule)
+    for i in sorted(applied):
+        result.rule_of.setdefault(keys[i], []).extend(applied[i])
+    for _, _, rule in sorted((idx[0], k, rule) for k, (rule, idx) in enumerate(zip(user, changed)) if idx):
+        if rule not in result.rules:
+            result.rules.append(rule)
+    return dict(zip(keys, names))
 
 
-def _candidates(names: Mapping[str, str], free_model: set[str]) -> dict[Rule, list[tuple[str, str]]]:
-    """Every inferable rule with the (checkpoint key, model key) pairs it would create."""
-    cands: dict[Rule, list[tuple[str, str]]] = defaultdict(list)
-    by_name = {n: c for c, n in names.items()}
-    for c, name in names.items():
-        for prefix, rest in _dot_splits(name):
-            if rest in free_model:
-                cands[strip_prefix(prefix)].append((c, rest))
-        for token in WRAPPER_TOKENS:
-            if f".{token}." in f".{name}":
-                rule = drop_token(token)
-                renamed = rule.apply(name)
-                if renamed in free_model:
-                    cands[rule].append((c, renamed))
-    for m in free_model:
-        for prefix, rest in _dot_splits(m):
-            if rest in by_name:
-                cands[add_prefix(prefix)].append((by_name[rest], m))
-    return cands
-
-
-def _one_to_one(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Drop pairs whose model key is claimed by several checkpoint keys (or vice versa)."""
-    by_m = Counter(m for _, m in pairs)
-    by_c = Counter(c for c, _ in pairs)
-    return [(c, m) for c, m in pairs if by_m[m] == 1 and by_c[c] == 1]
-
-
-def _conflict(a: list[tuple[str, str]], b: list[tuple[str, str]]) -> bool:
-    """Whether two pairings disagree about any key they share."""
-    fa, fb = dict(a), dict(b)
-    ra, rb = {m: c for c, m in a}, {m: c for c, m in b}
-    return any(fa[c] != fb[c] for c in fa.keys() & fb.keys()) or any(ra[m] != rb[m] for m in ra.keys() & rb.keys())
+def _check_clashes(names: dict[str, str]) -> None:
+    if len(set(names.values())) == len(names):
+        return
+    by_name: dict[str, list[str]] = {}
+    for c, n in names.items():
+        by_name.setdefault(n, []).append(c)
+    clashes = {n: cs for n, cs in by_name.items() if len(cs) > 1}
+    shown = "; ".join(f"{n!r} <- {cs}" for n, cs in list(clashes.items())[:5])
+    raise AlignmentError(
+        f"the rename rules map several checkpoint keys to one name: {shown}. Make the rules more specific."
+    )
 
 
 def align(
@@ -112,7 +122,7 @@ def align(
     *,
     rules: Iterable[tuple[str, str] | Rule] | None = None,
     auto: bool = True,
-    same_shape=None,
+    same_shape: Callable[[str, str], bool] | None = None,
 ) -> Alignment:
     """Pair checkpoint keys with model keys.
 
@@ -123,54 +133,254 @@ def align(
     """
     user = _as_rules(rules)
     result = Alignment()
-    names: dict[str, str] = {}
-    for c in ckpt_keys:
-        name = c
-        for rule in user:
-            new = rule.apply(name)
-            if new != name:
-                result.rule_of.setdefault(c, []).append(rule)
-                if rule not in result.rules:
-                    result.rules.append(rule)
-            name = new
-        names[c] = name
-    clashes = {n: [c for c in ckpt_keys if names[c] == n] for n, k in Counter(names.values()).items() if k > 1}
-    if clashes:
-        shown = "; ".join(f"{n!r} <- {cs}" for n, cs in list(clashes.items())[:5])
-        raise AlignmentError(
-            f"the rename rules map several checkpoint keys to one name: {shown}. Make the rules more specific."
-        )
-
+    names = _apply_user_rules(ckpt_keys, user, result) if user else dict(zip(ckpt_keys, ckpt_keys))
+    if user:
+        _check_clashes(names)
     model_set = set(model_keys)
-    for c, n in names.items():
-        if n in model_set:
-            result.pairs[c] = n
-    if not auto:
+    result.pairs = {c: n for c, n in names.items() if n in model_set}
+    if not auto or len(result.pairs) in (len(names), len(model_set)):
         return result
-
-    free_model = model_set - set(result.pairs.values())
-    free = {c: n for c, n in names.items() if c not in result.pairs}
-    rejected: set[Rule] = set()
-    for _ in range(MAX_ROUNDS):
-        scored = []
-        for rule, pairs in _candidates(free, free_model).items():
-            pairs = _one_to_one(pairs)
-            if rule in rejected or not pairs:
-                continue
-            shapes = sum(bool(same_shape(c, m)) for c, m in pairs) if same_shape else 0
-            scored.append(((len(pairs), shapes, rule.replacement == "", -len(rule.pattern)), rule, pairs))
-        if not scored:
-            break
-        scored.sort(key=lambda s: s[0], reverse=True)
-        (score, rule, pairs), rivals = scored[0], scored[1:]
-        tied = [r for s, r, p in rivals if s[:2] == score[:2] and _conflict(pairs, p)]
-        if tied:  # two equally good renames pair the same keys differently: guess neither
-            rejected.update([rule, *tied])
-            continue
-        result.rules.append(rule)
-        for c, m in pairs:
-            result.pairs[c] = m
-            result.rule_of.setdefault(c, []).append(rule)
-            free_model.discard(m)
-            del free[c]
+    taken = set(result.pairs.values())
+    free_model = [m for m in dict.fromkeys(model_keys) if m not in taken]
+    free = [c for c in names if c not in result.pairs]
+    _Search(free, [names[c] for c in free], free_model, same_shape).run(result)
     return result
+
+
+def _one_to_one(ci: np.ndarray, mj: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop pairs whose model key is claimed by several checkpoint keys (or vice versa)."""
+    keep = np.ones(ci.size, dtype=bool)
+    for side in (ci, mj):
+        _, inverse, counts = np.unique(side, return_inverse=True, return_counts=True)
+        keep &= counts[inverse] == 1
+    return ci[keep], mj[keep]
+
+
+@dataclass
+class _Live:
+    """A candidate rule in one round: its one-to-one pairs among the free keys, and its rank."""
+
+    key: tuple[int, str]
+    order: tuple[int, int, int]  # where the rule-by-rule search would first have met it
+    ci: np.ndarray
+    mj: np.ndarray
+    shapes: int = 0
+
+    @property
+    def rule(self) -> Rule:
+        return _MAKE[self.key[0]](self.key[1])
+
+    def rank(self) -> tuple:
+        rule = self.rule
+        return (-self.shapes, rule.replacement != "", len(rule.pattern), self.order)
+
+    def canonical(self) -> tuple[np.ndarray, np.ndarray]:
+        o = np.argsort(self.ci, kind="stable")
+        return self.ci[o], self.mj[o]
+
+
+class _Search:
+    """The greedy rename search over the keys exact names left unpaired.
+
+    Checkpoint side ``i`` (``names`` are the keys after user rules) and model side ``j`` are column
+    positions. A candidate's raw pairs are computed once, on whole columns; each round keeps the ones
+    whose keys are both still free. Strip and drop rules are found from checkpoint keys, add rules from
+    model keys: a rule no sampled key proposes pairs at most as many keys as remain free and unsampled
+    on its side, so the search samples until that bound is below the best count it has seen.
+    """
+
+    def __init__(self, ckpt: list[str], names: list[str], model: list[str], same_shape):
+        self.ckpt = np.array(ckpt, dtype=object)
+        self.model = np.array(model, dtype=object)
+        self.names, self.model_keys = names, model
+        self.name_at = {n: i for i, n in enumerate(names)}
+        self.model_at = {m: j for j, m in enumerate(model)}
+        self.free = (np.ones(len(names), dtype=bool), np.ones(len(model), dtype=bool))
+        self.seen = (np.zeros(len(names), dtype=bool), np.zeros(len(model), dtype=bool))
+        self.hits: tuple[dict, dict] = ({}, {})  # per side: candidate -> [(i, j)] from enumerated keys
+        self.found: dict[tuple[int, str], tuple[int, np.ndarray, np.ndarray]] = {}  # -> (sub-order, ci, mj)
+        self.rejected: set[tuple[int, str]] = set()
+        self.same_shape = same_shape
+        self._joined: str | None = None
+
+    # ---- candidates ------------------------------------------------------------------------------
+    def _hits_of_name(self, i: int) -> Iterable[tuple[tuple[int, str], int]]:
+        name, at = self.names[i], self.model_at
+        k = name.find(".")
+        while k >= 0:
+            j = at.get(name[k + 1 :])
+            if j is not None:
+                yield (STRIP, name[: k + 1]), j
+            k = name.find(".", k + 1)
+        for token in WRAPPER_TOKENS:
+            if f"{token}." in name and (j := at.get(_dropped(name, token))) is not None:
+                yield (DROP, token), j
+
+    def _hits_of_model_key(self, j: int) -> Iterable[tuple[tuple[int, str], int]]:
+        key, at = self.model_keys[j], self.name_at
+        k = key.find(".")
+        while k >= 0:
+            i = at.get(key[k + 1 :])
+            if i is not None:
+                yield (ADD, key[: k + 1]), i
+            k = key.find(".", k + 1)
+
+    def _enumerate(self, side: int, idx: np.ndarray) -> set[tuple[int, str]]:
+        """Record every raw pair the keys ``idx`` of ``side`` take part in; return the candidates met."""
+        hits, met = self.hits[side], set()
+        for x in idx.tolist():
+            for cand, y in self._hits_of_name(x) if side == 0 else self._hits_of_model_key(x):
+                hits.setdefault(cand, []).append((x, y) if side == 0 else (y, x))
+                met.add(cand)
+        self.seen[side][idx] = True
+        return met
+
+    def _sub_order(self, cand: tuple[int, str]) -> int:
+        kind, text = cand
+        return WRAPPER_TOKENS.index(text) if kind == DROP else len(text)
+
+    def _column(self, cand: tuple[int, str]) -> tuple[np.ndarray, np.ndarray]:
+        """All raw pairs of one candidate, tested on the whole column."""
+        kind, text = cand
+        if kind == ADD:
+            k, at = len(text), self.name_at
+            hit = np.array([at.get(m[k:], -1) if m.startswith(text) else -1 for m in self.model_keys], dtype=np.int64)
+            mj = np.flatnonzero(hit >= 0)
+            return hit[mj], mj
+        if kind == STRIP:
+            k, at = len(text), self.model_at
+            hit = [at.get(n[k:], -1) if n.startswith(text) else -1 for n in self.names]
+        elif f".{text}." not in self._all_names():  # the token only ever starts a name: a plain strip
+            return self._column((STRIP, text + "."))
+        else:
+            at, token = self.model_at, text + "."
+            hit = [at.get(_dropped(n, text), -1) if token in n else -1 for n in self.names]
+        hit = np.array(hit, dtype=np.int64)
+        ci = np.flatnonzero(hit >= 0)
+        return ci, hit[ci]
+
+    def _all_names(self) -> str:
+        if self._joined is None:
+            self._joined = "\n".join(self.names)  # a match of ".token." never spans the separator
+        return self._joined
+
+    def _pending(self, side: int) -> np.ndarray:
+        """Free keys of ``side`` not enumerated yet."""
+        return np.flatnonzero(self.free[side] & ~self.seen[side])
+
+    def _complete(self, side: int, cands: set[tuple[int, str]]) -> None:
+        """Give every new candidate its full raw pairs: from the hits once every free key of ``side`` is
+        enumerated (pairs with keys no longer free never count again), else on the whole column; many
+        new candidates at once are cheaper found by enumerating the rest of the side."""
+        cands = {c for c in cands if c not in self.found}
+        if cands and len(cands) > MAX_COLUMN_RULES:
+            cands |= self._enumerate(side, self._pending(side))
+            cands = {c for c in cands if c not in self.found}
+        enumerated = not self._pending(side).size
+        for cand in cands:
+            if enumerated:
+                pairs = sorted(self.hits[side][cand], key=lambda p: p[side])
+                ci, mj = (np.array(v, dtype=np.int64) for v in zip(*pairs))
+            else:
+                ci, mj = self._column(cand)
+            self.found[cand] = (self._sub_order(cand), ci, mj)
+
+    def _sample(self, side: int, count: int) -> None:
+        """Enumerate ``count`` more free keys of ``side`` (all of them if that is most of them)."""
+        pending = self._pending(side)
+        self._complete(side, self._enumerate(side, pending[:count] if count <= pending.size // 2 else pending))
+
+    # ---- rounds ----------------------------------------------------------------------------------
+    def _live(self) -> list[_Live]:
+        c_free, m_free = self.free
+        live = []
+        for cand, (sub, ci, mj) in self.found.items():
+            if cand in self.rejected:
+                continue
+            ok = c_free[ci] & m_free[mj]
+            if not ok.any():
+                continue
+            ci, mj = ci[ok], mj[ok]
+            order = (len(c_free), int(mj[0]), sub) if cand[0] == ADD else (int(ci[0]), cand[0], sub)
+            if cand[0] == DROP:  # strip and add pairs are one-to-one by construction
+                ci, mj = _one_to_one(ci, mj)
+            if ci.size:
+                live.append(_Live(cand, order, ci, mj))
+        return live
+
+    def _certified(self) -> list[_Live]:
+        """The live candidates, once no unseen rule could pair as many keys as the best one."""
+        for side in (0, 1):
+            pending = self._pending(side)
+            if not self.seen[side].any() and pending.size:
+                seeds = np.unique(np.linspace(0, pending.size - 1, min(SEEDS, pending.size)).astype(np.int64))
+                self._complete(side, self._enumerate(side, pending[seeds]))
+        while True:
+            live = self._live()
+            best = max((x.ci.size for x in live), default=0)
+            short = [(side, n - best + 1) for side in (0, 1) if (n := self._pending(side).size) and n >= best]
+            if not short:
+                return live
+            for side, count in short:
+                self._sample(side, count)
+
+    def _score_ties(self, group: list[_Live]) -> None:
+        """Count same-shape pairs where they can decide: between distinct pairings of the best count."""
+        if self.same_shape is None or len(group) < 2:
+            return
+        distinct: list[tuple[np.ndarray, np.ndarray, list[_Live]]] = []
+        for x in group:
+            ci, mj = x.canonical()
+            same = next((d for d in distinct if np.array_equal(ci, d[0]) and np.array_equal(mj, d[1])), None)
+            if same is None:
+                distinct.append((ci, mj, [x]))
+            else:
+                same[2].append(x)
+        if len(distinct) < 2:  # one pairing: equal shape counts, so they cannot decide
+            return
+        for ci, mj, members in distinct:
+            shapes = sum(bool(self.same_shape(c, m)) for c, m in zip(self.ckpt[ci], self.model[mj]))
+            for x in members:
+                x.shapes = shapes
+
+    def _conflict(self, a: _Live, b: _Live) -> bool:
+        """Whether two pairings disagree about any key they share."""
+        for src, dst, other_src, other_dst, n in ((a.ci, a.mj, b.ci, b.mj, self.free[0].size),
+                                                  (a.mj, a.ci, b.mj, b.ci, self.free[1].size)):
+            to = np.full(n, -1, dtype=np.int64)
+            to[src] = dst
+            mapped = to[other_src]
+            if np.any((mapped >= 0) & (mapped != other_dst)):
+                return True
+        return False
+
+    def _apply(self, x: _Live, result: Alignment) -> None:
+        rule = x.rule
+        result.rules.append(rule)
+        cs, ms = self.ckpt[x.ci].tolist(), self.model[x.mj].tolist()
+        result.pairs.update(zip(cs, ms))
+        rule_of = result.rule_of
+        for c in cs:
+            rules = rule_of.get(c)
+            if rules is None:
+                rule_of[c] = [rule]
+            else:
+                rules.append(rule)
+        self.free[0][x.ci] = False
+        self.free[1][x.mj] = False
+
+    def run(self, result: Alignment) -> None:
+        for _ in range(MAX_ROUNDS):
+            live = self._certified()
+            if not live:
+                break
+            best = max(x.ci.size for x in live)
+            group = [x for x in live if x.ci.size == best]
+            self._score_ties(group)
+            group.sort(key=_Live.rank)
+            top, rivals = group[0], group[1:]
+            tied = [r for r in rivals if r.shapes == top.shapes and self._conflict(top, r)]
+            if tied:  # two equally good renames pair the same keys differently: guess neither
+                self.rejected.update([top.key, *(r.key for r in tied)])
+                continue
+            self._apply(top, result)
