@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import filterfalse, repeat
+from operator import itemgetter, methodcaller
 
 import numpy as np
 
@@ -68,6 +70,18 @@ class Alignment:
     pairs: dict[str, str] = field(default_factory=dict)  # checkpoint key -> model key
     rule_of: dict[str, list[Rule]] = field(default_factory=dict)  # checkpoint key -> rules applied
     rules: list[Rule] = field(default_factory=list)  # every rule that renamed at least one key
+    # the same as columns: for each model key (in the order given) the position of its checkpoint key
+    # among those given, or -1; for each checkpoint key, which of rule_sets renamed it, or -1
+    ckpt_row: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    rule_row: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    rule_sets: list[tuple[Rule, ...]] = field(default_factory=list)
+
+    def add_rule(self, rows: np.ndarray, rule: Rule) -> None:
+        """Record in the columns that ``rule`` renamed the checkpoint keys at ``rows`` (after their others)."""
+        before = self.rule_row[rows]
+        for old in np.unique(before).tolist():
+            self.rule_sets.append((*self.rule_sets[old], rule) if old >= 0 else (rule,))
+            self.rule_row[rows[before == old]] = len(self.rule_sets) - 1
 
 
 def _as_rules(rules: Iterable[tuple[str, str] | Rule] | None) -> list[Rule]:
@@ -82,32 +96,29 @@ def _as_rules(rules: Iterable[tuple[str, str] | Rule] | None) -> list[Rule]:
     return out
 
 
-def _apply_user_rules(ckpt_keys: Sequence[str], user: list[Rule], result: Alignment) -> dict[str, str]:
-    """Checkpoint key -> its name after the user rules, recording which rules renamed which key."""
-    keys = list(ckpt_keys)
+def _apply_user_rules(keys: list[str], user: list[Rule], result: Alignment) -> list[str]:
+    """Each checkpoint key's name after the user rules, recording which rules renamed which key."""
     names, changed = keys, []
     for rule in user:
         sub = re.compile(rule.pattern).sub
         new = [sub(rule.replacement, n) for n in names]
         changed.append([i for i, (a, b) in enumerate(zip(names, new)) if a != b])
         names = new
-    applied: dict[int, list[Rule]] = {}
     for rule, idx in zip(user, changed):
-        for i in idx:
-            applied.setdefault(i, []).append(rule)
-    for i in sorted(applied):
-        result.rule_of.setdefault(keys[i], []).extend(applied[i])
+        result.add_rule(np.array(idx, dtype=np.int64), rule)
+    for i in np.flatnonzero(result.rule_row >= 0).tolist():
+        result.rule_of[keys[i]] = list(result.rule_sets[result.rule_row[i]])
     for _, _, rule in sorted((idx[0], k, rule) for k, (rule, idx) in enumerate(zip(user, changed)) if idx):
         if rule not in result.rules:
             result.rules.append(rule)
-    return dict(zip(keys, names))
+    return names
 
 
-def _check_clashes(names: dict[str, str]) -> None:
-    if len(set(names.values())) == len(names):
+def _check_clashes(keys: list[str], names: list[str]) -> None:
+    if len(set(names)) == len(names):
         return
     by_name: dict[str, list[str]] = {}
-    for c, n in names.items():
+    for c, n in zip(keys, names):
         by_name.setdefault(n, []).append(c)
     clashes = {n: cs for n, cs in by_name.items() if len(cs) > 1}
     shown = "; ".join(f"{n!r} <- {cs}" for n, cs in list(clashes.items())[:5])
@@ -124,7 +135,7 @@ def align(
     auto: bool = True,
     same_shape: Callable[[str, str], bool] | None = None,
 ) -> Alignment:
-    """Pair checkpoint keys with model keys.
+    """Pair checkpoint keys with model keys (each side's keys unique, as in a state dict).
 
     ``rules`` (regex, replacement) apply first, in order, to every checkpoint key; then exact names
     pair; then, if ``auto``, inferred renames (strip or add a prefix, drop a wrapper token) are tried
@@ -132,19 +143,54 @@ def align(
     given, breaks ties in favour of renames that pair equal shapes.
     """
     user = _as_rules(rules)
-    result = Alignment()
-    names = _apply_user_rules(ckpt_keys, user, result) if user else dict(zip(ckpt_keys, ckpt_keys))
+    keys, model = list(ckpt_keys), list(model_keys)
+    result = Alignment(rule_row=np.full(len(keys), -1, dtype=np.int64))
+    names = _apply_user_rules(keys, user, result) if user else keys
     if user:
-        _check_clashes(names)
-    model_set = set(model_keys)
-    result.pairs = {c: n for c, n in names.items() if n in model_set}
-    if not auto or len(result.pairs) in (len(names), len(model_set)):
-        return result
-    taken = set(result.pairs.values())
-    free_model = [m for m in dict.fromkeys(model_keys) if m not in taken]
-    free = [c for c in names if c not in result.pairs]
-    _Search(free, [names[c] for c in free], free_model, same_shape).run(result)
+        _check_clashes(keys, names)
+    model_at = dict(zip(model, range(len(model))))
+    hit = np.fromiter(map(model_at.get, names, repeat(-1)), dtype=np.int64, count=len(names))
+    exact = np.flatnonzero(hit >= 0)
+    ckpt = np.array(keys, dtype=object)
+    named = np.array(names, dtype=object) if user else ckpt
+    result.pairs = dict(zip(ckpt[exact].tolist(), named[exact].tolist()))
+    if len(model_at) < len(model) or len(result.pairs) < exact.size:
+        return _align_unique(model, keys, user, auto, same_shape)
+    result.ckpt_row = np.full(len(model), -1, dtype=np.int64)
+    result.ckpt_row[hit[exact]] = exact
+    free_c, free_m = np.flatnonzero(hit < 0), np.flatnonzero(result.ckpt_row < 0)
+    if auto and free_c.size and free_m.size:
+        search = _Search(ckpt, np.array(model, dtype=object), free_c, free_m,
+                         [names[i] for i in free_c.tolist()], same_shape)
+        if len(search.name_at) < free_c.size:
+            return _align_unique(model, keys, user, auto, same_shape)
+        search.run(result)
     return result
+
+
+def _align_unique(model: list[str], keys: list[str], user: list[Rule], auto: bool, same_shape) -> Alignment:
+    """:func:`align` for key lists that repeat keys: each key counts once, at its first place; every
+    place of a repeated model key gets its checkpoint row (a repeated checkpoint key: its last place)."""
+    model_once, keys_once = list(dict.fromkeys(model)), list(dict.fromkeys(keys))
+    al = align(model_once, keys_once, rules=user, auto=auto, same_shape=same_shape)
+    last = dict(zip(keys, range(len(keys))))
+    rows = np.array([last[keys_once[r]] if r >= 0 else -1 for r in al.ckpt_row.tolist()], dtype=np.int64)
+    at = dict(zip(model_once, range(len(model_once))))
+    al.ckpt_row = rows[np.array([at[m] for m in model], dtype=np.int64)]
+    first = dict(zip(keys_once, range(len(keys_once))))
+    al.rule_row = al.rule_row[np.array([first[c] for c in keys], dtype=np.int64)]
+    return al
+
+
+def _prefixed(keys: list[str], prefix: str, target: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the ``keys`` that start with ``prefix``, and where each one's rest is in ``target``
+    (only those whose rest is there), in C-speed passes over the whole column."""
+    n = len(keys)
+    starts = np.fromiter(map(methodcaller("startswith", prefix), keys), dtype=bool, count=n)
+    rests = map(itemgetter(slice(len(prefix), None)), keys)
+    hit = np.fromiter(map(target.get, rests, repeat(-1)), dtype=np.int64, count=n)
+    src = np.flatnonzero(starts & (hit >= 0))
+    return src, hit[src]
 
 
 def _one_to_one(ci: np.ndarray, mj: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -189,16 +235,18 @@ class _Search:
     on its side, so the search samples until that bound is below the best count it has seen.
     """
 
-    def __init__(self, ckpt: list[str], names: list[str], model: list[str], same_shape):
-        self.ckpt = np.array(ckpt, dtype=object)
-        self.model = np.array(model, dtype=object)
-        self.names, self.model_keys = names, model
-        self.name_at = {n: i for i, n in enumerate(names)}
-        self.model_at = {m: j for j, m in enumerate(model)}
-        self.free = (np.ones(len(names), dtype=bool), np.ones(len(model), dtype=bool))
-        self.seen = (np.zeros(len(names), dtype=bool), np.zeros(len(model), dtype=bool))
+    def __init__(self, ckpt: np.ndarray, model: np.ndarray, free_c: np.ndarray, free_m: np.ndarray,
+                 names: list[str], same_shape):
+        self.free_c, self.free_m = free_c, free_m  # search position -> position in the keys given
+        self.ckpt, self.model = ckpt[free_c], model[free_m]
+        self.names, self.model_keys = names, self.model.tolist()
+        self.name_at = dict(zip(names, range(len(names))))
+        self.model_at = dict(zip(self.model_keys, range(len(self.model_keys))))
+        self.free = (np.ones(len(names), dtype=bool), np.ones(len(self.model_keys), dtype=bool))
+        self.seen = (np.zeros(len(names), dtype=bool), np.zeros(len(self.model_keys), dtype=bool))
         self.hits: tuple[dict, dict] = ({}, {})  # per side: candidate -> [(i, j)] from enumerated keys
         self.found: dict[tuple[int, str], tuple[int, np.ndarray, np.ndarray]] = {}  # -> (sub-order, ci, mj)
+        self.columns: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
         self.rejected: set[tuple[int, str]] = set()
         self.same_shape = same_shape
         self._joined: str | None = None
@@ -240,22 +288,22 @@ class _Search:
         return WRAPPER_TOKENS.index(text) if kind == DROP else len(text)
 
     def _column(self, cand: tuple[int, str]) -> tuple[np.ndarray, np.ndarray]:
-        """All raw pairs of one candidate, tested on the whole column."""
+        """All raw pairs of one candidate, tested on the whole column (once)."""
+        if cand not in self.columns:
+            self.columns[cand] = self._test_column(cand)
+        return self.columns[cand]
+
+    def _test_column(self, cand: tuple[int, str]) -> tuple[np.ndarray, np.ndarray]:
         kind, text = cand
         if kind == ADD:
-            k, at = len(text), self.name_at
-            hit = np.array([at.get(m[k:], -1) if m.startswith(text) else -1 for m in self.model_keys], dtype=np.int64)
-            mj = np.flatnonzero(hit >= 0)
-            return hit[mj], mj
+            mj, ci = _prefixed(self.model_keys, text, self.name_at)
+            return ci, mj
         if kind == STRIP:
-            k, at = len(text), self.model_at
-            hit = [at.get(n[k:], -1) if n.startswith(text) else -1 for n in self.names]
-        elif f".{text}." not in self._all_names():  # the token only ever starts a name: a plain strip
+            return _prefixed(self.names, text, self.model_at)
+        if f".{text}." not in self._all_names():  # the token only ever starts a name: a plain strip
             return self._column((STRIP, text + "."))
-        else:
-            at, token = self.model_at, text + "."
-            hit = [at.get(_dropped(n, text), -1) if token in n else -1 for n in self.names]
-        hit = np.array(hit, dtype=np.int64)
+        at, token = self.model_at, text + "."
+        hit = np.array([at.get(_dropped(n, text), -1) if token in n else -1 for n in self.names], dtype=np.int64)
         ci = np.flatnonzero(hit >= 0)
         return ci, hit[ci]
 
@@ -360,12 +408,13 @@ class _Search:
         cs, ms = self.ckpt[x.ci].tolist(), self.model[x.mj].tolist()
         result.pairs.update(zip(cs, ms))
         rule_of = result.rule_of
-        for c in cs:
-            rules = rule_of.get(c)
-            if rules is None:
-                rule_of[c] = [rule]
-            else:
-                rules.append(rule)
+        shared = rule_of.keys() & cs if rule_of else ()  # keys a user rule renamed first
+        for c in shared:
+            rule_of[c].append(rule)
+        fresh = list(filterfalse(shared.__contains__, cs)) if shared else cs
+        rule_of.update(zip(fresh, map(list, repeat((rule,)))))
+        result.ckpt_row[self.free_m[x.mj]] = self.free_c[x.ci]
+        result.add_rule(self.free_c[x.ci], rule)
         self.free[0][x.ci] = False
         self.free[1][x.mj] = False
 

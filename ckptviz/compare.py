@@ -57,28 +57,31 @@ def _plain_class(cls: type) -> bool:
             and cls.get_extra_state is base.get_extra_state and not issubclass(cls, torch.jit.ScriptModule))
 
 
-def _walk_state(module: nn.Module, prefix: str, out: dict[str, torch.Tensor]) -> None:
+def _walk_state(module: nn.Module, prefix: str, out: dict[str, torch.Tensor], plain=_plain_class,
+                overrides=_OVERRIDES) -> None:
     """What ``module.state_dict(keep_vars=True)`` holds, for modules with no state-dict hooks, no
     overridden state-dict methods and no extra state (raises :class:`_CustomState` otherwise): the
     same keys in the same order, read straight from each module's parameters, buffers and children."""
     d = module.__dict__
     try:
-        if (not _plain_class(type(module)) or d["_state_dict_hooks"] or d["_state_dict_pre_hooks"]
-                or not d.keys().isdisjoint(_OVERRIDES)):
+        if (not plain(type(module)) or d["_state_dict_hooks"] or d["_state_dict_pre_hooks"]
+                or not d.keys().isdisjoint(overrides)):
             raise _CustomState
-        params, buffers, children = d["_parameters"], d["_buffers"], d["_modules"]
-        skip = d["_non_persistent_buffers_set"]
+        for name, p in d["_parameters"].items():
+            if p is not None:
+                out[prefix + name] = p
+        buffers, children = d["_buffers"], d["_modules"]
+        if buffers:
+            skip = d["_non_persistent_buffers_set"]
+            for name, b in buffers.items():
+                if b is not None and name not in skip:
+                    out[prefix + name] = b
     except KeyError:
         raise _CustomState from None
-    for name, p in params.items():
-        if p is not None:
-            out[prefix + name] = p
-    for name, b in buffers.items():
-        if b is not None and name not in skip:
-            out[prefix + name] = b
-    for name, child in children.items():
-        if child is not None:
-            _walk_state(child, prefix + name + ".", out)
+    if children:
+        for name, child in children.items():
+            if child is not None:
+                _walk_state(child, prefix + name + ".", out)
 
 
 class Report:
@@ -154,21 +157,20 @@ class _ModelColumns:
     def __init__(self, live: dict[str, torch.Tensor]):
         tensors = list(live.values())
         self.keys = list(live)
-        self.shape = _objects(tuple(t.shape) for t in tensors)
-        self.dtype = _named([t.dtype for t in tensors], dtype_name)
-        self.device = _named([t.device for t in tensors], str)
+        self.shape = _objects(map(tuple, map(operator.attrgetter("shape"), tensors)), len(tensors))
+        self.dtype = _named(list(map(operator.attrgetter("dtype"), tensors)), dtype_name)
+        self.device = _named(list(map(operator.attrgetter("device"), tensors)), str)
 
 
-def _objects(values: Iterable[Any]) -> np.ndarray:
+def _objects(values: Iterable[Any], count: int = -1) -> np.ndarray:
     """A 1-d object array of ``values`` (tuples stay single cells)."""
-    values = list(values)
-    return np.fromiter(values, dtype=object, count=len(values))
+    return np.fromiter(values, dtype=object, count=count)
 
 
 def _named(values: list[Any], name) -> np.ndarray:
     """``[name(v) for v in values]`` as an object array, calling ``name`` once per distinct value."""
     names = {v: name(v) for v in set(values)}
-    return _objects(map(names.__getitem__, values))
+    return _objects(map(names.__getitem__, values), len(values))
 
 
 def _taken(column: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -178,19 +180,13 @@ def _taken(column: np.ndarray, index: np.ndarray) -> np.ndarray:
     return padded[index]
 
 
-def _rule_texts(ckpt_keys: list[str | None], al: Alignment) -> np.ndarray:
-    """The ``rule`` cell of each row: its checkpoint key's rules, joined, or None."""
-    texts: dict[tuple[int, ...], str | None] = {}
-
-    def text(rules: list[Rule]) -> str | None:
-        key = tuple(map(id, rules))
-        if key not in texts:
-            texts[key] = "; ".join(str(r) for r in rules) or None
-        return texts[key]
-
-    return _objects(None if rules is None else text(rules) for rules in map(al.rule_of.get, ckpt_keys))
+def _rule_texts(al: Alignment, at: np.ndarray) -> np.ndarray:
+    """The ``rule`` cell of each row: the rules that renamed its checkpoint key (row ``at``), or None."""
+    texts = _objects(["; ".join(map(str, rules)) for rules in al.rule_sets] + [None])
+    return texts[np.append(al.rule_row, -1)[at]]
 
 
+CKPT_SIDE = ("shape", "dtype", "device")  # the columns of Checkpoint.tensors() the frame uses
 _STATUS = _objects(("match", "dtype_mismatch", "shape_mismatch", "missing"))
 
 
@@ -203,13 +199,11 @@ def _in_order(tensors: pd.DataFrame, entries: dict[str, Any]) -> pd.DataFrame:
 
 
 def _build_frame(model: _ModelColumns, tensors: pd.DataFrame, al: Alignment) -> pd.DataFrame:
-    """One row per model key (model order), then one per unpaired checkpoint key (checkpoint order)."""
-    by_model = dict(zip(al.pairs.values(), al.pairs.keys()))
-    ckpt_key = list(map(by_model.get, model.keys))
-    position = dict(zip(tensors.index.to_numpy(dtype=object), range(len(tensors))))
-    at = np.fromiter(map(position.get, ckpt_key, repeat(-1)), dtype=np.int64, count=len(ckpt_key))
-    c_shape, c_dtype, c_device = (_taken(tensors[col].to_numpy(dtype=object), at)
-                                  for col in ("shape", "dtype", "device"))
+    """One row per model key (model order), then one per unpaired checkpoint key (checkpoint order);
+    ``tensors`` rows are in the order of the checkpoint keys that ``al`` was computed from."""
+    at = al.ckpt_row
+    saved = [tensors.index.to_numpy(dtype=object), *(tensors[c].to_numpy(dtype=object) for c in CKPT_SIDE)]
+    c_key, c_shape, c_dtype, c_device = (_taken(col, at) for col in saved)
     code = np.where(model.shape != c_shape, 2, (model.dtype != c_dtype).astype(np.int64))
     code[at < 0] = 3
     unexpected = np.ones(len(tensors), dtype=bool)
@@ -218,8 +212,8 @@ def _build_frame(model: _ModelColumns, tensors: pd.DataFrame, al: Alignment) -> 
     n = len(extra)
     none = np.full(n, None, dtype=object)
     columns = {
-        "key": (_objects(model.keys), none),
-        "ckpt_key": (_objects(ckpt_key), extra.index.to_numpy(dtype=object)),
+        "key": (_objects(model.keys, len(model.keys)), none),
+        "ckpt_key": (c_key, extra.index.to_numpy(dtype=object)),
         "status": (_STATUS[code], np.full(n, "unexpected", dtype=object)),
         "model_shape": (model.shape, none),
         "ckpt_shape": (c_shape, extra["shape"].to_numpy(dtype=object)),
@@ -227,9 +221,10 @@ def _build_frame(model: _ModelColumns, tensors: pd.DataFrame, al: Alignment) -> 
         "ckpt_dtype": (c_dtype, extra["dtype"].to_numpy(dtype=object)),
         "model_device": (model.device, none),
         "ckpt_device": (c_device, extra["device"].to_numpy(dtype=object)),
-        "rule": (_rule_texts(ckpt_key, al), none),
+        "rule": (_rule_texts(al, at), none),
     }
-    return pd.DataFrame({c: np.concatenate(parts) for c, parts in columns.items()}, dtype=object)
+    frame = {c: np.concatenate(parts) for c, parts in columns.items()}
+    return pd.DataFrame(frame, columns=COLUMNS, dtype=object, copy=False)  # empty cells stay None
 
 
 def compare(

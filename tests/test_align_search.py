@@ -144,11 +144,19 @@ def _case(seed: int):
     return model, ckpt, rules, same_shape
 
 
+def _rows(pairs, model, ckpt):
+    """``Alignment.ckpt_row`` as pairs say it should be."""
+    by_model, where = {m: c for c, m in pairs.items()}, {c: i for i, c in enumerate(ckpt)}
+    return [where[by_model[m]] if m in by_model else -1 for m in model]
+
+
 def _ours(model, ckpt, rules, same_shape):
     try:
         al = align(model, ckpt, rules=rules, same_shape=same_shape)
     except AlignmentError:
         return "clash"
+    assert al.ckpt_row.tolist() == _rows(al.pairs, model, ckpt)
+    assert {c: list(al.rule_sets[r]) for c, r in zip(ckpt, al.rule_row.tolist()) if r >= 0} == al.rule_of
     return list(al.pairs.items()), [(c, [r.as_tuple() for r in rs]) for c, rs in al.rule_of.items()], \
         [r.as_tuple() for r in al.rules]
 
@@ -174,6 +182,15 @@ def test_sampled_search_pairs_a_large_prefixed_checkpoint_with_stragglers():
     want = reference_align(model, ckpt)
     assert _ours(model, ckpt, None, None) == want
     assert want[2] == [(r"^module\.", ""), (r"^other\.", "")]
+
+
+def test_repeated_keys_count_once():
+    model = ["a.w", "b.w", "a.w"]
+    ckpt = ["module.a.w", "b.w", "module.a.w", "c.w"]
+    al = align(model, ckpt)
+    assert al.pairs == {"module.a.w": "a.w", "b.w": "b.w"} and [str(r) for r in al.rules] == [r"^module\. -> ''"]
+    assert al.ckpt_row.tolist() == [2, 1, 2] == _rows(al.pairs, model, ckpt)
+    assert [al.rule_sets[r] if r >= 0 else None for r in al.rule_row.tolist()] == [(al.rules[0],), None] * 2
 
 
 def test_tie_between_conflicting_renames_of_many_keys_guesses_neither():
