@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from itertools import filterfalse, repeat
+from dataclasses import dataclass
+from itertools import repeat
 from operator import itemgetter, methodcaller
 
 import numpy as np
@@ -22,6 +22,8 @@ WRAPPER_TOKENS = ("module", "_orig_mod", "_forward_module", "_fsdp_wrapped_modul
 MAX_ROUNDS = 32
 SEEDS = 16  # keys per side sampled before the first round, spread over the column
 MAX_COLUMN_RULES = 16  # a sample that proposes more new rules than this: enumerate its whole side instead
+SCAN_KEYS = 256  # more keys than this are enumerated by one regex scan over their joined text
+MAX_SCAN_FIRSTS = 256  # ... unless the other side's keys start with more distinct components than this
 STRIP, DROP, ADD = 0, 1, 2  # kinds of inferred rule; a candidate is (kind, prefix or token)
 
 
@@ -63,25 +65,61 @@ def _dropped(name: str, token: str) -> str:
 _MAKE = {STRIP: strip_prefix, DROP: drop_token, ADD: add_prefix}
 
 
-@dataclass
 class Alignment:
-    """Which checkpoint key feeds which model key, and the rules that renamed it."""
+    """Which checkpoint key feeds which model key, and the rules that renamed it.
 
-    pairs: dict[str, str] = field(default_factory=dict)  # checkpoint key -> model key
-    rule_of: dict[str, list[Rule]] = field(default_factory=dict)  # checkpoint key -> rules applied
-    rules: list[Rule] = field(default_factory=list)  # every rule that renamed at least one key
-    # the same as columns: for each model key (in the order given) the position of its checkpoint key
-    # among those given, or -1; for each checkpoint key, which of rule_sets renamed it, or -1
-    ckpt_row: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    rule_row: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    rule_sets: list[tuple[Rule, ...]] = field(default_factory=list)
+    Held as columns over the keys given to :func:`align`: ``ckpt_row`` (per model key, the position of
+    its checkpoint key, or -1) and ``rule_row`` (per checkpoint key, which of ``rule_sets`` renamed it,
+    or -1). ``pairs`` (checkpoint key -> model key) and ``rule_of`` (checkpoint key -> rules applied)
+    are dicts made from them when first asked for, in the order the pairs and renames were found.
+    """
+
+    def __init__(self, ckpt_keys: np.ndarray, model_keys: np.ndarray):
+        self.ckpt_keys, self.model_keys = ckpt_keys, model_keys
+        self.rules: list[Rule] = []  # every rule that renamed at least one key
+        self.ckpt_row = np.full(len(model_keys), -1, dtype=np.int64)
+        self.rule_row = np.full(len(ckpt_keys), -1, dtype=np.int64)
+        self.rule_sets: list[tuple[Rule, ...]] = []
+        self._paired: list[np.ndarray] = []  # model rows, batch by batch in the order they paired
+        self._renamed: list[np.ndarray] = []  # checkpoint rows, in the order they were first renamed
+        self._pairs: dict[str, str] | None = None
+        self._rule_of: dict[str, list[Rule]] | None = None
+
+    def pair(self, model_rows: np.ndarray, ckpt_rows: np.ndarray) -> None:
+        self.ckpt_row[model_rows] = ckpt_rows
+        self._paired.append(model_rows)
+        self._pairs = None
 
     def add_rule(self, rows: np.ndarray, rule: Rule) -> None:
-        """Record in the columns that ``rule`` renamed the checkpoint keys at ``rows`` (after their others)."""
+        """Record that ``rule`` renamed the checkpoint keys at ``rows`` (after any rules before it)."""
         before = self.rule_row[rows]
+        self._renamed.append(rows[before < 0])
         for old in np.unique(before).tolist():
             self.rule_sets.append((*self.rule_sets[old], rule) if old >= 0 else (rule,))
             self.rule_row[rows[before == old]] = len(self.rule_sets) - 1
+        self._rule_of = None
+
+    @property
+    def paired(self) -> int:
+        return int((self.ckpt_row >= 0).sum())
+
+    @property
+    def pairs(self) -> dict[str, str]:
+        if self._pairs is None:
+            m = np.concatenate([np.zeros(0, dtype=np.int64), *self._paired])
+            self._pairs = dict(zip(self.ckpt_keys[self.ckpt_row[m]].tolist(), self.model_keys[m].tolist()))
+        return self._pairs
+
+    @property
+    def rule_of(self) -> dict[str, list[Rule]]:
+        if self._rule_of is None:
+            c = np.concatenate([np.zeros(0, dtype=np.int64), *self._renamed])
+            rules = map(list, map(self.rule_sets.__getitem__, self.rule_row[c].tolist()))
+            self._rule_of = dict(zip(self.ckpt_keys[c].tolist(), rules))
+        return self._rule_of
+
+    def __repr__(self) -> str:
+        return f"Alignment({self.paired} pairs, rules={[str(r) for r in self.rules]})"
 
 
 def _as_rules(rules: Iterable[tuple[str, str] | Rule] | None) -> list[Rule]:
@@ -106,8 +144,8 @@ def _apply_user_rules(keys: list[str], user: list[Rule], result: Alignment) -> l
         names = new
     for rule, idx in zip(user, changed):
         result.add_rule(np.array(idx, dtype=np.int64), rule)
-    for i in np.flatnonzero(result.rule_row >= 0).tolist():
-        result.rule_of[keys[i]] = list(result.rule_sets[result.rule_row[i]])
+    renamed = np.flatnonzero(result.rule_row >= 0)
+    result._renamed = [renamed]  # a key's user rules are recorded at once, keys in checkpoint order
     for _, _, rule in sorted((idx[0], k, rule) for k, (rule, idx) in enumerate(zip(user, changed)) if idx):
         if rule not in result.rules:
             result.rules.append(rule)
@@ -144,27 +182,22 @@ def align(
     """
     user = _as_rules(rules)
     keys, model = list(ckpt_keys), list(model_keys)
-    result = Alignment(rule_row=np.full(len(keys), -1, dtype=np.int64))
+    result = Alignment(np.array(keys, dtype=object), np.array(model, dtype=object))
     names = _apply_user_rules(keys, user, result) if user else keys
     if user:
         _check_clashes(keys, names)
     model_at = dict(zip(model, range(len(model))))
     hit = np.fromiter(map(model_at.get, names, repeat(-1)), dtype=np.int64, count=len(names))
     exact = np.flatnonzero(hit >= 0)
-    ckpt = np.array(keys, dtype=object)
-    named = np.array(names, dtype=object) if user else ckpt
-    result.pairs = dict(zip(ckpt[exact].tolist(), named[exact].tolist()))
-    if len(model_at) < len(model) or len(result.pairs) < exact.size:
+    if len(model_at) < len(model) or (exact.size and np.bincount(hit[exact]).max() > 1):
         return _align_unique(model, keys, user, auto, same_shape)
-    result.ckpt_row = np.full(len(model), -1, dtype=np.int64)
-    result.ckpt_row[hit[exact]] = exact
+    result.pair(hit[exact], exact)
     free_c, free_m = np.flatnonzero(hit < 0), np.flatnonzero(result.ckpt_row < 0)
     if auto and free_c.size and free_m.size:
-        search = _Search(ckpt, np.array(model, dtype=object), free_c, free_m,
-                         [names[i] for i in free_c.tolist()], same_shape)
+        search = _Search(result, free_c, free_m, [names[i] for i in free_c.tolist()], model_at, same_shape)
         if len(search.name_at) < free_c.size:
             return _align_unique(model, keys, user, auto, same_shape)
-        search.run(result)
+        search.run()
     return result
 
 
@@ -172,13 +205,14 @@ def _align_unique(model: list[str], keys: list[str], user: list[Rule], auto: boo
     """:func:`align` for key lists that repeat keys: each key counts once, at its first place; every
     place of a repeated model key gets its checkpoint row (a repeated checkpoint key: its last place)."""
     model_once, keys_once = list(dict.fromkeys(model)), list(dict.fromkeys(keys))
-    al = align(model_once, keys_once, rules=user, auto=auto, same_shape=same_shape)
-    last = dict(zip(keys, range(len(keys))))
-    rows = np.array([last[keys_once[r]] if r >= 0 else -1 for r in al.ckpt_row.tolist()], dtype=np.int64)
+    once = align(model_once, keys_once, rules=user, auto=auto, same_shape=same_shape)
+    al = Alignment(np.array(keys, dtype=object), np.array(model, dtype=object))
+    al.rules, al.rule_sets, al._pairs, al._rule_of = once.rules, once.rule_sets, once.pairs, once.rule_of
+    last, first = dict(zip(keys, range(len(keys)))), dict(zip(keys_once, range(len(keys_once))))
+    rows = np.array([last[keys_once[r]] if r >= 0 else -1 for r in once.ckpt_row.tolist()], dtype=np.int64)
     at = dict(zip(model_once, range(len(model_once))))
     al.ckpt_row = rows[np.array([at[m] for m in model], dtype=np.int64)]
-    first = dict(zip(keys_once, range(len(keys_once))))
-    al.rule_row = al.rule_row[np.array([first[c] for c in keys], dtype=np.int64)]
+    al.rule_row = once.rule_row[np.array([first[c] for c in keys], dtype=np.int64)]
     return al
 
 
@@ -235,13 +269,17 @@ class _Search:
     on its side, so the search samples until that bound is below the best count it has seen.
     """
 
-    def __init__(self, ckpt: np.ndarray, model: np.ndarray, free_c: np.ndarray, free_m: np.ndarray,
-                 names: list[str], same_shape):
+    def __init__(self, result: Alignment, free_c: np.ndarray, free_m: np.ndarray, names: list[str],
+                 model_at: dict[str, int], same_shape):
+        self.result = result
         self.free_c, self.free_m = free_c, free_m  # search position -> position in the keys given
-        self.ckpt, self.model = ckpt[free_c], model[free_m]
+        self.ckpt, self.model = result.ckpt_keys[free_c], result.model_keys[free_m]
         self.names, self.model_keys = names, self.model.tolist()
         self.name_at = dict(zip(names, range(len(names))))
-        self.model_at = dict(zip(self.model_keys, range(len(self.model_keys))))
+        self.model_at = model_at  # every model key given -> its position there; ``local`` maps that to ours
+        self.local = np.full(len(result.model_keys) + 1, -1, dtype=np.int64)  # (position -1 stays -1)
+        self.local[free_m] = np.arange(free_m.size)
+        self.local_list = self.local.tolist()
         self.free = (np.ones(len(names), dtype=bool), np.ones(len(self.model_keys), dtype=bool))
         self.seen = (np.zeros(len(names), dtype=bool), np.zeros(len(self.model_keys), dtype=bool))
         self.hits: tuple[dict, dict] = ({}, {})  # per side: candidate -> [(i, j)] from enumerated keys
@@ -253,15 +291,15 @@ class _Search:
 
     # ---- candidates ------------------------------------------------------------------------------
     def _hits_of_name(self, i: int) -> Iterable[tuple[tuple[int, str], int]]:
-        name, at = self.names[i], self.model_at
+        name, at, local = self.names[i], self.model_at, self.local_list
         k = name.find(".")
         while k >= 0:
-            j = at.get(name[k + 1 :])
-            if j is not None:
+            j = local[at.get(name[k + 1 :], -1)]
+            if j >= 0:
                 yield (STRIP, name[: k + 1]), j
             k = name.find(".", k + 1)
         for token in WRAPPER_TOKENS:
-            if f"{token}." in name and (j := at.get(_dropped(name, token))) is not None:
+            if f"{token}." in name and (j := local[at.get(_dropped(name, token), -1)]) >= 0:
                 yield (DROP, token), j
 
     def _hits_of_model_key(self, j: int) -> Iterable[tuple[tuple[int, str], int]]:
@@ -276,12 +314,46 @@ class _Search:
     def _enumerate(self, side: int, idx: np.ndarray) -> set[tuple[int, str]]:
         """Record every raw pair the keys ``idx`` of ``side`` take part in; return the candidates met."""
         hits, met = self.hits[side], set()
-        for x in idx.tolist():
-            for cand, y in self._hits_of_name(x) if side == 0 else self._hits_of_model_key(x):
-                hits.setdefault(cand, []).append((x, y) if side == 0 else (y, x))
-                met.add(cand)
+        found = self._scan(side, idx) if idx.size > SCAN_KEYS else self._hits_one_by_one(side, idx)
+        for cand, x, y in found:
+            hits.setdefault(cand, []).append((x, y) if side == 0 else (y, x))
+            met.add(cand)
         self.seen[side][idx] = True
         return met
+
+    def _hits_one_by_one(self, side: int, idx: np.ndarray) -> Iterable[tuple[tuple[int, str], int, int]]:
+        for x in idx.tolist():
+            for cand, y in self._hits_of_name(x) if side == 0 else self._hits_of_model_key(x):
+                yield cand, x, y
+
+    def _scan(self, side: int, idx: np.ndarray) -> Iterable[tuple[tuple[int, str], int, int]]:
+        """The hits of many keys at once: a regex over the joined keys finds the only cuts that can hit,
+        dots followed by a whole first component of some key on the other side; each is then looked up."""
+        keys = self.names if side == 0 else self.model_keys
+        target = self.model_at if side == 0 else self.name_at
+        local = self.local_list if side == 0 else range(len(self.names) + 1)  # (there, -1 is never looked up)
+        firsts = set(map(itemgetter(0), map(methodcaller("partition", "."), target)))
+        if len(firsts) > MAX_SCAN_FIRSTS:
+            yield from self._hits_one_by_one(side, idx)
+            return
+        batch = [keys[x] for x in idx.tolist()]
+        joined = "\n".join(batch) + "\n"  # a key's own newlines only add cuts, which the look-up rejects
+        starts = np.cumsum([0, *map(len, batch)])[:-1] + np.arange(len(batch))
+        alternatives = "|".join(map(re.escape, sorted(firsts, key=len, reverse=True)))
+        dots = np.fromiter((m.start() for m in re.finditer(rf"\.(?=(?:{alternatives})[.\n])", joined)), dtype=np.int64)
+        owner = np.searchsorted(starts, dots, side="right") - 1
+        for x, cut in zip(idx[owner].tolist(), (dots - starts[owner] + 1).tolist()):
+            key = keys[x]
+            y = target.get(key[cut:])
+            if y is not None and local[y] >= 0:
+                yield (STRIP if side == 0 else ADD, key[:cut]), x, local[y]
+        if side == 1:
+            return
+        for token in WRAPPER_TOKENS:
+            if f"{token}." in joined:
+                for x in idx[[i for i, n in enumerate(batch) if f"{token}." in n]].tolist():
+                    if (y := local[target.get(_dropped(keys[x], token), -1)]) >= 0:
+                        yield (DROP, token), x, y
 
     def _sub_order(self, cand: tuple[int, str]) -> int:
         kind, text = cand
@@ -299,11 +371,13 @@ class _Search:
             mj, ci = _prefixed(self.model_keys, text, self.name_at)
             return ci, mj
         if kind == STRIP:
-            return _prefixed(self.names, text, self.model_at)
+            ci, mj = _prefixed(self.names, text, self.model_at)
+            mj = self.local[mj]
+            return ci[mj >= 0], mj[mj >= 0]
         if f".{text}." not in self._all_names():  # the token only ever starts a name: a plain strip
             return self._column((STRIP, text + "."))
         at, token = self.model_at, text + "."
-        hit = np.array([at.get(_dropped(n, text), -1) if token in n else -1 for n in self.names], dtype=np.int64)
+        hit = self.local[[at.get(_dropped(n, text), -1) if token in n else -1 for n in self.names]]
         ci = np.flatnonzero(hit >= 0)
         return ci, hit[ci]
 
@@ -402,23 +476,15 @@ class _Search:
                 return True
         return False
 
-    def _apply(self, x: _Live, result: Alignment) -> None:
+    def _apply(self, x: _Live) -> None:
         rule = x.rule
-        result.rules.append(rule)
-        cs, ms = self.ckpt[x.ci].tolist(), self.model[x.mj].tolist()
-        result.pairs.update(zip(cs, ms))
-        rule_of = result.rule_of
-        shared = rule_of.keys() & cs if rule_of else ()  # keys a user rule renamed first
-        for c in shared:
-            rule_of[c].append(rule)
-        fresh = list(filterfalse(shared.__contains__, cs)) if shared else cs
-        rule_of.update(zip(fresh, map(list, repeat((rule,)))))
-        result.ckpt_row[self.free_m[x.mj]] = self.free_c[x.ci]
-        result.add_rule(self.free_c[x.ci], rule)
+        self.result.rules.append(rule)
+        self.result.pair(self.free_m[x.mj], self.free_c[x.ci])
+        self.result.add_rule(self.free_c[x.ci], rule)
         self.free[0][x.ci] = False
         self.free[1][x.mj] = False
 
-    def run(self, result: Alignment) -> None:
+    def run(self) -> None:
         for _ in range(MAX_ROUNDS):
             live = self._certified()
             if not live:
@@ -432,4 +498,4 @@ class _Search:
             if tied:  # two equally good renames pair the same keys differently: guess neither
                 self.rejected.update([top.key, *(r.key for r in tied)])
                 continue
-            self._apply(top, result)
+            self._apply(top)

@@ -256,7 +256,7 @@ def compare(
             return tuple(live[m].shape) == tensor_info(entries[c])[0]
 
         al = align(keys, list(entries), rules=rules, auto=auto_align, same_shape=same_shape)
-        if best is None or len(al.pairs) > len(best[1].pairs):
+        if best is None or al.paired > best[1].paired:
             best = (name, al)
     name, al = best
     frame = _build_frame(_ModelColumns(live), _in_order(ck.tensors(name), ck._section(name)), al)

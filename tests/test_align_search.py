@@ -88,7 +88,7 @@ def reference_align(model_keys, ckpt_keys, rules=None, same_shape=None):
         [r.as_tuple() for r in applied]
 
 
-COMPONENTS = ["a", "b", "layers", "0", "1", "weight", "bias", "model", "", *WRAPPER_TOKENS]
+COMPONENTS = ["a", "b", "layers", "0", "1", "weight", "bias", "model", "", "x\ny", *WRAPPER_TOKENS]
 
 
 def _small_case(r: random.Random):
@@ -161,11 +161,13 @@ def _ours(model, ckpt, rules, same_shape):
         [r.as_tuple() for r in al.rules]
 
 
-@pytest.mark.parametrize("seeds,column_rules", [(16, 16), (1, 1), (2, 0), (3, 2)])
-def test_same_result_as_the_rule_by_rule_search(monkeypatch, seeds, column_rules):
-    """Small SEEDS and MAX_COLUMN_RULES push small cases through sampling, column tests and enumeration."""
-    monkeypatch.setattr(search, "SEEDS", seeds)
-    monkeypatch.setattr(search, "MAX_COLUMN_RULES", column_rules)
+@pytest.mark.parametrize("seeds,column_rules,scan_keys,scan_firsts", [
+    (16, 16, 256, 256), (1, 1, 0, 256), (2, 0, 1, 2), (3, 2, 0, 256), (1, 0, 10**9, 256)])
+def test_same_result_as_the_rule_by_rule_search(monkeypatch, seeds, column_rules, scan_keys, scan_firsts):
+    """Small thresholds push small cases through sampling, column tests, scans and one-by-one enumeration."""
+    for name, value in (("SEEDS", seeds), ("MAX_COLUMN_RULES", column_rules), ("SCAN_KEYS", scan_keys),
+                        ("MAX_SCAN_FIRSTS", scan_firsts)):
+        monkeypatch.setattr(search, name, value)
     renamed = 0
     for seed in range(200):
         model, ckpt, rules, same_shape = _case(seed)
