@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from operator import itemgetter, methodcaller
+from operator import itemgetter, methodcaller, ne
 
 import numpy as np
 
@@ -122,6 +122,15 @@ class Alignment:
         return f"Alignment({self.paired} pairs, rules={[str(r) for r in self.rules]})"
 
 
+class KeyIndex:
+    """A column of keys with its position index, built once to align several key sets against."""
+
+    def __init__(self, keys: Iterable[str]):
+        self.keys = list(keys)
+        self.at = dict(zip(self.keys, range(len(self.keys))))  # a repeated key: its last position
+        self.array = np.array(self.keys, dtype=object)
+
+
 def _as_rules(rules: Iterable[tuple[str, str] | Rule] | None) -> list[Rule]:
     out = []
     for r in rules or ():
@@ -138,15 +147,14 @@ def _apply_user_rules(keys: list[str], user: list[Rule], result: Alignment) -> l
     """Each checkpoint key's name after the user rules, recording which rules renamed which key."""
     names, changed = keys, []
     for rule in user:
-        sub = re.compile(rule.pattern).sub
-        new = [sub(rule.replacement, n) for n in names]
-        changed.append([i for i, (a, b) in enumerate(zip(names, new)) if a != b])
+        new = list(map(re.compile(rule.pattern).sub, repeat(rule.replacement), names))
+        changed.append(np.flatnonzero(np.fromiter(map(ne, names, new), dtype=bool, count=len(names))))
         names = new
     for rule, idx in zip(user, changed):
-        result.add_rule(np.array(idx, dtype=np.int64), rule)
+        result.add_rule(idx, rule)
     renamed = np.flatnonzero(result.rule_row >= 0)
     result._renamed = [renamed]  # a key's user rules are recorded at once, keys in checkpoint order
-    for _, _, rule in sorted((idx[0], k, rule) for k, (rule, idx) in enumerate(zip(user, changed)) if idx):
+    for _, _, rule in sorted((idx[0], k, rule) for k, (rule, idx) in enumerate(zip(user, changed)) if idx.size):
         if rule not in result.rules:
             result.rules.append(rule)
     return names
@@ -166,7 +174,7 @@ def _check_clashes(keys: list[str], names: list[str]) -> None:
 
 
 def align(
-    model_keys: Sequence[str],
+    model_keys: Sequence[str] | KeyIndex,
     ckpt_keys: Sequence[str],
     *,
     rules: Iterable[tuple[str, str] | Rule] | None = None,
@@ -178,15 +186,16 @@ def align(
     ``rules`` (regex, replacement) apply first, in order, to every checkpoint key; then exact names
     pair; then, if ``auto``, inferred renames (strip or add a prefix, drop a wrapper token) are tried
     greedily, each kept only if it pairs keys one-to-one and adds pairs. ``same_shape(c, m)``, when
-    given, breaks ties in favour of renames that pair equal shapes.
+    given, breaks ties in favour of renames that pair equal shapes. ``model_keys`` may be a
+    :class:`KeyIndex`, to align several checkpoint sections against one model cheaply.
     """
     user = _as_rules(rules)
-    keys, model = list(ckpt_keys), list(model_keys)
-    result = Alignment(np.array(keys, dtype=object), np.array(model, dtype=object))
+    index = model_keys if isinstance(model_keys, KeyIndex) else KeyIndex(model_keys)
+    keys, model, model_at = list(ckpt_keys), index.keys, index.at
+    result = Alignment(np.array(keys, dtype=object), index.array)
     names = _apply_user_rules(keys, user, result) if user else keys
     if user:
         _check_clashes(keys, names)
-    model_at = dict(zip(model, range(len(model))))
     hit = np.fromiter(map(model_at.get, names, repeat(-1)), dtype=np.int64, count=len(names))
     exact = np.flatnonzero(hit >= 0)
     if len(model_at) < len(model) or (exact.size and np.bincount(hit[exact]).max() > 1):
@@ -376,10 +385,13 @@ class _Search:
             return ci[mj >= 0], mj[mj >= 0]
         if f".{text}." not in self._all_names():  # the token only ever starts a name: a plain strip
             return self._column((STRIP, text + "."))
-        at, token = self.model_at, text + "."
-        hit = self.local[[at.get(_dropped(n, text), -1) if token in n else -1 for n in self.names]]
-        ci = np.flatnonzero(hit >= 0)
-        return ci, hit[ci]
+        names = self.names
+        has = np.flatnonzero(np.fromiter(map(methodcaller("__contains__", text + "."), names), dtype=bool,
+                                         count=len(names)))
+        dotted = map(methodcaller("replace", f".{text}.", "."), map(".".__add__, np.array(names, dtype=object)[has]))
+        renamed = map(itemgetter(slice(1, None)), dotted)  # _dropped, column-wise
+        hit = self.local[np.fromiter(map(self.model_at.get, renamed, repeat(-1)), dtype=np.int64, count=has.size)]
+        return has[hit >= 0], hit[hit >= 0]
 
     def _all_names(self) -> str:
         if self._joined is None:

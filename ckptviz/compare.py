@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .align import Alignment, Rule, align
+from .align import Alignment, KeyIndex, Rule, align
 from .checkpoint import Checkpoint, as_checkpoint, dtype_name, tensor_info
 from .errors import ModelError
 
@@ -248,7 +248,7 @@ def compare(
     live = model_tensors(model)
     ck = as_checkpoint(source)
     names = [ck.resolve(section)] if section is not None else ck.sections or [ck.resolve(None)]
-    keys, best = list(live), None
+    keys, best = KeyIndex(live), None
     for name in names:
         entries = ck._section(name)
 

@@ -10,7 +10,7 @@ import pytest
 
 from ckptviz import AlignmentError
 from ckptviz import align as search
-from ckptviz.align import WRAPPER_TOKENS, _dropped, add_prefix, align, drop_token, strip_prefix
+from ckptviz.align import WRAPPER_TOKENS, KeyIndex, _dropped, add_prefix, align, drop_token, strip_prefix
 
 
 def _splits(name):
@@ -146,6 +146,7 @@ def _case(seed: int):
 
 def _rows(pairs, model, ckpt):
     """``Alignment.ckpt_row`` as pairs say it should be."""
+    model = model.keys if isinstance(model, KeyIndex) else model
     by_model, where = {m: c for c, m in pairs.items()}, {c: i for i, c in enumerate(ckpt)}
     return [where[by_model[m]] if m in by_model else -1 for m in model]
 
@@ -193,6 +194,15 @@ def test_repeated_keys_count_once():
     assert al.pairs == {"module.a.w": "a.w", "b.w": "b.w"} and [str(r) for r in al.rules] == [r"^module\. -> ''"]
     assert al.ckpt_row.tolist() == [2, 1, 2] == _rows(al.pairs, model, ckpt)
     assert [al.rule_sets[r] if r >= 0 else None for r in al.rule_row.tolist()] == [(al.rules[0],), None] * 2
+    renamed_twice = align(["a.w", "b.w"], ["module.a.w", "b.w", "module.a.w"])  # repeated, and not an exact name
+    assert renamed_twice.pairs == {"b.w": "b.w", "module.a.w": "a.w"} and renamed_twice.ckpt_row.tolist() == [2, 1]
+
+
+def test_a_key_index_aligns_like_the_keys():
+    model = [f"layers.{i}.weight" for i in range(50)]
+    index = KeyIndex(model)
+    for ckpt in (model, ["module." + k for k in model], ["x." + k for k in model[:20]] + model[20:]):
+        assert _ours(index, ckpt, None, None) == _ours(model, ckpt, None, None) == reference_align(model, ckpt)
 
 
 def test_tie_between_conflicting_renames_of_many_keys_guesses_neither():
