@@ -3,15 +3,19 @@
 
 from __future__ import annotations
 
+import functools
 import html
+import operator
 from collections.abc import Iterable
+from itertools import repeat
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from .align import Alignment, Rule, align
+from .align import Alignment, KeyIndex, Rule, align
 from .checkpoint import Checkpoint, as_checkpoint, dtype_name, tensor_info
 from .errors import ModelError
 
@@ -29,7 +33,55 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state-dict tensors (parameters and persistent buffers), as live objects."""
     if not isinstance(model, nn.Module):
         raise ModelError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
-    return {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
+    out: dict[str, torch.Tensor] = {}
+    try:
+        _walk_state(model, "", out)
+    except _CustomState:
+        out = model.state_dict(keep_vars=True)
+    if not all(map(isinstance, out.values(), repeat(torch.Tensor))):
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+    return out if type(out) is dict else dict(out)
+
+
+class _CustomState(Exception):
+    """A module whose state dict is not the plain walk over its parameters, buffers and children."""
+
+
+_OVERRIDES = frozenset({"state_dict", "_save_to_state_dict", "get_extra_state"})
+
+
+@functools.lru_cache(maxsize=4096)
+def _plain_class(cls: type) -> bool:
+    base = nn.Module
+    return (cls.state_dict is base.state_dict and cls._save_to_state_dict is base._save_to_state_dict
+            and cls.get_extra_state is base.get_extra_state and not issubclass(cls, torch.jit.ScriptModule))
+
+
+def _walk_state(module: nn.Module, prefix: str, out: dict[str, torch.Tensor], plain=_plain_class,
+                overrides=_OVERRIDES) -> None:
+    """What ``module.state_dict(keep_vars=True)`` holds, for modules with no state-dict hooks, no
+    overridden state-dict methods and no extra state (raises :class:`_CustomState` otherwise): the
+    same keys in the same order, read straight from each module's parameters, buffers and children."""
+    d = module.__dict__
+    try:
+        if (not plain(type(module)) or d["_state_dict_hooks"] or d["_state_dict_pre_hooks"]
+                or not d.keys().isdisjoint(overrides)):
+            raise _CustomState
+        for name, p in d["_parameters"].items():
+            if p is not None:
+                out[prefix + name] = p
+        buffers, children = d["_buffers"], d["_modules"]
+        if buffers:
+            skip = d["_non_persistent_buffers_set"]
+            for name, b in buffers.items():
+                if b is not None and name not in skip:
+                    out[prefix + name] = b
+    except KeyError:
+        raise _CustomState from None
+    if children:
+        for name, child in children.items():
+            if child is not None:
+                _walk_state(child, prefix + name + ".", out)
 
 
 class Report:
@@ -99,30 +151,80 @@ def _row_style(row: pd.Series) -> str:
     return style + "; color: #b00020; font-weight: bold" if row.get("nonfinite") is True else style
 
 
-def _status(m_shape, c_shape, m_dtype, c_dtype) -> str:
-    if m_shape != c_shape:
-        return "shape_mismatch"
-    return "match" if m_dtype == c_dtype else "dtype_mismatch"
+class _ModelColumns:
+    """The model side of the frame, read once per :func:`compare` (and reused for every section)."""
+
+    def __init__(self, live: dict[str, torch.Tensor]):
+        tensors = list(live.values())
+        self.keys = list(live)
+        self.shape = _objects(map(tuple, map(operator.attrgetter("shape"), tensors)), len(tensors))
+        self.dtype = _named(list(map(operator.attrgetter("dtype"), tensors)), dtype_name)
+        self.device = _named(list(map(operator.attrgetter("device"), tensors)), str)
 
 
-def _build_frame(model: dict[str, torch.Tensor], entries: dict[str, Any], al: Alignment) -> pd.DataFrame:
-    by_model = {m: c for c, m in al.pairs.items()}
-    rows = []
-    for key, t in model.items():
-        m_shape, m_dtype, m_device = tuple(t.shape), dtype_name(t.dtype), str(t.device)
-        c = by_model.get(key)
-        if c is None:
-            rows.append((key, None, "missing", m_shape, None, m_dtype, None, m_device, None, None))
-            continue
-        c_shape, c_dtype, c_device, _, _ = tensor_info(entries[c])
-        rule = "; ".join(str(r) for r in al.rule_of.get(c, [])) or None
-        rows.append((key, c, _status(m_shape, c_shape, m_dtype, c_dtype), m_shape, c_shape,
-                     m_dtype, c_dtype, m_device, c_device, rule))
-    for c, v in entries.items():
-        if c not in al.pairs:
-            c_shape, c_dtype, c_device, _, _ = tensor_info(v)
-            rows.append((None, c, "unexpected", None, c_shape, None, c_dtype, None, c_device, None))
-    return pd.DataFrame(rows, columns=COLUMNS, dtype=object)  # empty cells stay None
+def _objects(values: Iterable[Any], count: int = -1) -> np.ndarray:
+    """A 1-d object array of ``values`` (tuples stay single cells)."""
+    return np.fromiter(values, dtype=object, count=count)
+
+
+def _named(values: list[Any], name) -> np.ndarray:
+    """``[name(v) for v in values]`` as an object array, calling ``name`` once per distinct value."""
+    names = {v: name(v) for v in set(values)}
+    return _objects(map(names.__getitem__, values), len(values))
+
+
+def _taken(column: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``column[index]`` with None where ``index`` is -1."""
+    padded = np.empty(len(column) + 1, dtype=object)
+    padded[:-1] = column
+    return padded[index]
+
+
+def _rule_texts(al: Alignment, at: np.ndarray) -> np.ndarray:
+    """The ``rule`` cell of each row: the rules that renamed its checkpoint key (row ``at``), or None."""
+    texts = _objects(["; ".join(map(str, rules)) for rules in al.rule_sets] + [None])
+    return texts[np.append(al.rule_row, -1)[at]]
+
+
+CKPT_SIDE = ("shape", "dtype", "device")  # the columns of Checkpoint.tensors() the frame uses
+_STATUS = _objects(("match", "dtype_mismatch", "shape_mismatch", "missing"))
+
+
+def _in_order(tensors: pd.DataFrame, entries: dict[str, Any]) -> pd.DataFrame:
+    """``tensors`` with its rows in the section's own key order (unexpected rows keep that order)."""
+    index = tensors.index.to_numpy(dtype=object)
+    if len(index) == len(entries) and all(map(operator.eq, index, entries)):
+        return tensors
+    return tensors.reindex(list(entries))
+
+
+def _build_frame(model: _ModelColumns, tensors: pd.DataFrame, al: Alignment) -> pd.DataFrame:
+    """One row per model key (model order), then one per unpaired checkpoint key (checkpoint order);
+    ``tensors`` rows are in the order of the checkpoint keys that ``al`` was computed from."""
+    at = al.ckpt_row
+    saved = [tensors.index.to_numpy(dtype=object), *(tensors[c].to_numpy(dtype=object) for c in CKPT_SIDE)]
+    c_key, c_shape, c_dtype, c_device = (_taken(col, at) for col in saved)
+    code = np.where(model.shape != c_shape, 2, (model.dtype != c_dtype).astype(np.int64))
+    code[at < 0] = 3
+    unexpected = np.ones(len(tensors), dtype=bool)
+    unexpected[at[at >= 0]] = False
+    extra = tensors[unexpected]
+    n = len(extra)
+    none = np.full(n, None, dtype=object)
+    columns = {
+        "key": (_objects(model.keys, len(model.keys)), none),
+        "ckpt_key": (c_key, extra.index.to_numpy(dtype=object)),
+        "status": (_STATUS[code], np.full(n, "unexpected", dtype=object)),
+        "model_shape": (model.shape, none),
+        "ckpt_shape": (c_shape, extra["shape"].to_numpy(dtype=object)),
+        "model_dtype": (model.dtype, none),
+        "ckpt_dtype": (c_dtype, extra["dtype"].to_numpy(dtype=object)),
+        "model_device": (model.device, none),
+        "ckpt_device": (c_device, extra["device"].to_numpy(dtype=object)),
+        "rule": (_rule_texts(al, at), none),
+    }
+    frame = {c: np.concatenate(parts) for c, parts in columns.items()}
+    return pd.DataFrame(frame, columns=COLUMNS, dtype=object, copy=False)  # empty cells stay None
 
 
 def compare(
@@ -146,18 +248,18 @@ def compare(
     live = model_tensors(model)
     ck = as_checkpoint(source)
     names = [ck.resolve(section)] if section is not None else ck.sections or [ck.resolve(None)]
-    best = None
+    keys, best = KeyIndex(live), None
     for name in names:
         entries = ck._section(name)
 
         def same_shape(c: str, m: str, entries=entries) -> bool:
             return tuple(live[m].shape) == tensor_info(entries[c])[0]
 
-        al = align(list(live), list(entries), rules=rules, auto=auto_align, same_shape=same_shape)
-        if best is None or len(al.pairs) > len(best[2].pairs):
-            best = (name, entries, al)
-    name, entries, al = best
-    frame = _build_frame(live, entries, al)
+        al = align(keys, list(entries), rules=rules, auto=auto_align, same_shape=same_shape)
+        if best is None or al.paired > best[1].paired:
+            best = (name, al)
+    name, al = best
+    frame = _build_frame(_ModelColumns(live), _in_order(ck.tensors(name), ck._section(name)), al)
     if stats:
         frame = _with_stats(frame, ck, name, model, live)
     return Report(frame, ck, name, al.rules)
