@@ -18,8 +18,9 @@ from .errors import (
     UnknownFormatError,
     UnsafeCheckpointError,
 )
-from .load import LoadResult, load_optimizer, load_partial
+from .load import LoadResult, load_partial
 from .models import build_model, find_models, model_from_config, parse_kwargs, torchvision_models
+from .optim_load import load_optimizer
 from .snippet import torch_code
 from .stats import Histogram, StatsCache, histogram, stats_frame, summarize, tensor_stats
 
