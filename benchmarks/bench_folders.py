@@ -49,7 +49,7 @@ def build_folder(n: int, shards: int) -> Path:
     folder = core.bench_dir() / f"moe-{n}-tensors-{shards}-shards"
     if (folder / "model.safetensors.index.json").exists():
         return folder
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     keys = key_names(n)
     per = -(-n // shards)
     weight_map = {}
