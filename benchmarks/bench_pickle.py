@@ -179,7 +179,7 @@ def components(path: Path, repeats: int) -> dict[str, float]:
         ("find_sections", checkpoint, "find_sections"),
         ("metadata", checkpoint, "metadata"),
         ("TensorTable.from_refs", records.TensorTable, "from_refs"),
-        ("_check_extents", checkpoint, "_check_extents"),
+        ("check_extents", checkpoint, "check_extents"),
         ("tensors() frame", records.TensorTable, "frame"),
     ]
     spent: dict[str, float] = {}
