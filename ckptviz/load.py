@@ -144,7 +144,8 @@ class LoadResult:
 
 
 def _restore(live: dict[str, torch.Tensor], backup: dict[str, torch.Tensor], keys: list[str] | None = None) -> None:
-    """Copy backups back; with ``keys`` (a failed load), only into tensors that were written to."""
+    """Copy backups back; with ``keys`` (a failed load), only into tensors that were written to.
+    Backups hold the bytes from before any write, so tensors sharing memory restore in any order."""
     if keys is None:
         keys = list(backup)
     by_tensor = {id(live[k]): b for k, b in backup.items()}
@@ -248,31 +249,44 @@ def load_partial(model: nn.Module, report: Report, *, keys: Iterable[str] | None
 
 def _copy_into(live: dict[str, torch.Tensor], sources: dict[str, torch.Tensor],
                undo: bool) -> dict[str, torch.Tensor] | None:
-    """Copy each source into its model tensor; restore on failure (with ``undo``). Returns the backup."""
+    """Copy each source into its model tensor; restore on failure (with ``undo``). Returns the backup.
+
+    Every backup is taken before the first write: model tensors that share memory (tied weights,
+    ``nn.Parameter(other.data)``, a buffer viewing a weight) are then all backed up with their old
+    bytes, whatever order they are written in. Any exception, ``KeyboardInterrupt`` included, restores
+    the model before it propagates."""
     backup: dict[str, torch.Tensor] | None = {} if undo else None
-    seen: set[int] = set()
     total = sum(t.numel() * t.element_size() for t in sources.values())
     written: list[str] = []
     try:
         with torch.no_grad(), tqdm(total=total, unit="B", unit_scale=True, desc="loading",
                                    disable=total < PROGRESS_BYTES) as bar:
+            if backup is not None:
+                seen: set[int] = set()
+                for key in sources:
+                    dst = live[key]
+                    if id(dst) not in seen:  # tied weights are backed up once
+                        seen.add(id(dst))
+                        backup[key] = dst.detach().clone()
             for key, src in sources.items():
-                dst = live[key]
-                if backup is not None and id(dst) not in seen:  # tied weights are backed up once
-                    seen.add(id(dst))
-                    backup[key] = dst.detach().clone()
                 written.append(key)
-                dst.copy_(src)
+                live[key].copy_(src)
                 bar.update(src.numel() * src.element_size())
-    except Exception as e:
+    except BaseException as e:
         what = f"copying {written[-1]!r} into the model failed ({type(e).__name__}: {e})" if written else (
             f"loading failed before the first copy ({type(e).__name__}: {e})")
         if backup is None:
-            raise LoadError(
-                f"{what}. {len(written) - 1} tensor(s) before it were loaded ({written[:-1][:5]}); "
-                "load with undo=True (the default) for an all-or-nothing load."
-            ) from e
+            done = (f"{len(written) - 1} tensor(s) before it were loaded ({written[:-1][:5]}); "
+                    "load with undo=True (the default) for an all-or-nothing load.")
+            if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: let it through, say what happened
+                e.add_note(f"ckptviz: load_partial was interrupted: {done}")
+                raise
+            raise LoadError(f"{what}. {done}") from e
         _restore(live, backup, written)
+        if not isinstance(e, Exception):
+            e.add_note("ckptviz: load_partial was interrupted; the model was restored to exactly its previous "
+                       "values, nothing was loaded.")
+            raise
         raise LoadError(f"{what}. The model was restored to exactly its previous values; nothing was loaded.") from e
     return backup
 
@@ -426,8 +440,11 @@ def _apply(steps: list[tuple[_Group, torch.Tensor, str]]) -> list[_Assigned]:
             else:
                 torch.utils.swap_tensors(g.dst, new)
                 done.append(_Assigned(g.keys, g.dst, new, how))  # ``new`` now holds the previous contents
-    except Exception as e:
+    except BaseException as e:
         _revert(done)
+        if not isinstance(e, Exception):
+            e.add_note("ckptviz: the assign load was interrupted; the model holds exactly the tensors it had.")
+            raise
         raise LoadError(f"assigning {g.keys[0]!r} failed ({type(e).__name__}: {e}). The model was restored: "
                         "it holds exactly the tensors it had; nothing was loaded.") from e
     return done
