@@ -139,17 +139,20 @@ class Checkpoint:
         that holds it. Reads no tensor data."""
         return self._section(section).frame()
 
-    def tensor(self, key: str, section: str | None = None) -> torch.Tensor:
-        """The value of one tensor, on the CPU (memory-mapped where the container allows)."""
+    def tensor(self, key: str, section: str | None = None, *, copy: bool = False) -> torch.Tensor:
+        """The value of one tensor, on the CPU (memory-mapped where the container allows; ``copy=True``:
+        read into memory of its own, see :meth:`state_dict`)."""
         entries = self._section(section)
         if key not in entries:
             raise SectionError(f"{self.path}: no tensor {key!r} in section {self.resolve(section)!r}")
-        return self._value(entries[key])
+        return self._value(entries[key], copy=copy)
 
-    def state_dict(self, section: str | None = None) -> dict[str, torch.Tensor]:
+    def state_dict(self, section: str | None = None, *, copy: bool = False) -> dict[str, torch.Tensor]:
         """``{key: tensor}`` for a section; tensors are views of private maps of the files (one map
-        per file, made when its first tensor is read)."""
-        return self.values(self._section(section), section)
+        per file, made when its first tensor is read): no RAM up front, but a file truncated or
+        rewritten in place later can change or fault them. ``copy=True`` reads every tensor into memory
+        of its own (``pread``, no map): safe to keep while the file is re-saved."""
+        return self.values(self._section(section), section, copy=copy)
 
     def stats(self, section: str | None = None, *, progress: bool | None = None, executor: Any = None,
               tick: Callable[[float], None] | None = None) -> pd.DataFrame:
@@ -197,11 +200,12 @@ class Checkpoint:
         return run(fn, [(self, section, t, *args) for t in tasks], executor=executor, progress=progress,
                    sizes=[sum(nbytes[k] for k in t) for t in tasks], desc=desc, tick=tick)
 
-    def values(self, keys: Iterable[str], section: str | None = None) -> dict[str, torch.Tensor]:
+    def values(self, keys: Iterable[str], section: str | None = None, *,
+               copy: bool = False) -> dict[str, torch.Tensor]:
         """``{key: tensor}`` for some keys of a section, sharing one map per file (see :meth:`state_dict`)."""
         entries = self._section(section)
         maps: dict[int, Any] = {}
-        return {k: self._value(entries[k], maps) for k in keys}
+        return {k: self._value(entries[k], maps, copy) for k in keys}
 
     def __reduce__(self):
         """A file-backed checkpoint pickles as "open this path again" (for executors in other processes)."""
@@ -229,13 +233,16 @@ class Checkpoint:
         except OSError:
             return None
 
-    def _value(self, v: TensorRef | LazyRecord | torch.Tensor, maps: dict[int, Any] | None = None) -> torch.Tensor:
-        """A tensor's value; ``maps`` shares one map per file across the reads of one call."""
+    def _value(self, v: TensorRef | LazyRecord | torch.Tensor, maps: dict[int, Any] | None = None,
+               copy: bool = False) -> torch.Tensor:
+        """A tensor's value; ``maps`` shares one map per file across the reads of one call; ``copy``
+        reads into owned memory."""
         if isinstance(v, torch.Tensor):
-            return v
+            return v.clone() if copy else v
         if isinstance(v, LazyRecord):
             try:
-                return v.read(maps if maps is not None else {})
+                out = v.read(maps if maps is not None else {})
+                return out.clone() if copy else out
             except CheckpointError:  # the record's own error, naming its file
                 raise
             except (RuntimeError, OSError, ValueError) as e:
@@ -243,8 +250,8 @@ class Checkpoint:
                 raise CorruptCheckpointError(f"{where}: could not read the bytes of a tensor ({e}).") from None
         source = v.storage.source if v.storage is not None else None
         try:
-            if source is None:
-                return materialize(v)
+            if source is None or copy:
+                return materialize(v, copy=copy)
             if maps is None:
                 return materialize(v, source.map())
             if id(source) not in maps:

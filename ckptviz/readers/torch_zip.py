@@ -5,7 +5,6 @@ header (one read-only map of the file, all headers at once); tensor bytes stay i
 from __future__ import annotations
 
 import io
-import mmap
 import struct
 import zipfile
 import zlib
@@ -15,14 +14,14 @@ from operator import methodcaller
 import numpy as np
 
 from ..errors import CorruptCheckpointError
-from .mapped import MappedFile
+from .mapped import FileBytes, MappedFile
 from .pickle_reader import PICKLE_ERRORS, unpickle
 from .raw import RawCheckpoint
 
 _HEADER_FIELDS = np.array([0, 1, 2, 3, 26, 27, 28, 29])  # signature; name and extra field lengths
 
 
-def _data_offsets(mm: mmap.mmap, header_offsets: list[int]) -> list[int]:
+def _data_offsets(mm: FileBytes, header_offsets: list[int]) -> list[int]:
     """Where the data of each zip entry starts: past its local header (30 bytes), name and extra field
     (torch pads the local extra field for alignment, so the central directory's does not tell)."""
     if not header_offsets:
@@ -30,7 +29,7 @@ def _data_offsets(mm: mmap.mmap, header_offsets: list[int]) -> list[int]:
     at = np.array(header_offsets, dtype=np.int64)
     if at.min() < 0 or at.max() + 30 > len(mm):
         raise zipfile.BadZipFile("a local header lies past the end of the file")
-    picked = np.frombuffer(mm, dtype=np.uint8)[at[:, None] + _HEADER_FIELDS]  # (n, 8) bytes of every header
+    picked = mm.gather(at, 30)[:, _HEADER_FIELDS]  # (n, 8) bytes of every header
     if (picked[:, :4].copy().view("<u4") != 0x04034B50).any():
         raise zipfile.BadZipFile("bad local header signature")
     lengths = picked[:, 4:].copy().view("<u2").astype(np.int64)  # file name length, extra field length
@@ -43,7 +42,7 @@ class ZipDirectory:
     entry, method, sizes, CRC and local header offset as numpy columns. It reads only what torch's
     archives need (stored or deflated entries, zip64), and raises ``zipfile.BadZipFile`` otherwise."""
 
-    def __init__(self, mm: mmap.mmap):
+    def __init__(self, mm: FileBytes):
         self.mm = mm
         count, cd_size, cd_offset, concat = _end_of_directory(mm)
         cd = bytes(mm[cd_offset : cd_offset + cd_size])
@@ -97,7 +96,7 @@ class ZipDirectory:
         return data
 
 
-def _end_of_directory(mm: mmap.mmap) -> tuple[int, int, int, int]:
+def _end_of_directory(mm: FileBytes) -> tuple[int, int, int, int]:
     """(entries, size and offset of the central directory, bytes prepended to the archive)."""
     tail_at = max(0, len(mm) - (1 << 16) - 22)
     tail = bytes(mm[tail_at:])
@@ -114,7 +113,7 @@ def _end_of_directory(mm: mmap.mmap) -> tuple[int, int, int, int]:
         location = eocd - 20 - 56
         if mm[location : location + 4] != b"PK\x06\x06":
             raise zipfile.BadZipFile("bad zip64 end of central directory record")
-        count, cd_size, cd_offset = struct.unpack_from("<32xQQQ", mm, location)
+        count, cd_size, cd_offset = struct.unpack_from("<32xQQQ", mm[location : location + 56])
     else:
         location = eocd
     concat = location - cd_size - cd_offset  # data before the archive (e.g. a self-extracting stub)
@@ -149,7 +148,8 @@ def _entry_starts(cd: bytes, count: int) -> np.ndarray:
 def read_torch_zip(path: str) -> RawCheckpoint:
     source = MappedFile(path)
     try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        with open(path, "rb", buffering=0) as f:
+            mm = FileBytes(f, source.size)  # pread, not a map: a file cut short meanwhile is an error, not a fault
             zd = ZipDirectory(mm)
             pkl = [n for n in zd.names if n.count("/") == 1 and n.endswith("/data.pkl")]
             if not pkl:

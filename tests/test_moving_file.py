@@ -1,0 +1,108 @@
+"""A checkpoint file that changes while it is open (issue 8, items 2 and 6): reads through the old layout
+are refused, and ``copy=True`` reads never fault, even while a real ``torch.save`` rewrites the file."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import ckptviz
+from ckptviz.errors import CheckpointError
+
+
+def _save(path, fmt, scale=1.0, extra=False):
+    state = {"a": torch.arange(4096.0) * scale, "b": torch.ones(64, 64) * scale}
+    if extra:
+        state = {"z": torch.full((7,), 1e29), **state}
+    if fmt == "safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+def test_an_atomic_replace_is_refused_even_with_the_same_size_and_mtime(tmp_path, fmt):
+    path = tmp_path / f"ck.{fmt}"
+    _save(path, fmt)
+    ck = ckptviz.open_checkpoint(path)
+    st = os.stat(path)
+    (tmp_path / "new").mkdir()
+    tmp = tmp_path / "new" / path.name  # same name: torch.save names the archive after the file
+    _save(tmp, fmt, scale=2.0)
+    assert os.path.getsize(tmp) == st.st_size
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(tmp, path)
+    for read in (lambda: ck.tensor("a"), lambda: ck.tensor("a", copy=True), ck.stats, lambda: ck.histogram("b")):
+        with pytest.raises(CheckpointError, match="changed on disk.*replaced by another file"):
+            read()
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+def test_a_resave_with_a_new_layout_never_reads_new_bytes_through_the_old_one(tmp_path, fmt):
+    path = tmp_path / f"ck.{fmt}"
+    _save(path, fmt)
+    ck = ckptviz.open_checkpoint(path)
+    _save(path, fmt, extra=True)  # in place, one tensor added: every offset moves
+    with pytest.raises(CheckpointError, match="changed on disk"):
+        ck.stats()
+    model = torch.nn.Module()
+    model.register_buffer("a", torch.zeros(4096))
+    with pytest.raises(CheckpointError, match="changed on disk"):
+        ckptviz.load_partial(model, ckptviz.compare(model, ck))
+    assert torch.equal(model.a, torch.zeros(4096))
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+def test_tensors_read_with_copy_survive_truncation_and_resave(tmp_path, fmt):
+    path = tmp_path / f"ck.{fmt}"
+    _save(path, fmt)
+    ck = ckptviz.open_checkpoint(path)
+    held = ck.state_dict(copy=True)
+    one = ck.tensor("a", copy=True)
+    os.truncate(path, 100)
+    assert torch.equal(held["a"], torch.arange(4096.0)) and torch.equal(one, torch.arange(4096.0))
+    assert torch.equal(held["b"], torch.ones(64, 64))
+    with pytest.raises(CheckpointError, match="changed on disk"):
+        ck.tensor("a", copy=True)
+    _save(path, fmt, scale=3.0)
+    assert torch.equal(held["a"], torch.arange(4096.0))
+
+
+READER = textwrap.dedent("""
+    import sys, ckptviz
+    from ckptviz.errors import CheckpointError
+    ok = refused = 0
+    for _ in range(int(sys.argv[2])):
+        try:
+            ck = ckptviz.open_checkpoint(sys.argv[1])
+            for k in ck.tensors().index if ck.tensors().index.name == "key" else ck.tensors()["key"]:
+                ck.tensor(k, copy=True).sum()
+            ok += 1
+        except CheckpointError:
+            refused += 1
+    print(ok, refused)
+""")
+
+
+def test_reading_with_copy_while_torch_save_rewrites_the_file_never_faults(tmp_path):
+    """A reader in a child process (so a SIGBUS shows as a signal, not a dead pytest) races a real
+    ``torch.save`` rewriting the same path, now shorter, now longer."""
+    path = tmp_path / "last.ckpt"
+    torch.save({"w": torch.randn(256, 1024)}, path)
+    child = subprocess.Popen([sys.executable, "-c", READER, str(path), "300"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    sizes = [(256, 1024), (8, 8), (512, 1024)]
+    i = 0
+    while child.poll() is None:
+        torch.save({"w": torch.randn(*sizes[i % 3])}, path)
+        i += 1
+    out, err = child.communicate()
+    assert child.returncode == 0, (f"reader died with signal {signal.Signals(-child.returncode).name}"
+                                   if child.returncode < 0 else err[-2000:])
+    ok, refused = map(int, out.split())
+    assert ok + refused == 300 and i > 3
