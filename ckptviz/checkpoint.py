@@ -150,8 +150,9 @@ class Checkpoint:
     def state_dict(self, section: str | None = None, *, copy: bool = False) -> dict[str, torch.Tensor]:
         """``{key: tensor}`` for a section; tensors are views of private maps of the files (one map
         per file, made when its first tensor is read): no RAM up front, but a file truncated or
-        rewritten in place later can change or fault them. ``copy=True`` reads every tensor into memory
-        of its own (``pread``, no map): safe to keep while the file is re-saved."""
+        rewritten in place later can change or fault them. ``copy=True`` gives every tensor memory of its
+        own, safe to keep while the file is re-saved: single files and shards are read with ``pread``
+        (no map); tensors assembled from chunks (DCP, ZeRO) are still copied out of their maps."""
         return self.values(self._section(section), section, copy=copy)
 
     def stats(self, section: str | None = None, *, progress: bool | None = None, executor: Any = None,

@@ -71,7 +71,8 @@ class MappedFile:
             raise CorruptCheckpointError(f"{self.path}: the file can no longer be read ({e}); open it again.") from None
         self.verify()
         if got != nbytes:
-            raise CorruptCheckpointError(f"{self.path}: bytes {start}..{start + nbytes} are cut off (file truncated)")
+            raise CorruptCheckpointError(f"{self.path}: bytes {start}..{start + nbytes} are cut off (file truncated); "
+                                         "open it again, or fetch it again if it is a partial copy.")
         return buf.untyped_storage()
 
     def storage(self, ref: StorageRef, whole: torch.UntypedStorage | None = None,
@@ -79,16 +80,8 @@ class MappedFile:
         """The bytes of ``ref``: a view of ``whole`` (a map from :meth:`map`), or a copy if misaligned."""
         start = self.offsets[ref.key] + ref.byte_offset
         nbytes = ref.nbytes
-        if copy:
+        if copy or start % element_size(ref.dtype):  # owned copy asked for, or misaligned for its dtype
             return self.read(start, nbytes)
-        if start % element_size(ref.dtype):  # misaligned for its dtype: copy instead of mapping
-            self.verify()
-            with open(self.path, "rb") as f:
-                f.seek(start)
-                buf = bytearray(f.read(nbytes))
-            if len(buf) != nbytes:
-                raise CorruptCheckpointError(f"{self.path}: storage {ref.key!r} is cut off (file truncated)")
-            return torch.frombuffer(buf, dtype=torch.uint8).untyped_storage() if buf else torch.UntypedStorage(0)
         whole = whole if whole is not None else self.map()
         return whole[start : start + nbytes] if whole is not None else torch.UntypedStorage(0)
 

@@ -1,6 +1,6 @@
 """Reader for torch's zip container (``torch.save`` since 1.6, and TorchScript archives): reads the
 central directory and ``data.pkl``, and finds where each storage's bytes start from its local
-header (one read-only map of the file, all headers at once); tensor bytes stay in the file."""
+header (read with ``pread``, all headers at once, never mapped); tensor bytes stay in the file."""
 
 from __future__ import annotations
 
