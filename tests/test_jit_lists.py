@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import torch.jit._pickle
 from ckpt_files import assert_clean_error
 from torch import nn
 
@@ -37,11 +38,13 @@ def test_scripted_conv_and_maxpool_open_without_trust(tmp_path):
 
 
 def _jit_call(builder: str, payload) -> bytes:
-    """A pickle calling ``torch.jit._pickle.<builder>`` on ``payload``, as TorchScript writes them."""
+    """A pickle calling torch's own ``torch.jit._pickle.<builder>`` on ``payload``."""
+    fn = getattr(torch.jit._pickle, builder)
+
     class Call:
         def __reduce__(self):
-            return (Call.fn, (payload,))
-    Call.fn = type("f", (), {"__module__": "torch.jit._pickle", "__qualname__": builder})
+            return (fn, (payload,))
+
     return pickle.dumps(Call(), protocol=2)
 
 
