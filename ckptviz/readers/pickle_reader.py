@@ -259,6 +259,33 @@ def _encode(*args):
     return _refuse("_codecs.encode", args)
 
 
+def _jit_list(name: str, kinds: tuple[type, ...] | None):
+    """TorchScript's legacy list builders (``torch.jit._pickle.build_intlist`` ...): data, the list itself."""
+
+    def build(*args):
+        if len(args) != 1 or type(args[0]) is not list:
+            return _refuse(name, args)
+        if kinds is not None and not all(type(v) in kinds for v in args[0]):
+            return _refuse(name, args)
+        return args[0]
+
+    return build
+
+
+def _jit_restore_type_tag(*args):
+    if len(args) != 2 or type(args[1]) is not str:
+        return _refuse("torch.jit._pickle.restore_type_tag", args)
+    return args[0]
+
+
+_JIT_CALLS = {
+    "torch.jit._pickle.build_intlist": _jit_list("torch.jit._pickle.build_intlist", (int, bool)),
+    "torch.jit._pickle.build_doublelist": _jit_list("torch.jit._pickle.build_doublelist", (float, int)),
+    "torch.jit._pickle.build_boollist": _jit_list("torch.jit._pickle.build_boollist", (bool, int)),
+    "torch.jit._pickle.build_tensorlist": _jit_list("torch.jit._pickle.build_tensorlist", None),
+    "torch.jit._pickle.restore_type_tag": _jit_restore_type_tag,
+}
+
 _PLAIN_CALLS = {"collections.OrderedDict": _ordered_dict, "collections.Counter": _counter, "builtins.set": _set,
                 "builtins.bytearray": _bytearray, "builtins.complex": _complex, "_codecs.encode": _encode}
 
@@ -329,7 +356,7 @@ def _handout_table() -> dict[str, tuple[str, Any]]:
             table[name] = ("value", torch.uint8)
         else:  # torch.Tensor, tensor type classes, TypedStorage: named in pickles, never called
             table[name] = ("marker", None)
-    for name, fn in _INTERCEPTED.items():  # ckptviz's own builders, allowlisted or not in this torch
+    for name, fn in (*_INTERCEPTED.items(), *_JIT_CALLS.items()):  # ckptviz's own builders, allowlisted or not
         table.setdefault(name, ("call", fn))
     return table
 
@@ -364,6 +391,7 @@ class Unpickled:
         self.source = source  # the MappedFile that storages' bytes come from
         self.unsafe: set[str] = set()
         self.storages: dict[str, StorageRef] = {}
+        self.views: list[StorageRef] = []  # legacy storage views, checked against their roots by the reader
         self.end = 0
         self._trusted_prefixes = trusted_prefixes
         self._table = _handout_table()
@@ -433,7 +461,9 @@ class Unpickled:
             raise pickle.UnpicklingError(f"invalid storage view {_short(view)}")
         view_offset, view_size = _ints("storage view", view[1:], minimum=0)
         dtype = root.dtype
-        return StorageRef(key, dtype, location, view_size, view_offset * element_size(dtype), self.source)
+        view_ref = StorageRef(key, dtype, location, view_size, view_offset * element_size(dtype), self.source)
+        self.views.append(view_ref)
+        return view_ref
 
 
 class _Input:

@@ -16,6 +16,15 @@ from .records import element_size
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 
 
+def _check_views(roots, views, limits: dict, offsets: dict) -> None:
+    """Every storage (and legacy storage view) lies inside the bytes of its root storage."""
+    for ref in (*roots, *views):
+        end = offsets.get(ref.key, 0) + ref.byte_offset + ref.nbytes
+        if ref.key not in limits or end > limits[ref.key]:
+            raise EOFError(f"storage {ref.key} (view at element offset {ref.byte_offset // max(1, element_size(ref.dtype))}"
+                           f", {ref.numel} elements) lies past the end of its root storage; torch.load refuses it")
+
+
 def read_torch_legacy(path: str) -> RawCheckpoint:
     source = MappedFile(path)
     try:
@@ -45,11 +54,17 @@ def read_torch_legacy(path: str) -> RawCheckpoint:
                 if pos + 8 > size:
                     raise EOFError(f"storage {key} is cut off")
                 ref = storage(key)
-                nbytes = count_at(mm, pos)[0] * (sizes[ref.dtype] if ref is not None else 1)
+                count = count_at(mm, pos)[0]
+                nbytes = count * (sizes[ref.dtype] if ref is not None else 1)
+                if count < 0:
+                    raise EOFError(f"storage {key} has a negative size")
+                if ref is not None and count != ref.numel:  # torch.load refuses a wrong byte size too
+                    raise EOFError(f"storage {key} holds {count} elements but its record declares {ref.numel}")
                 offsets[key] = pos = pos + 8
                 limits[key] = pos = pos + nbytes
-                if nbytes < 0:
-                    raise EOFError(f"storage {key} has a negative size")
+                if pos > size:
+                    raise EOFError(f"storage {key} ({nbytes} bytes) runs past the end of the file")
+            _check_views(up.storages.values(), up.views, limits, offsets)
     except CorruptCheckpointError:
         raise
     except (OSError, *PICKLE_ERRORS) as e:

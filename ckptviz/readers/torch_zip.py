@@ -88,12 +88,36 @@ class ZipDirectory:
         if len(data) != self.compressed[i]:
             raise zipfile.BadZipFile(f"{name} is cut off")
         if self.method[i] == zipfile.ZIP_DEFLATED:
-            data = zlib.decompressobj(-15).decompress(data)
+            data = inflate(data, name, int(self.size[i]))
         elif self.method[i] != zipfile.ZIP_STORED:
             raise zipfile.BadZipFile(f"{name} is compressed with method {self.method[i]}; torch never writes that")
         if len(data) != self.size[i] or zlib.crc32(data) != self.crc[i]:
             raise zipfile.BadZipFile(f"bad CRC-32 or size for {name}")
         return data
+
+
+MIN_INFLATE_CAP = 64 << 20  # a deflated entry may inflate to max(this, INFLATE_RATIO x its compressed size)
+INFLATE_RATIO = 100
+
+
+def inflate(data: bytes, name: str, declared: int) -> bytes:
+    """Inflate a raw-deflate zip entry, refusing more than its declared size or the inflate cap
+    (``max(MIN_INFLATE_CAP, INFLATE_RATIO * compressed size)``); zlib errors become BadZipFile."""
+    cap = max(MIN_INFLATE_CAP, INFLATE_RATIO * len(data))
+    limit = min(cap, declared) + 1
+    try:
+        d = zlib.decompressobj(-15)
+        out = d.decompress(data, limit)
+    except zlib.error as e:
+        raise zipfile.BadZipFile(f"{name} does not inflate ({e})") from None
+    if len(out) > declared or d.unconsumed_tail:
+        if declared > cap:
+            raise zipfile.BadZipFile(
+                f"{name} declares {declared} inflated bytes from {len(data)} compressed, beyond the inflate cap "
+                f"of {cap} bytes (ckptviz.readers.torch_zip.MIN_INFLATE_CAP / INFLATE_RATIO; raise them only for "
+                "a trusted file)")
+        raise zipfile.BadZipFile(f"{name} inflates to more than its declared {declared} bytes")
+    return out
 
 
 def _end_of_directory(mm: FileBytes) -> tuple[int, int, int, int]:
@@ -177,7 +201,7 @@ def read_torch_zip(path: str) -> RawCheckpoint:
             limits = dict(zip(keys, (np.array(starts, dtype=np.int64) + zd.size[rows]).tolist()))
     except CorruptCheckpointError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, *PICKLE_ERRORS) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, *PICKLE_ERRORS) as e:
         raise CorruptCheckpointError(
             f"{path}: looks like a torch zip checkpoint but it is truncated or corrupted ({e}). "
             "Re-download or re-save the file; a partial copy cannot be read."
@@ -256,7 +280,18 @@ def read_zip_window(f, start: int, length: int, source: MappedFile | None = None
         root = pkl[0][: -len("data.pkl")]
         if f"{root}byteorder" in infos and zf.read(f"{root}byteorder") != b"little":
             raise CorruptCheckpointError("big-endian data is not supported; re-save it on a little-endian machine")
-        obj, up = unpickle(zf.read(pkl[0]), source=source)
+        info = infos[pkl[0]]
+        if info.compress_type != zipfile.ZIP_STORED:
+            cap = max(MIN_INFLATE_CAP, INFLATE_RATIO * info.compress_size)
+            if info.file_size > cap:
+                raise zipfile.BadZipFile(
+                    f"{pkl[0]} declares {info.file_size} inflated bytes, beyond the inflate cap of {cap} bytes "
+                    "(ckptviz.readers.torch_zip.MIN_INFLATE_CAP / INFLATE_RATIO; raise them only for a trusted file)")
+        try:
+            data = zf.read(pkl[0])
+        except zlib.error as e:
+            raise zipfile.BadZipFile(f"{pkl[0]} does not inflate ({e})") from None
+        obj, up = unpickle(data, source=source)
         spans = {}
         for key in up.storages:
             info = infos.get(f"{root}data/{key}")
