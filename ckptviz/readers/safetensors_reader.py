@@ -65,7 +65,9 @@ def read_header(path: str) -> tuple[int, dict]:
         raise CorruptCheckpointError(f"{path}: the safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{path}: the safetensors header is not a JSON object")
-    if raw.count(_OFFSETS) != len(header) - ("__metadata__" in header):  # cheap; exact check only if in doubt
+    # Cheap count first; the exact check runs only when in doubt. (A duplicate whose earlier entry has
+    # no data_offsets escapes the count; the library then keeps the later entry, and so does this.)
+    if raw.count(_OFFSETS) != len(header) - ("__metadata__" in header):
         dup = _duplicate_key(text)
         if dup is not None:
             raise CorruptCheckpointError(f"{path}: the safetensors header names {dup!r} twice; which entry is meant "
