@@ -79,15 +79,15 @@ def _max_depth(raw: bytes) -> int:
     """Deepest nesting of JSON arrays and objects in ``raw`` (brackets inside strings not counted)."""
     if b"\\" in raw:  # escapes: drop every string first (quotes inside strings are escaped)
         raw = re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', raw, flags=re.S)
-    a = np.frombuffer(raw, np.uint8)
-    marks = a[np.flatnonzero(np.isin(a, _MARKS))]  # quotes and brackets only
+    marks = np.frombuffer(raw.translate(None, _NOT_MARKS), np.uint8)  # quotes and brackets only, at C speed
     outside = np.cumsum(marks == ord('"')) % 2 == 0
-    step = np.isin(marks, _OPEN).astype(np.int64) - np.isin(marks, _CLOSE)
+    step = _STEP[marks]
     return int(np.cumsum(step * outside).max(initial=0))
 
 
-_OPEN, _CLOSE = np.frombuffer(b"{[", np.uint8), np.frombuffer(b"}]", np.uint8)
-_MARKS = np.frombuffer(b'"{[}]', np.uint8)
+_NOT_MARKS = bytes(c for c in range(256) if c not in b'"{[}]')
+_STEP = np.zeros(256, np.int64)
+_STEP[list(b"{[")], _STEP[list(b"}]")] = 1, -1
 
 
 def _duplicate_key(text: str) -> str | None:
