@@ -80,14 +80,14 @@ def _max_depth(raw: bytes) -> int:
     if b"\\" in raw:  # escapes: drop every string first (quotes inside strings are escaped)
         raw = re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', raw, flags=re.S)
     marks = np.frombuffer(raw.translate(None, _NOT_MARKS), np.uint8)  # quotes and brackets only, at C speed
-    outside = np.cumsum(marks == ord('"')) % 2 == 0
-    step = _STEP[marks]
-    return int(np.cumsum(step * outside).max(initial=0))
+    inside = np.bitwise_xor.accumulate(_QUOTE[marks])  # 1 from an opening quote up to its closing one
+    return int(np.cumsum(_STEP[marks] * (inside == 0), dtype=np.int32).max(initial=0))
 
 
 _NOT_MARKS = bytes(c for c in range(256) if c not in b'"{[}]')
-_STEP = np.zeros(256, np.int64)
+_STEP = np.zeros(256, np.int8)
 _STEP[list(b"{[")], _STEP[list(b"}]")] = 1, -1
+_QUOTE = (np.arange(256) == ord('"')).astype(np.uint8)
 
 
 def _duplicate_key(text: str) -> str | None:
@@ -125,6 +125,8 @@ def read_table(path: str, file_label: str | None = None) -> tuple[TensorTable, d
             raise ValueError("not two offsets")
         spans = np.array(offsets, dtype=np.int64).reshape(len(infos), 2)
         numel = np.array(list(map(math.prod, shapes)), dtype=np.int64)
+        if any(map(_wraps, filter(_has_zero, shapes))):  # e.g. [2**62, 2**62, 0]: numel 0, yet overflows
+            raise OverflowError("shape product")
         if shapes and min(map(min, filter(None, shapes)), default=0) < 0:
             raise ValueError("negative size")
     except (KeyError, TypeError, ValueError, OverflowError):
@@ -201,7 +203,7 @@ def _first_bad(header: dict) -> str:
             ok = (info["dtype"] in _DTYPES and all(type(s) is int and 0 <= s < 2**63 for s in info["shape"])
                   and len(info["data_offsets"]) == 2
                   and all(type(x) is int and 0 <= x < 2**63 for x in info["data_offsets"])
-                  and math.prod(info["shape"]) < 2**63)
+                  and math.prod(info["shape"]) < 2**63 and not _wraps(info["shape"]))
         except (KeyError, TypeError):
             ok = False
         if not ok:
@@ -212,7 +214,8 @@ def _first_bad(header: dict) -> str:
                 return f"tensor {name!r} has dtype {dtype!r}, which is not a safetensors dtype; the header is corrupted"
             try:
                 huge = any(type(x) is int and x >= 2**63 for x in chain(info["shape"], info["data_offsets"]))
-                huge = huge or math.prod(info["shape"]) >= 2**63
+                ints = all(type(s) is int and s >= 0 for s in info["shape"])  # no str * int repetition
+                huge = huge or (ints and (math.prod(info["shape"]) >= 2**63 or _wraps(info["shape"])))
             except (KeyError, TypeError):
                 huge = False
             if huge:
@@ -221,6 +224,21 @@ def _first_bad(header: dict) -> str:
             return f"header entry {name!r} is malformed (needs dtype, a shape of non-negative integers and two " \
                    f"non-negative integer data_offsets): {_short(info)}"
     return "the header is malformed"
+
+
+def _has_zero(shape: tuple) -> bool:
+    return 0 in shape
+
+
+def _wraps(shape) -> bool:
+    """Whether a running product of ``shape`` leaves 64 bits, which the safetensors library rejects
+    ("overflow computing buffer size") even when a later 0 makes the product 0."""
+    p = 1
+    for s in shape:
+        p *= s
+        if p >= 2**64:
+            return True
+    return False
 
 
 def _short(info: object) -> str:
