@@ -56,7 +56,7 @@ class Histogram:
 
     @property
     def centers(self) -> np.ndarray:
-        return (self.edges[:-1] + self.edges[1:]) / 2
+        return self.edges[:-1] / 2 + self.edges[1:] / 2  # no overflow near the largest float
 
     @property
     def mode(self) -> float:
@@ -217,8 +217,51 @@ def _undefined(numel: int) -> dict[str, float]:
 
 
 def _edges(bins: int, rng: tuple[float, float] | None) -> np.ndarray:
-    """numpy's edges for ``bins`` over ``rng`` (widened by 0.5 each side when empty; (0, 1) if None)."""
-    return np.histogram_bin_edges(np.empty(0), bins=bins, range=rng).astype(np.float64)
+    """numpy's edges for ``bins`` over ``rng`` ((0, 1) if None), made usable for any finite range:
+    an empty or too narrow range (constant or adjacent values, where numpy raises "Too many bins")
+    is widened around its centre to ``bins`` steps of a few ulps; a range wider than the largest
+    float (``-max .. max``) gets its edges without overflow."""
+    if rng is None:
+        rng = (0.0, 1.0)
+    lo, hi = float(rng[0]), float(rng[1])
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"histogram range must be finite, got {rng!r}")
+    if lo > hi:
+        raise ValueError(f"histogram range must have min <= max, got {rng!r}")
+    if lo == hi:  # numpy's convention for an empty range
+        lo, hi = lo - 0.5, hi + 0.5
+    mag = max(abs(lo), abs(hi))
+    min_width = bins * 8 * float(np.spacing(mag))  # every step spans several ulps: edges stay distinct
+    if hi - lo < min_width:
+        centre = lo / 2 + hi / 2
+        lo, hi = centre - min_width / 2, centre + min_width / 2
+        big = float(np.finfo(np.float64).max)
+        if hi > big:
+            lo, hi = big - min_width, big
+        elif lo < -big:
+            lo, hi = -big, -big + min_width
+    if math.isfinite(hi - lo):
+        with np.errstate(all="ignore"):
+            edges = np.histogram_bin_edges(np.empty(0), bins=bins, range=(lo, hi)).astype(np.float64)
+        if np.all(edges[:-1] < edges[1:]):
+            return edges
+    f = np.arange(bins + 1, dtype=np.float64) / bins
+    edges = lo * (1 - f) + hi * f  # finite even when hi - lo is not
+    edges[0], edges[-1] = lo, hi
+    return edges
+
+
+def _bin_counts(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Counts of ``x`` in ``edges`` (numpy's convention), through numpy's fast uniform path when the
+    width is finite, else by the edges themselves."""
+    lo, hi = float(edges[0]), float(edges[-1])
+    if math.isfinite(hi - lo):
+        with np.errstate(all="ignore"):
+            try:
+                return np.histogram(x, bins=len(edges) - 1, range=(lo, hi))[0]
+            except ValueError:
+                pass
+    return np.histogram(x, bins=edges)[0]
 
 
 def _empty_hist(bins: int, rng: tuple[float, float] | None, nan: float = 0, inf: float = 0) -> Histogram:
@@ -320,9 +363,17 @@ def _table_stats(values: np.ndarray, counts: np.ndarray) -> dict[str, float]:
 def _table_hist(values: np.ndarray, counts: np.ndarray, bins: int, rng: tuple[float, float] | None) -> Histogram:
     keep = np.isfinite(values) & (counts > 0)
     v, c = values[keep], counts[keep]
-    binned, edges = np.histogram(v, bins=bins, range=rng, weights=c.astype(np.float64))
+    if rng is None:
+        rng = (float(v.min()), float(v.max())) if len(v) else None
+    edges = _edges(bins, rng)
+    lo, hi = float(edges[0]), float(edges[-1])
+    if math.isfinite(hi - lo):
+        with np.errstate(all="ignore"):
+            binned = np.histogram(v, bins=bins, range=(lo, hi), weights=c.astype(np.float64))[0]
+    else:
+        binned = np.histogram(v, bins=edges, weights=c.astype(np.float64))[0]
     binned = np.rint(binned).astype(np.int64)
-    return Histogram(binned, edges.astype(np.float64), int(counts[np.isnan(values)].sum()),
+    return Histogram(binned, edges, int(counts[np.isnan(values)].sum()),
                      int(counts[np.isinf(values)].sum()), int(c.sum() - binned.sum()))
 
 
@@ -377,6 +428,7 @@ def _wide_pass(t: torch.Tensor, chunk_bytes: int, tick: Tick | None, *, bins: in
     centred = torch.empty_like(buf) if moments else buf
     acc = _Moments()
     counts = np.zeros(bins, np.int64) if bins else None
+    edges = _edges(bins, rng) if bins else None
     for block in _blocks(t, n_block):
         if tick:
             tick(block.numel() * size)
@@ -402,5 +454,5 @@ def _wide_pass(t: torch.Tensor, chunk_bytes: int, tick: Tick | None, *, bins: in
             acc.lo, acc.hi = min(acc.lo, float(lo)), max(acc.hi, float(hi))
             acc.zeros += n - int(torch.count_nonzero(w))
         if counts is not None:  # numpy's uniform-bins path; NaN and Inf fall outside any finite range
-            counts += np.histogram(x.cpu().numpy(), bins=bins, range=rng)[0]
+            counts += _bin_counts(x.cpu().numpy(), edges)
     return (acc.stats(t.numel()) if moments else None), counts

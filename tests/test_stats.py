@@ -315,3 +315,52 @@ def test_memory_stays_bounded_on_memory_mapped_files(tmp_path):
     assert math.isclose(f32["mean"], tensor_stats(block32)["mean"], rel_tol=1e-9)
     assert bf16["growth_mb"] < 64, bf16
     assert f32["growth_mb"] < 48, f32
+
+
+# ---- constant and extremely narrow data (numpy's "Too many bins") --------------------------------
+NARROW = {
+    "const_1e15": torch.full((6, 5), 1e15),
+    "adjacent_f64": torch.tensor([1.0, float(np.nextafter(1.0, 2.0))], dtype=torch.float64),
+    "const_bf16_1e20": torch.full((7,), 1e20, dtype=torch.bfloat16),
+    "const_1e15_nan_inf": torch.tensor([1e15, 1e15, math.inf, -math.inf, math.nan]),
+    "bf16_1e20_nan_inf": torch.tensor([1e20, 1e20, math.inf, math.nan], dtype=torch.bfloat16),
+    "adjacent_1e300": torch.tensor([1e300, float(np.nextafter(1e300, 2e300))], dtype=torch.float64),
+    "full_f64_range": torch.tensor([-1.7e308, 0.0, 1.7e308], dtype=torch.float64),
+    "f32_max": torch.full((3,), float(torch.finfo(torch.float32).max)),
+}
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_histogram_of_constant_and_adjacent_values_from_real_files(tmp_path, fmt):
+    from safetensors.torch import save_file
+
+    from ckptviz.plots import histogram_figure, overlay_and_difference_figure
+
+    path = tmp_path / f"narrow.{fmt}"
+    if fmt == "pt":
+        torch.save(NARROW, path)
+    else:
+        save_file(NARROW, str(path))
+    ck = cv.open_checkpoint(path)
+    for key, t in NARROW.items():
+        h = ck.histogram(key)
+        ref = values64(t)
+        finite = ref[torch.isfinite(ref)].numpy()
+        assert h.bins == 64, key
+        assert np.all(np.isfinite(h.edges)) and np.all(h.edges[:-1] < h.edges[1:]), key
+        assert h.edges[0] <= finite.min() and finite.max() <= h.edges[-1], key
+        assert h.total == finite.size and h.outside == 0, key
+        assert h.nan == int(torch.isnan(ref).sum()) and h.inf == int(torch.isinf(ref).sum()), key
+        assert np.array_equal(h.counts, np.histogram(finite, bins=h.edges)[0]), key
+        assert np.all(np.isfinite(h.centers)) and math.isfinite(h.mode), key
+        if finite.min() == finite.max():  # a constant: one bin holds every value
+            assert np.count_nonzero(h.counts) == 1, key
+        # an explicit degenerate range, and the figures that draw them
+        assert ck.histogram(key, range=(float(finite[0]), float(finite[0]))).bins == 64
+        histogram_figure({"checkpoint": h, "model": histogram(t)}, log=True)
+        overlay_and_difference_figure(h, h, histogram(t.to(torch.float64) - t.to(torch.float64)))
+
+
+def test_histogram_range_must_be_finite():
+    with pytest.raises(ValueError, match="finite"):
+        histogram(torch.ones(3), range=(0.0, math.inf))

@@ -22,7 +22,7 @@ def sniff(path: str) -> str:
         return "torch-zip"
     if head[:2] == b"\x80\x02" and head[2:4] == b"\x8a\x0a":
         return "torch-legacy"
-    if len(head) >= 9 and head[8:9] == b"{":
+    if len(head) >= 9 and head[8:9] in (b"{", b"["):  # a JSON header (an array one is then rejected as corrupt)
         (n,) = struct.unpack("<Q", head[:8])
         if 2 <= n <= 100_000_000:
             return "safetensors"
