@@ -21,8 +21,9 @@ def _check_views(roots, views, limits: dict, offsets: dict) -> None:
     for ref in (*roots, *views):
         end = offsets.get(ref.key, 0) + ref.byte_offset + ref.nbytes
         if ref.key not in limits or end > limits[ref.key]:
-            raise EOFError(f"storage {ref.key} (view at element offset {ref.byte_offset // max(1, element_size(ref.dtype))}"
-                           f", {ref.numel} elements) lies past the end of its root storage; torch.load refuses it")
+            at = ref.byte_offset // max(1, element_size(ref.dtype))
+            raise EOFError(f"storage {ref.key} (view at element offset {at}, {ref.numel} elements) lies past the "
+                           "end of its root storage; torch.load refuses it")
 
 
 def read_torch_legacy(path: str) -> RawCheckpoint:
