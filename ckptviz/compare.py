@@ -151,13 +151,28 @@ def _row_style(row: pd.Series) -> str:
     return style + "; color: #b00020; font-weight: bold" if row.get("nonfinite") is True else style
 
 
+def _refuse_lazy(live: dict[str, torch.Tensor]) -> None:
+    """Raise a clear error if the model still has uninitialized lazy parameters (``nn.LazyLinear``...)."""
+    lazy = [k for k, t in live.items() if isinstance(t, nn.parameter.UninitializedTensorMixin)]
+    if lazy:
+        raise ModelError(
+            f"the model has {len(lazy)} uninitialized lazy parameter(s) or buffer(s) ({', '.join(lazy[:5])}; "
+            "from nn.LazyLinear, nn.LazyConv2d, ...): they have no shape yet to compare with the checkpoint. "
+            "Run one forward pass with a sample input first (model(x)) so their shapes exist, then compare again."
+        )
+
+
 class _ModelColumns:
     """The model side of the frame, read once per :func:`compare` (and reused for every section)."""
 
     def __init__(self, live: dict[str, torch.Tensor]):
         tensors = list(live.values())
         self.keys = list(live)
-        self.shape = _objects(map(tuple, map(operator.attrgetter("shape"), tensors)), len(tensors))
+        try:
+            self.shape = _objects(map(tuple, map(operator.attrgetter("shape"), tensors)), len(tensors))
+        except RuntimeError:
+            _refuse_lazy(live)
+            raise
         self.dtype = _named(list(map(operator.attrgetter("dtype"), tensors)), dtype_name)
         self.device = _named(list(map(operator.attrgetter("device"), tensors)), str)
 

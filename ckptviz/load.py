@@ -297,14 +297,17 @@ def _copy_into(live: dict[str, torch.Tensor], sources: dict[str, torch.Tensor],
         what = f"copying {written[-1]!r} into the model failed ({type(e).__name__}: {e})" if written else (
             f"loading failed before the first copy ({type(e).__name__}: {e})")
         if backup is None:
-            if not isinstance(e, Exception):
+            done = (f"{len(written) - 1} tensor(s) before it were loaded ({written[:-1][:5]}); "
+                    "load with undo=True (the default) for an all-or-nothing load.")
+            if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: let it through, say what happened
+                e.add_note(f"ckptviz: load_partial was interrupted: {done}")
                 raise
-            raise LoadError(
-                f"{what}. {len(written) - 1} tensor(s) before it were loaded ({written[:-1][:5]}); "
-                "load with undo=True (the default) for an all-or-nothing load."
-            ) from e
+            raise LoadError(f"{what}. {done}") from e
         failed = backup.restore()
-        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: the model is back, let it through
+        if not isinstance(e, Exception):  # the model is back (or says it is not): let the interrupt through
+            e.add_note("ckptviz: load_partial was interrupted; " + (
+                f"restoring the model FAILED for {len(failed)} storage(s): {'; '.join(failed[:3])}" if failed else
+                "the model was restored to exactly its previous values, nothing was loaded."))
             raise
         if failed:
             raise LoadError(f"{what}. Restoring the model failed for {len(failed)} storage(s) "
@@ -464,6 +467,7 @@ def _apply(steps: list[tuple[_Group, torch.Tensor, str]]) -> list[_Assigned]:
     except BaseException as e:
         _revert(done)
         if not isinstance(e, Exception):
+            e.add_note("ckptviz: the assign load was interrupted; the model holds exactly the tensors it had.")
             raise
         raise LoadError(f"assigning {g.keys[0]!r} failed ({type(e).__name__}: {e}). The model was restored: "
                         "it holds exactly the tensors it had; nothing was loaded.") from e
