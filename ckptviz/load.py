@@ -154,10 +154,27 @@ class _StorageBackup:
     Parameters over one storage, tied weights and a buffer that views a weight are saved and put back
     once, whole), with the storage objects themselves to write them back into."""
 
-    __slots__ = ("saved",)
+    __slots__ = ("saved", "swapped")
 
     def __init__(self):
         self.saved: dict[tuple[str, int], tuple[torch.UntypedStorage, torch.UntypedStorage]] = {}
+        # model tensors given fresh storage (their old one kept whole, untouched, as the undo copy)
+        self.swapped: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    def swap_in(self, dst: torch.Tensor, src: torch.Tensor) -> bool:
+        """Write ``src`` into fresh storage and give it to ``dst`` (keeping the old storage as the undo
+        copy: one write instead of a backup copy plus a write), if ``dst`` alone uses its storage."""
+        if id(dst) in self.swapped:
+            dst.copy_(src)  # a tied key of a tensor already given fresh storage by this load
+            return True
+        if not _exclusive(dst):
+            return False
+        new = torch.empty(dst.shape, dtype=dst.dtype, device=dst.device)
+        new.copy_(src)
+        old = dst.data
+        self.swapped[id(dst)] = (dst, old, new.data_ptr())
+        dst.data = new
+        return True
 
     def keep(self, dst: torch.Tensor) -> None:
         """Save ``dst``'s whole storage, unless it (or a tensor sharing it) was saved already."""
@@ -168,6 +185,11 @@ class _StorageBackup:
 
     def changed(self, live: dict[str, torch.Tensor]) -> list[str]:
         """Model keys whose storage is no longer one this backup can write back into whole."""
+        objs = {id(t) for t in live.values()}
+        moved = [f"{tuple(t.shape)} tensor given other memory" for oid, (t, _, ptr) in self.swapped.items()
+                 if oid not in objs or t.data_ptr() != ptr]
+        if moved:
+            return moved
         held = {(str(t.untyped_storage().device), t.untyped_storage().data_ptr()): t.untyped_storage().nbytes()
                 for t in live.values() if not t.is_meta}
         return [f"storage at {ptr:#x}" for (dev, ptr), (st, old) in self.saved.items()
@@ -176,6 +198,11 @@ class _StorageBackup:
     def restore(self) -> list[str]:
         """Write every saved storage back; returns the ones that could not be written (empty: all were)."""
         failed = []
+        for t, old, _ in self.swapped.values():
+            try:
+                t.data = old
+            except BaseException as e:  # noqa: BLE001 - keep restoring the others, then say which failed
+                failed.append(f"a {tuple(t.shape)} tensor ({type(e).__name__}: {e})")
         for (dev, ptr), (st, old) in self.saved.items():
             try:
                 st.copy_(old)
@@ -184,7 +211,20 @@ class _StorageBackup:
         return failed
 
     def clear(self) -> None:
-        self.saved = {}
+        self.saved, self.swapped = {}, {}
+
+
+def _exclusive(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a plain, dense, contiguous tensor (or Parameter) that alone uses its whole
+    storage, so replacing the storage changes nothing any other tensor sees."""
+    if type(t) not in (torch.Tensor, nn.Parameter) or t.is_meta or t.layout != torch.strided:
+        return False
+    if t.is_inference() or not t.is_contiguous() or t.storage_offset() != 0:
+        return False
+    st = t.untyped_storage()
+    if st.nbytes() != t.numel() * t.element_size():
+        return False
+    return torch._C._storage_Use_Count(st._cdata) <= 2  # ``t`` itself and ``st`` here
 
 
 def _undo_assign(live: dict[str, torch.Tensor], done: list[_Assigned]) -> None:
@@ -277,7 +317,7 @@ def load_partial(model: nn.Module, report: Report, *, keys: Iterable[str] | None
 
 
 def _copy_into(live: dict[str, torch.Tensor], sources: dict[str, torch.Tensor],
-               undo: bool) -> _StorageBackup | None:
+               undo: bool, swap: bool = True) -> _StorageBackup | None:
     """Copy each source into its model tensor; on any failure or interrupt (``BaseException``:
     Ctrl-C included) write every touched storage back (with ``undo``) and re-raise. Returns the backup."""
     backup = _StorageBackup() if undo else None
@@ -288,10 +328,12 @@ def _copy_into(live: dict[str, torch.Tensor], sources: dict[str, torch.Tensor],
                                    disable=total < PROGRESS_BYTES) as bar:
             for key, src in sources.items():
                 dst = live[key]
-                if backup is not None:
-                    backup.keep(dst)
                 written.append(key)
-                dst.copy_(src)
+                if backup is not None and not (swap and backup.swap_in(dst, src)):
+                    backup.keep(dst)
+                    dst.copy_(src)
+                elif backup is None:
+                    dst.copy_(src)
                 bar.update(src.numel() * src.element_size())
     except BaseException as e:
         what = f"copying {written[-1]!r} into the model failed ({type(e).__name__}: {e})" if written else (
