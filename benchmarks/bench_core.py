@@ -341,6 +341,24 @@ def verdict(ratio: float, target: float) -> str:
     return "PASS" if ratio <= target else "MISS"
 
 
+def only_load(args: argparse.Namespace) -> None:
+    """The load rows alone: compare + load_partial (default undo) vs load_state_dict, and peak RSS."""
+    layers = layers_for(args.size_gb)
+    path = build_checkpoint(layers)
+    print(f"checkpoint: {path} ({path.stat().st_size / 1e9:.2f} GB, {layers} layers), repeats={args.repeats}")
+    warm_page_cache(path)
+    ld = bench_load(path, layers, args.repeats)
+    med = {name: statistics.median(ts) for name, ts in ld.items()}
+    for label, ck, base, target in (("d. load_partial, with undo (default)", "ckv_load", "base_load", None),
+                                    ("d. load_partial(undo=False)", "ckv_fast", "base_load", None),
+                                    ("d. open + compare + load_partial (total)", "ckv_total", "base_total", 2.0)):
+        ratio = med[ck] / med[base]
+        res = verdict(ratio, target) if target else "info"
+        print(f"{label:<42} {med[ck]:>10.4f} {med[base]:>10.4f} {ratio:>6.2f}x  {res}")
+    for mode in ("ckptviz-load", "torch-load"):
+        print(f"peak RSS growth, {mode}: {measure_rss(path, layers, mode)['growth'] / MB:.1f} MB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-gb", type=float, default=1.25, help="approximate checkpoint size (default 1.25)")
@@ -348,9 +366,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--rss-child", choices=RSS_MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--only-load", action="store_true",
+                        help="run only the load rows (d) and their RSS (for a busy machine)")
     args = parser.parse_args()
     if args.rss_child:
         rss_child(args.path, args.layers, args.rss_child)
+        return
+    if args.only_load:
+        only_load(args)
         return
 
     layers = layers_for(args.size_gb)

@@ -59,7 +59,7 @@ class LoadResult:
     (``still_meta``) the model's tensors that are still on the meta device after the load."""
 
     def __init__(self, model: nn.Module, report: Report, loaded: list[str], skipped: dict[str, str],
-                 backup: dict[str, torch.Tensor] | list[_Assigned] | None, *, assign: bool = False,
+                 backup: _StorageBackup | list[_Assigned] | None, *, assign: bool = False,
                  device: str | None = None):
         self._model = weakref.ref(model)
         self._backup = backup
@@ -109,13 +109,19 @@ class LoadResult:
         if isinstance(self._backup, list):
             _undo_assign(live, self._backup)
         else:
-            changed = [k for k, b in self._backup.items() if k not in live or live[k].shape != b.shape]
+            changed = self._backup.changed(live)
             if changed:
-                raise LoadError(f"cannot undo: the model changed since the load (keys {changed[:5]}); "
-                                "nothing was restored")
-            _restore(live, self._backup)
+                raise LoadError(f"cannot undo: the model no longer holds the storages this load wrote to "
+                                f"({changed[:5]}; e.g. a parameter was replaced or resized); nothing was restored")
+            failed = self._backup.restore()
+            if failed:
+                raise LoadError(f"undo could not write back {len(failed)} storage(s) ({'; '.join(failed[:3])}); "
+                                "the model is only partly restored")
         self.undone = True
-        self._backup = [] if isinstance(self._backup, list) else {}
+        if isinstance(self._backup, list):
+            self._backup = []
+        else:
+            self._backup.clear()
 
     def __repr__(self) -> str:
         meta = f", still_meta={len(self.still_meta)}" if self.still_meta or self.assign else ""
@@ -143,19 +149,82 @@ class LoadResult:
                 f"{styled.to_html()}</div>")
 
 
-def _restore(live: dict[str, torch.Tensor], backup: dict[str, torch.Tensor], keys: list[str] | None = None) -> None:
-    """Copy backups back; with ``keys`` (a failed load), only into tensors that were written to.
-    Backups hold the bytes from before any write, so tensors sharing memory restore in any order."""
-    if keys is None:
-        keys = list(backup)
-    by_tensor = {id(live[k]): b for k, b in backup.items()}
-    with torch.no_grad():
-        for i, k in enumerate(keys):
+class _StorageBackup:
+    """The bytes of every model storage a copying load wrote to, saved once per storage (so two
+    Parameters over one storage, tied weights and a buffer that views a weight are saved and put back
+    once, whole), with the storage objects themselves to write them back into."""
+
+    __slots__ = ("saved", "swapped")
+
+    def __init__(self):
+        self.saved: dict[tuple[str, int], tuple[torch.UntypedStorage, torch.UntypedStorage]] = {}
+        # model tensors given fresh storage (their old one kept whole, untouched, as the undo copy)
+        self.swapped: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    def swap_in(self, dst: torch.Tensor, src: torch.Tensor) -> bool:
+        """Write ``src`` into fresh storage and give it to ``dst`` (keeping the old storage as the undo
+        copy: one write instead of a backup copy plus a write), if ``dst`` alone uses its storage."""
+        if id(dst) in self.swapped:
+            dst.copy_(src)  # a tied key of a tensor already given fresh storage by this load
+            return True
+        if not _exclusive(dst):
+            return False
+        new = torch.empty(dst.shape, dtype=dst.dtype, device=dst.device)
+        new.copy_(src)
+        old = dst.data
+        self.swapped[id(dst)] = (dst, old, new.data_ptr())
+        dst.data = new
+        return True
+
+    def keep(self, dst: torch.Tensor) -> None:
+        """Save ``dst``'s whole storage, unless it (or a tensor sharing it) was saved already."""
+        st = dst.untyped_storage()
+        where = (str(st.device), st.data_ptr())
+        if where not in self.saved:
+            self.saved[where] = (st, st.clone())
+
+    def changed(self, live: dict[str, torch.Tensor]) -> list[str]:
+        """Model keys whose storage is no longer one this backup can write back into whole."""
+        objs = {id(t) for t in live.values()}
+        moved = [f"{tuple(t.shape)} tensor given other memory" for oid, (t, _, ptr) in self.swapped.items()
+                 if oid not in objs or t.data_ptr() != ptr]
+        if moved:
+            return moved
+        held = {(str(t.untyped_storage().device), t.untyped_storage().data_ptr()): t.untyped_storage().nbytes()
+                for t in live.values() if not t.is_meta}
+        return [f"storage at {ptr:#x}" for (dev, ptr), (st, old) in self.saved.items()
+                if held.get((dev, ptr)) != old.nbytes() or st.nbytes() != old.nbytes()]
+
+    def restore(self) -> list[str]:
+        """Write every saved storage back; returns the ones that could not be written (empty: all were)."""
+        failed = []
+        for t, old, _ in self.swapped.values():
             try:
-                live[k].copy_(by_tensor[id(live[k])])
-            except RuntimeError:
-                if i != len(keys) - 1:  # the tensor whose copy failed may refuse writes altogether
-                    raise
+                t.data = old
+            except BaseException as e:  # noqa: BLE001 - keep restoring the others, then say which failed
+                failed.append(f"a {tuple(t.shape)} tensor ({type(e).__name__}: {e})")
+        for (dev, ptr), (st, old) in self.saved.items():
+            try:
+                st.copy_(old)
+            except BaseException as e:  # noqa: BLE001 - keep restoring the others, then say which failed
+                failed.append(f"storage at {ptr:#x} on {dev} ({type(e).__name__}: {e})")
+        return failed
+
+    def clear(self) -> None:
+        self.saved, self.swapped = {}, {}
+
+
+def _exclusive(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a plain, dense, contiguous tensor (or Parameter) that alone uses its whole
+    storage, so replacing the storage changes nothing any other tensor sees."""
+    if type(t) not in (torch.Tensor, nn.Parameter) or t.is_meta or t.layout != torch.strided:
+        return False
+    if t.is_inference() or not t.is_contiguous() or t.storage_offset() != 0:
+        return False
+    st = t.untyped_storage()
+    if st.nbytes() != t.numel() * t.element_size():
+        return False
+    return torch._C._storage_Use_Count(st._cdata) <= 2  # ``t`` itself and ``st`` here
 
 
 def _undo_assign(live: dict[str, torch.Tensor], done: list[_Assigned]) -> None:
@@ -248,29 +317,23 @@ def load_partial(model: nn.Module, report: Report, *, keys: Iterable[str] | None
 
 
 def _copy_into(live: dict[str, torch.Tensor], sources: dict[str, torch.Tensor],
-               undo: bool) -> dict[str, torch.Tensor] | None:
-    """Copy each source into its model tensor; restore on failure (with ``undo``). Returns the backup.
-
-    Every backup is taken before the first write: model tensors that share memory (tied weights,
-    ``nn.Parameter(other.data)``, a buffer viewing a weight) are then all backed up with their old
-    bytes, whatever order they are written in. Any exception, ``KeyboardInterrupt`` included, restores
-    the model before it propagates."""
-    backup: dict[str, torch.Tensor] | None = {} if undo else None
+               undo: bool, swap: bool = True) -> _StorageBackup | None:
+    """Copy each source into its model tensor; on any failure or interrupt (``BaseException``:
+    Ctrl-C included) write every touched storage back (with ``undo``) and re-raise. Returns the backup."""
+    backup = _StorageBackup() if undo else None
     total = sum(t.numel() * t.element_size() for t in sources.values())
     written: list[str] = []
     try:
         with torch.no_grad(), tqdm(total=total, unit="B", unit_scale=True, desc="loading",
                                    disable=total < PROGRESS_BYTES) as bar:
-            if backup is not None:
-                seen: set[int] = set()
-                for key in sources:
-                    dst = live[key]
-                    if id(dst) not in seen:  # tied weights are backed up once
-                        seen.add(id(dst))
-                        backup[key] = dst.detach().clone()
             for key, src in sources.items():
+                dst = live[key]
                 written.append(key)
-                live[key].copy_(src)
+                if backup is not None and not (swap and backup.swap_in(dst, src)):
+                    backup.keep(dst)
+                    dst.copy_(src)
+                elif backup is None:
+                    dst.copy_(src)
                 bar.update(src.numel() * src.element_size())
     except BaseException as e:
         what = f"copying {written[-1]!r} into the model failed ({type(e).__name__}: {e})" if written else (
@@ -282,11 +345,15 @@ def _copy_into(live: dict[str, torch.Tensor], sources: dict[str, torch.Tensor],
                 e.add_note(f"ckptviz: load_partial was interrupted: {done}")
                 raise
             raise LoadError(f"{what}. {done}") from e
-        _restore(live, backup, written)
-        if not isinstance(e, Exception):
-            e.add_note("ckptviz: load_partial was interrupted; the model was restored to exactly its previous "
-                       "values, nothing was loaded.")
+        failed = backup.restore()
+        if not isinstance(e, Exception):  # the model is back (or says it is not): let the interrupt through
+            e.add_note("ckptviz: load_partial was interrupted; " + (
+                f"restoring the model FAILED for {len(failed)} storage(s): {'; '.join(failed[:3])}" if failed else
+                "the model was restored to exactly its previous values, nothing was loaded."))
             raise
+        if failed:
+            raise LoadError(f"{what}. Restoring the model failed for {len(failed)} storage(s) "
+                            f"({'; '.join(failed[:3])}): the model is NOT as it was") from e
         raise LoadError(f"{what}. The model was restored to exactly its previous values; nothing was loaded.") from e
     return backup
 
@@ -434,9 +501,8 @@ def _apply(steps: list[tuple[_Group, torch.Tensor, str]]) -> list[_Assigned]:
     try:
         for g, new, how in steps:
             if how == "data":
-                old = g.dst.data
+                done.append(_Assigned(g.keys, g.dst, g.dst.data, how))  # first: an interrupt cannot skip it
                 g.dst.data = new
-                done.append(_Assigned(g.keys, g.dst, old, how))
             else:
                 torch.utils.swap_tensors(g.dst, new)
                 done.append(_Assigned(g.keys, g.dst, new, how))  # ``new`` now holds the previous contents
