@@ -217,8 +217,8 @@ class _StorageBackup:
 def _exclusive(t: torch.Tensor) -> bool:
     """Whether ``t`` is a plain, dense, contiguous tensor (or Parameter) that alone uses its whole
     storage, so replacing the storage changes nothing any other tensor sees."""
-    if type(t) not in (torch.Tensor, nn.Parameter) or t.is_meta or t.layout != torch.strided:
-        return False
+    if type(t) not in (torch.Tensor, nn.Parameter) or t.device.type != "cpu" or t.layout != torch.strided:
+        return False  # accelerator tensors keep their addresses (CUDA graphs capture them)
     if t.is_inference() or not t.is_contiguous() or t.storage_offset() != 0:
         return False
     st = t.untyped_storage()
