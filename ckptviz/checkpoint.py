@@ -26,7 +26,7 @@ from .errors import (
 )
 from .readers import RawCheckpoint, read
 from .readers._gc import paused_gc
-from .readers.mapped import Reads, file_stamp, read_into, read_tensor
+from .readers.mapped import Reads, file_stamp, read_into, read_shared, read_tensor
 from .readers.pickle_reader import OpaqueTensor, Stub
 from .readers.records import (
     TENSOR_COLUMNS,
@@ -231,7 +231,18 @@ class Checkpoint:
         """``{key: tensor}`` for some keys of a section, read as :meth:`state_dict` reads them."""
         entries = self._section(section)
         reads = Reads(copy)
-        return {k: self._value(entries[k], reads) for k in keys}
+        records = {k: entries[k] for k in keys}
+        out = {k: self._value(v, reads) for k, v in records.items() if not copy or not _stored(v)}
+        by_storage: dict[tuple, list[str]] = {}
+        for k, v in records.items():
+            if k not in out:
+                by_storage.setdefault((id(v.storage.source), v.storage.key, v.storage.byte_offset), []).append(k)
+        for group in by_storage.values():  # tensors over one storage share one owned buffer, as saved
+            refs = [records[k] for k in group]
+            got = [self._value(refs[0], reads)] if len(refs) == 1 else self._guard(
+                lambda refs=refs: read_shared(refs), refs[0].storage.source.path)
+            out.update(zip(group, got))
+        return {k: out[k] for k in records}
 
     def __reduce__(self):
         """A file-backed checkpoint pickles as "open this path again" (for executors in other processes)."""
@@ -362,6 +373,11 @@ def _reopen(path: str, trust: bool) -> Checkpoint:
             _REOPENED.clear()
         _REOPENED[(path, trust)] = ck
     return ck
+
+
+def _stored(v: Any) -> bool:
+    """Whether ``v`` is a record of bytes in a file (not a real tensor, a chunked record or a meta one)."""
+    return type(v) is TensorRef and v.storage is not None and v.storage.source is not None
 
 
 def _path_of(ref: Any) -> str | None:

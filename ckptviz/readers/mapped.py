@@ -335,6 +335,26 @@ def read_tensor(ref: TensorRef, copy: bool = True) -> torch.Tensor:
     return buf.as_strided(ref.shape, ref.stride)
 
 
+def read_shared(refs: list[TensorRef]) -> list[torch.Tensor]:
+    """The values of several records over ONE storage (tied weights, views of one flat buffer), read in
+    one pass over the bytes they span into one owned buffer, so that they share memory as the saved
+    tensors did (as ``torch.load`` gives them)."""
+    source = refs[0].storage.source
+    spans = []
+    for r in refs:
+        item = element_size(r.dtype)
+        first, count = _extent(r) if r.numel else (r.offset, 0)
+        spans.append((_start(r, first), _start(r, first) + count * item, item))
+    lo, hi = min(s[0] for s in spans), max(s[1] for s in spans)
+    if any((a - lo) % item for a, _, item in spans) or hi <= lo:
+        return [read_tensor(r) for r in refs]
+    buf = torch.empty(hi - lo, dtype=torch.uint8)
+    source.readinto(lo, buf)
+    whole = buf.untyped_storage()
+    return [torch.empty((0,), dtype=r.dtype).set_(whole, (a - lo) // item, r.shape, r.stride)
+            for r, (a, _, item) in zip(refs, spans)]
+
+
 def read_into(ref: TensorRef, out: torch.Tensor) -> None:
     """Write ``ref``'s values into ``out`` (same shape): straight from the file when both are dense and
     of one dtype, else read then copied."""
