@@ -26,7 +26,7 @@ from .errors import (
 )
 from .readers import RawCheckpoint, read
 from .readers._gc import paused_gc
-from .readers.mapped import file_stamp, materialize
+from .readers.mapped import Reads, file_stamp, read_into, read_shared, read_tensor
 from .readers.pickle_reader import OpaqueTensor, Stub
 from .readers.records import (
     TENSOR_COLUMNS,
@@ -45,8 +45,12 @@ __all__ = ["TENSOR_COLUMNS", "Checkpoint", "as_checkpoint", "dtype_name", "human
 class Checkpoint:
     """A lazily read checkpoint: its format, sections, metadata and tensors.
 
-    Listing tensors reads no tensor data; ``state_dict()`` returns tensors backed by a private
-    memory map of the file, so only what is touched is read, and nothing is ever written back.
+    Listing tensors reads no tensor data. Values are read when asked for, by default into memory of
+    their own (``copy=True``): such a tensor stays valid whatever later happens to the file, and a file
+    changed on disk since it was opened raises :class:`CorruptCheckpointError` instead of giving bytes
+    of the new file read through the old layout. ``copy=False`` gives views of one private (copy-on-
+    write) map per file instead: nothing is read until touched, but a file truncated under the map
+    faults (SIGBUS) when a view past its new end is read; use it only on files nothing is writing.
     """
 
     def __init__(self, path: str | None, format: str, root: Any, raw: RawCheckpoint | None = None,
@@ -139,21 +143,43 @@ class Checkpoint:
         that holds it. Reads no tensor data."""
         return self._section(section).frame()
 
-    def tensor(self, key: str, section: str | None = None, *, copy: bool = False) -> torch.Tensor:
-        """The value of one tensor, on the CPU (memory-mapped where the container allows; ``copy=True``:
-        read into memory of its own, see :meth:`state_dict`)."""
+    def tensor(self, key: str, section: str | None = None, *, copy: bool = True) -> torch.Tensor:
+        """The value of one tensor, on the CPU: read into memory of its own (``copy=True``), or a view of
+        the file's shared private map (``copy=False``, see the class docstring)."""
         entries = self._section(section)
         if key not in entries:
             raise SectionError(f"{self.path}: no tensor {key!r} in section {self.resolve(section)!r}")
-        return self._value(entries[key], copy=copy)
+        return self._value(entries[key], Reads(copy))
 
-    def state_dict(self, section: str | None = None, *, copy: bool = False) -> dict[str, torch.Tensor]:
-        """``{key: tensor}`` for a section; tensors are views of private maps of the files (one map
-        per file, made when its first tensor is read): no RAM up front, but a file truncated or
-        rewritten in place later can change or fault them. ``copy=True`` gives every tensor memory of its
-        own, safe to keep while the file is re-saved: single files and shards are read with ``pread``
-        (no map); tensors assembled from chunks (DCP, ZeRO) are still copied out of their maps."""
+    def state_dict(self, section: str | None = None, *, copy: bool = True) -> dict[str, torch.Tensor]:
+        """``{key: tensor}`` for a section: each read into memory of its own (``copy=True``, safe to hold
+        while the file is re-saved), or views of one private map per file (``copy=False``)."""
         return self.values(self._section(section), section, copy=copy)
+
+    def read_into(self, key: str, out: torch.Tensor, section: str | None = None) -> None:
+        """Write tensor ``key``'s values into ``out``, a CPU tensor of its shape and dtype (contiguous or
+        not): read from the file straight into ``out`` where the bytes allow, else read then copied.
+        Raises :class:`CorruptCheckpointError` if the file changed since it was opened."""
+        entries = self._section(section)
+        if key not in entries:
+            raise SectionError(f"{self.path}: no tensor {key!r} in section {self.resolve(section)!r}")
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"read_into needs a torch.Tensor to write into, got {type(out).__name__}")
+        v = entries[key]
+        shape, dtype = (tuple(v.shape), v.dtype)
+        if tuple(out.shape) != shape or out.dtype != dtype or out.device.type != "cpu":
+            raise SectionError(
+                f"{self.path}: tensor {key!r} is {dtype_name(dtype)} of shape {list(shape)}; read_into got a "
+                f"{dtype_name(out.dtype)} tensor of shape {list(out.shape)} on {out.device}. Pass a CPU tensor of "
+                "the same shape and dtype (cast or move after reading)."
+            )
+        with torch.no_grad():
+            if isinstance(v, TensorRef) and v.storage is not None:
+                self._guard(lambda: read_into(v, out), v.storage.source.path)
+            elif isinstance(v, LazyRecord) and hasattr(v, "read_into"):
+                self._guard(lambda: v.read_into(out, Reads(True)), v.path or self.path)
+            else:
+                out.copy_(self._value(v, Reads(True)))
 
     def stats(self, section: str | None = None, *, progress: bool | None = None, executor: Any = None,
               tick: Callable[[float], None] | None = None) -> pd.DataFrame:
@@ -201,12 +227,22 @@ class Checkpoint:
         return run(fn, [(self, section, t, *args) for t in tasks], executor=executor, progress=progress,
                    sizes=[sum(nbytes[k] for k in t) for t in tasks], desc=desc, tick=tick)
 
-    def values(self, keys: Iterable[str], section: str | None = None, *,
-               copy: bool = False) -> dict[str, torch.Tensor]:
-        """``{key: tensor}`` for some keys of a section, sharing one map per file (see :meth:`state_dict`)."""
+    def values(self, keys: Iterable[str], section: str | None = None, *, copy: bool = True) -> dict[str, torch.Tensor]:
+        """``{key: tensor}`` for some keys of a section, read as :meth:`state_dict` reads them."""
         entries = self._section(section)
-        maps: dict[int, Any] = {}
-        return {k: self._value(entries[k], maps, copy) for k in keys}
+        reads = Reads(copy)
+        records = {k: entries[k] for k in keys}
+        out = {k: self._value(v, reads) for k, v in records.items() if not copy or not _stored(v)}
+        by_storage: dict[tuple, list[str]] = {}
+        for k, v in records.items():
+            if k not in out:
+                by_storage.setdefault((id(v.storage.source), v.storage.key, v.storage.byte_offset), []).append(k)
+        for group in by_storage.values():  # tensors over one storage share one owned buffer, as saved
+            refs = [records[k] for k in group]
+            got = [self._value(refs[0], reads)] if len(refs) == 1 else self._guard(
+                lambda refs=refs: read_shared(refs), refs[0].storage.source.path)
+            out.update(zip(group, got))
+        return {k: out[k] for k in records}
 
     def __reduce__(self):
         """A file-backed checkpoint pickles as "open this path again" (for executors in other processes)."""
@@ -225,7 +261,7 @@ class Checkpoint:
             raise SectionError(f"{self.path}: no tensor {key!r} in section {name!r}")
         ref = entries[key]
         where = _path_of(ref)
-        return CACHE.summarize(where, name, key, lambda: self._value(ref), bins, range=range)[1]
+        return CACHE.summarize(where, name, key, lambda: self._value(ref, Reads(True)), bins, range=range)[1]
 
     def _stamp(self) -> tuple | None:
         """Size and modification time of every file behind the checkpoint (None without files)."""
@@ -234,38 +270,32 @@ class Checkpoint:
         except OSError:
             return None
 
-    def _value(self, v: TensorRef | LazyRecord | torch.Tensor, maps: dict[int, Any] | None = None,
-               copy: bool = False) -> torch.Tensor:
-        """A tensor's value; ``maps`` shares one map per file across the reads of one call; ``copy``
-        reads into owned memory."""
+    def _value(self, v: TensorRef | LazyRecord | torch.Tensor, reads: Reads | None = None) -> torch.Tensor:
+        """A tensor's value, read as ``reads`` says (default: into memory of its own)."""
         if isinstance(v, torch.Tensor):
-            return v.clone() if copy else v
+            return v
+        reads = reads if reads is not None else Reads(True)
         if isinstance(v, LazyRecord):
-            try:
-                out = v.read(maps if maps is not None else {})
-                return out.clone() if copy else out
-            except CheckpointError:  # the record's own error, naming its file
-                raise
-            except (RuntimeError, OSError, ValueError) as e:
-                where = v.path or self.path
-                raise CorruptCheckpointError(f"{where}: could not read the bytes of a tensor ({e}).") from None
+            return self._guard(lambda: v.read(reads), v.path or self.path)
         source = v.storage.source if v.storage is not None else None
+        return self._guard(lambda: read_tensor(v, reads.copy), source.path if source is not None else self.path)
+
+    @staticmethod
+    def _guard(fn: Callable[[], Any], where: str | None) -> Any:
+        """``fn()``, with torch's and the OS's errors about bytes turned into CorruptCheckpointError."""
         try:
-            if source is None or copy:
-                return materialize(v, copy=copy)
-            if maps is None:
-                return materialize(v, source.map())
-            if id(source) not in maps:
-                maps[id(source)] = source.map()
-            return materialize(v, maps[id(source)])
+            return fn()
+        except CheckpointError:  # the reader's own error, naming its file
+            raise
         except (RuntimeError, OSError, ValueError) as e:
-            where = source.path if source is not None else self.path
             raise CorruptCheckpointError(f"{where}: could not read the bytes of a tensor ({e}).") from None
 
     def materialize(self, obj: Any) -> Any:
         """A deep copy of ``obj`` (part of this checkpoint's tree) with real, owned tensors."""
+        if isinstance(obj, torch.Tensor):
+            return obj.clone()
         if is_tensor(obj):
-            return self._value(obj).clone()
+            return self._value(obj)  # read into memory of its own
         if isinstance(obj, Stub):
             return {k: self.materialize(v) for k, v in obj.attributes().items()}
         if isinstance(obj, Mapping):
@@ -313,15 +343,20 @@ class Checkpoint:
 
 
 def _stats_task(ck: Checkpoint, section: str, keys: list[str]) -> pd.DataFrame:
-    from .stats import stats_frame
+    """``stats_frame`` of ``keys``, each tensor read into memory of its own and let go before the next
+    (so a task holds one tensor at a time, and a file changed under it raises instead of faulting)."""
+    from .stats import STATS_KEYS, tensor_stats
 
-    return stats_frame(ck.values(keys, section), progress=False)
+    entries, reads = ck._section(section), Reads(True)
+    rows = [tensor_stats(ck._value(entries[k], reads)) for k in keys]
+    return pd.DataFrame(rows, columns=list(STATS_KEYS), index=pd.Index(list(keys), name="key"), dtype="float64")
 
 
 def _histogram_task(ck: Checkpoint, section: str, keys: list[str], bins: int) -> dict:
     from .stats import histogram
 
-    return {k: histogram(t, bins) for k, t in ck.values(keys, section).items()}
+    entries, reads = ck._section(section), Reads(True)
+    return {k: histogram(ck._value(entries[k], reads), bins) for k in keys}
 
 
 _REOPENED: dict[tuple[str, bool], Checkpoint] = {}
@@ -338,6 +373,11 @@ def _reopen(path: str, trust: bool) -> Checkpoint:
             _REOPENED.clear()
         _REOPENED[(path, trust)] = ck
     return ck
+
+
+def _stored(v: Any) -> bool:
+    """Whether ``v`` is a record of bytes in a file (not a real tensor, a chunked record or a meta one)."""
+    return type(v) is TensorRef and v.storage is not None and v.storage.source is not None
 
 
 def _path_of(ref: Any) -> str | None:

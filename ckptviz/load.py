@@ -270,9 +270,9 @@ def _plan(report: Report, live: dict[str, torch.Tensor], keys: Iterable[str] | N
 
 
 def _sources(report: Report, plan: dict[str, str]) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors the plan reads, keyed by model key, through one map per file (an assign
-    load keeps its tensors' maps for the model's life: a map per tensor would pass vm.max_map_count)."""
-    entries = report.checkpoint.values(set(plan.values()), report.section)
+    """The checkpoint tensors the plan reads, keyed by model key: views of each file's one private map
+    (no RAM up front; an assign load keeps them as the model's tensors)."""
+    entries = report.checkpoint.values(set(plan.values()), report.section, copy=False)
     return {k: entries[c] for k, c in plan.items()}
 
 

@@ -250,11 +250,11 @@ def test_exclude_frozen_parameters(tmp_path):
 def test_consolidated_tensors_view_the_optimizer_file_at_world_size_1(tmp_path):
     write_deepspeed_checkpoint(tmp_path, tiny(), 2, 1)
     ck = open_ds(tmp_path)
-    sd = ck.state_dict("fp32")
+    sd = ck.state_dict("fp32", copy=False)
     a, b = sd["emb.weight"], sd["out.weight"]  # both in the one flat group of rank 0's file
     assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
     assert b.data_ptr() - a.data_ptr() == (11 * 5 + 7 * 5) * 4 + (7 + 7) * 4  # emb, lin.weight, bn.weight/bias
-    module = ck.state_dict("module")
+    module = ck.state_dict("module")  # copies, but tensors over one storage share one buffer, as saved
     assert module["emb.weight"].untyped_storage().data_ptr() == module["out.weight"].untyped_storage().data_ptr()
 
 
@@ -307,9 +307,13 @@ def test_open_reads_no_optimizer_file(tmp_path, stage):
     assert len(frame) == 8 and frame["numel"].sum() == sum(p.numel() for p in model.parameters())
     assert read < 200_000, read  # the model file's zip directory and pickle, nothing of the partitions
     assert not any(_mapped(p) for p in optim)
-    value = ck.tensor("0.weight", "fp32")
+    value = ck.tensor("0.weight", "fp32")  # read with pread: nothing mapped
     assert torch.equal(value, model[0].weight)
-    assert _mapped(optim[0]) == (stage == 2)  # ZeRO-2: a view of rank 0's partition; ZeRO-3: a copy of both ranks'
+    assert not any(_mapped(p) for p in optim)
+    view = ck.tensor("0.weight", "fp32", copy=False)
+    assert torch.equal(view, model[0].weight)
+    assert _mapped(optim[0])  # ZeRO-2: a view of rank 0's partition; ZeRO-3: a copy of both ranks', from their maps
+    assert (view.untyped_storage().nbytes() > view.numel() * 4) == (stage == 2)
 
 
 # ---------------------------------------------------------------- errors

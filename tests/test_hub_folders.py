@@ -289,7 +289,9 @@ def test_opening_reads_headers_only_and_maps_a_shard_when_read(tmp_path):
     shards = sorted(set(frame["file"]))
     assert len(shards) == 3
     assert not any(str(tmp_path) in m for m in _mapped_files())
-    t = ck.tensor("layer4.weight")
+    assert float(ck.tensor("layer4.weight")[0, 0]) == 4.0  # read with pread: nothing mapped
+    assert not any(str(tmp_path) in m for m in _mapped_files())
+    t = ck.tensor("layer4.weight", copy=False)
     mapped = {m for m in _mapped_files() if str(tmp_path) in m}
     assert mapped == {str(tmp_path / frame.loc["layer4.weight", "file"])}
     assert float(t[0, 0]) == 4.0

@@ -39,8 +39,8 @@ class _InterruptingCheckpoint:
     def __getattr__(self, name):
         return getattr(self._ck, name)
 
-    def values(self, keys, section):
-        return {k: t.as_subclass(_InterruptOnCopy) for k, t in self._ck.values(keys, section).items()}
+    def values(self, keys, section, **kw):
+        return {k: t.as_subclass(_InterruptOnCopy) for k, t in self._ck.values(keys, section, **kw).items()}
 
 
 def stack(n=30, width=16):

@@ -191,11 +191,12 @@ def test_listing_reads_no_tensor_data(fmt, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["torch-zip", "safetensors"])
 def test_state_dict_maps_instead_of_reading(fmt, tmp_path):
-    """Aligned containers hand out memory-mapped tensors: nothing is read until a value is used."""
-    path, small = _big_file(fmt, tmp_path, lambda ck: ck.state_dict())
+    """With copy=False, aligned containers hand out memory-mapped tensors: nothing is read until a value
+    is used."""
+    path, small = _big_file(fmt, tmp_path, lambda ck: ck.state_dict(copy=False))
 
     read0, rss0 = _io_and_rss()
-    sd = cv.open_checkpoint(path).state_dict()
+    sd = cv.open_checkpoint(path).state_dict(copy=False)
     read1, rss1 = _io_and_rss()
     assert read1 - read0 < 1 * MiB
     assert rss1 - rss0 < 16 * MiB

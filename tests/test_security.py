@@ -837,11 +837,11 @@ def test_unpickling_from_a_file_stops_right_after_stop():
 
 
 def _same_as_zipfile(path) -> None:
-    from ckptviz.readers.mapped import FileBytes
+    from ckptviz.readers.mapped import MappedFile
     from ckptviz.readers.torch_zip import ZipDirectory
 
-    with open(path, "rb", buffering=0) as f, zipfile.ZipFile(path) as zf:
-        zd = ZipDirectory(FileBytes(f))
+    with zipfile.ZipFile(path) as zf:
+        zd = ZipDirectory(MappedFile(str(path)).view())
         infos = zf.infolist()
         assert zd.names == [i.filename for i in infos]
         assert zd.header.tolist() == [i.header_offset for i in infos]

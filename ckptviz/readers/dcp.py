@@ -25,7 +25,7 @@ from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpoint
 from ..sections import plain
 from ._gc import paused_gc
 from .dcp_layout import Layout, insert, listify, name_of, optimizer_state
-from .mapped import MappedFile, materialize
+from .mapped import MappedFile, copying, read_into, read_tensor
 from .pickle_reader import PICKLE_ERRORS, Stub, unpickle
 from .raw import RawCheckpoint
 from .records import LazyRecord, StorageRef, TensorRef, TensorTable, contiguous_stride, element_size
@@ -121,6 +121,10 @@ class DcpTensor(LazyRecord):
 
     def read(self, maps: dict[int, Any]) -> torch.Tensor:
         return self.folder.read(self.row, maps)
+
+    def read_into(self, out: torch.Tensor, maps: dict[int, Any]) -> None:
+        """Assemble the tensor's chunks straight into ``out`` (a CPU tensor of its shape and dtype)."""
+        self.folder.read(self.row, maps, out)
 
     def __repr__(self) -> str:
         return f"DcpTensor({self.folder.tensor_fqns[self.row]!r}, shape={self.shape}, dtype={self.dtype})"
@@ -266,20 +270,28 @@ class DcpFolder:
         return [names[i] if i is not None else None for i in self.first_file]
 
     # ---- reading tensors ----------------------------------------------------------------------
-    def read(self, row: int, maps: dict[int, Any]) -> torch.Tensor:
-        """The value of tensor ``row``: a view of its one chunk where possible, else its chunks copied."""
+    def read(self, row: int, maps: dict[int, Any], out: torch.Tensor | None = None) -> torch.Tensor:
+        """The value of tensor ``row``, read as ``maps`` (a ``mapped.Reads``) says: each chunk read
+        straight into its place in the result (``out`` when given), or, for zero-copy reads, a view of
+        a chunk that covers the whole tensor."""
         fqn, shape, dtype = self.tensor_fqns[row], self.shapes[row], self.dtypes[row]
         chunks = self._chunk_boxes(row)
         if math.prod(shape) == 0:
-            return torch.empty(shape, dtype=dtype)
-        if len(chunks) == 1 and chunks[0][0] == (0,) * len(shape) and chunks[0][1] == shape:
-            return self._chunk(fqn, *chunks[0], dtype, maps)
-        exact = len(chunks) <= MAX_OVERLAP_CHECK
-        out = torch.empty(shape, dtype=dtype) if exact else torch.zeros(shape, dtype=dtype)
+            return out if out is not None else torch.empty(shape, dtype=dtype)
+        whole = len(chunks) == 1 and chunks[0][0] == (0,) * len(shape) and chunks[0][1] == shape
+        if whole and out is None:
+            return read_tensor(self._chunk(fqn, *chunks[0], dtype), copying(maps))
+        if out is None:
+            exact = len(chunks) <= MAX_OVERLAP_CHECK
+            out = torch.empty(shape, dtype=dtype) if exact else torch.zeros(shape, dtype=dtype)
         for offsets, sizes in chunks:
             if math.prod(sizes):
-                view = self._chunk(fqn, offsets, sizes, dtype, maps)
-                out[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))].copy_(view)
+                ref = self._chunk(fqn, offsets, sizes, dtype)
+                place = out[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))]
+                if copying(maps):
+                    read_into(ref, place)  # straight from the file where the place is contiguous
+                else:
+                    place.copy_(read_tensor(ref, copy=False))
         return out
 
     def _chunk_boxes(self, row: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -300,7 +312,7 @@ class DcpFolder:
             raise self._corrupt(f"the chunks of tensor {fqn!r} (shape {list(shape)}) do not tile it exactly")
         return boxes
 
-    def _chunk(self, fqn: str, offsets: tuple, sizes: tuple, dtype: torch.dtype, maps: dict) -> torch.Tensor:
+    def _chunk(self, fqn: str, offsets: tuple, sizes: tuple, dtype: torch.dtype) -> TensorRef:
         item = self.index.get((fqn, offsets))
         if item is None:
             raise self._corrupt(f"no storage entry for the chunk of {fqn!r} at offsets {list(offsets)}")
@@ -314,9 +326,7 @@ class DcpFolder:
                 f"{list(ref.shape)}, but {METADATA} declares {dtype} of shape {list(sizes)}; the file is corrupted "
                 "or belongs to another save."
             )
-        if id(where) not in maps:
-            maps[id(where)] = where.map()
-        return materialize(ref, maps[id(where)])
+        return ref
 
     def _parse_chunk(self, item: int, fqn: str) -> TensorRef:
         source, start, length = self._window(item)

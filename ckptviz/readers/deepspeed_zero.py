@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
-from .mapped import file_stamp, materialize
+from .mapped import copying, file_stamp, read_elements, read_tensor
 from .raw import RawCheckpoint
 from .records import LazyRecord, TensorRef, dtype_name
 
@@ -103,7 +103,7 @@ def _check_unsafe(path: str, unsafe: set[str], trust: bool) -> None:
 
 
 class ZeroRecord(LazyRecord):
-    """A tensor whose value ``fn(maps)`` computes from one or more files."""
+    """A tensor whose value ``fn(reads)`` computes from one or more files (``reads``: a ``mapped.Reads``)."""
 
     def __init__(self, shape: tuple, dtype: torch.dtype, device: str, path: str, fn: Callable[[dict], torch.Tensor]):
         self.shape, self.dtype, self.device, self.path, self._fn = tuple(shape), dtype, device, path, fn
@@ -113,28 +113,34 @@ class ZeroRecord(LazyRecord):
 
 
 def view_of(ref: TensorRef, maps: dict[Any, Any]) -> torch.Tensor:
-    """``ref``'s tensor over the caller's shared map of its file (no copy)."""
-    src = ref.storage.source
-    if id(src) not in maps:
-        maps[id(src)] = src.map()
-    return materialize(ref, maps[id(src)])
+    """``ref``'s tensor, read as ``maps`` (a ``mapped.Reads``) says: into memory of its own, or a view of
+    its file's shared map."""
+    return read_tensor(ref, copying(maps))
 
 
 def _flat(ref: TensorRef, maps: dict[Any, Any]) -> torch.Tensor:
-    """A flat partition's tensor, made once per read call (``maps`` lives as long as the call)."""
+    """A flat partition's tensor as a view of its file's map, made once per read call."""
     key = ("deepspeed-flat", id(ref))
     t = maps.get(key)
     if t is None:
-        t = maps[key] = view_of(ref, maps)
+        t = maps[key] = read_tensor(ref, copy=False)
     return t
 
 
 def _pieces(segments: list[tuple[TensorRef, int, int]], shape: tuple, maps: dict) -> torch.Tensor:
-    """The elements of ``segments`` (flat tensor, start, length) back to back, as ``shape``: a view of the
-    file when one segment holds them all, else a copy."""
-    views = [_flat(ref, maps).narrow(0, start, n) for ref, start, n in segments]
-    if not views:
+    """The elements of ``segments`` (flat tensor, start, length) back to back, as ``shape``. Copying reads
+    (the default) read each segment's bytes straight into the result, and nothing else of the partition;
+    zero-copy reads give a view of the file when one segment holds them all."""
+    if not segments:
         return torch.empty(shape, dtype=torch.float32)
+    if copying(maps):
+        out = torch.empty(sum(n for _, _, n in segments), dtype=segments[0][0].dtype)
+        at = 0
+        for ref, start, n in segments:
+            read_elements(ref, start, out[at : at + n])
+            at += n
+        return out.view(shape)
+    views = [_flat(ref, maps).narrow(0, start, n) for ref, start, n in segments]
     flat = views[0] if len(views) == 1 else torch.cat(views)
     return flat.view(shape)
 

@@ -172,33 +172,32 @@ def _entry_starts(cd: bytes, count: int) -> np.ndarray:
 def read_torch_zip(path: str) -> RawCheckpoint:
     source = MappedFile(path)
     try:
-        with open(path, "rb", buffering=0) as f:
-            mm = FileBytes(f, source.size)  # pread, not a map: a file cut short meanwhile is an error, not a fault
-            zd = ZipDirectory(mm)
-            pkl = [n for n in zd.names if n.count("/") == 1 and n.endswith("/data.pkl")]
-            if not pkl:
-                raise CorruptCheckpointError(
-                    f"{path}: a zip file, but not one written by torch.save (no <archive>/data.pkl inside). "
-                    "If it is another framework's archive, export its weights with torch.save or safetensors."
-                )
-            root = pkl[0][: -len("data.pkl")]
-            is_script = f"{root}constants.pkl" in zd.index or any(map(methodcaller("startswith", f"{root}code/"),
-                                                                        zd.names))
-            byteorder = zd.read(f"{root}byteorder").decode() if f"{root}byteorder" in zd.index else "little"
-            obj, up = unpickle(zd.read(pkl[0]), trusted_prefixes=("__torch__.",) if is_script else (), source=source)
-            keys = list(up.storages)
-            rows = list(map(zd.index.get, map(f"{root}data/".__add__, keys), repeat(-1)))
-            if -1 in rows:
-                key = keys[rows.index(-1)]
-                raise CorruptCheckpointError(f"{path}: tensor storage {root}data/{key} is missing from the zip")
-            rows = np.array(rows, dtype=np.int64)
-            stored = zd.method[rows] == zipfile.ZIP_STORED
-            if not stored.all():
-                key = keys[int(np.argmin(stored))]
-                raise CorruptCheckpointError(f"{path}: storage {key} is compressed; torch never writes that")
-            starts = _data_offsets(mm, zd.header[rows].tolist())
-            source.offsets.update(zip(keys, starts))
-            limits = dict(zip(keys, (np.array(starts, dtype=np.int64) + zd.size[rows]).tolist()))
+        mm = source.view()  # pread, not a map: a file cut short meanwhile is an error, not a fault
+        zd = ZipDirectory(mm)
+        pkl = [n for n in zd.names if n.count("/") == 1 and n.endswith("/data.pkl")]
+        if not pkl:
+            raise CorruptCheckpointError(
+                f"{path}: a zip file, but not one written by torch.save (no <archive>/data.pkl inside). "
+                "If it is another framework's archive, export its weights with torch.save or safetensors."
+            )
+        root = pkl[0][: -len("data.pkl")]
+        is_script = f"{root}constants.pkl" in zd.index or any(map(methodcaller("startswith", f"{root}code/"),
+                                                                    zd.names))
+        byteorder = zd.read(f"{root}byteorder").decode() if f"{root}byteorder" in zd.index else "little"
+        obj, up = unpickle(zd.read(pkl[0]), trusted_prefixes=("__torch__.",) if is_script else (), source=source)
+        keys = list(up.storages)
+        rows = list(map(zd.index.get, map(f"{root}data/".__add__, keys), repeat(-1)))
+        if -1 in rows:
+            key = keys[rows.index(-1)]
+            raise CorruptCheckpointError(f"{path}: tensor storage {root}data/{key} is missing from the zip")
+        rows = np.array(rows, dtype=np.int64)
+        stored = zd.method[rows] == zipfile.ZIP_STORED
+        if not stored.all():
+            key = keys[int(np.argmin(stored))]
+            raise CorruptCheckpointError(f"{path}: storage {key} is compressed; torch never writes that")
+        starts = _data_offsets(mm, zd.header[rows].tolist())
+        source.offsets.update(zip(keys, starts))
+        limits = dict(zip(keys, (np.array(starts, dtype=np.int64) + zd.size[rows]).tolist()))
     except CorruptCheckpointError:
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, *PICKLE_ERRORS) as e:
