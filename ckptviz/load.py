@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import html
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 
 import pandas as pd
 import torch
@@ -161,16 +162,17 @@ class _StorageBackup:
         # model tensors given fresh storage (their old one kept whole, untouched, as the undo copy)
         self.swapped: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
-    def swap_in(self, dst: torch.Tensor, src: torch.Tensor) -> bool:
-        """Write ``src`` into fresh storage and give it to ``dst`` (keeping the old storage as the undo
-        copy: one write instead of a backup copy plus a write), if ``dst`` alone uses its storage."""
+    def swap_in(self, dst: torch.Tensor, write: Callable[[torch.Tensor], None]) -> bool:
+        """Write the new values (``write(out)``) into fresh storage and give it to ``dst``, keeping the
+        old storage as the undo copy (one write instead of a backup copy plus a write), if ``dst``
+        alone uses its storage."""
         if id(dst) in self.swapped:
-            dst.copy_(src)  # a tied key of a tensor already given fresh storage by this load
+            write(dst)  # a tied key of a tensor already given fresh storage by this load
             return True
         if not _exclusive(dst):
             return False
         new = torch.empty(dst.shape, dtype=dst.dtype, device=dst.device)
-        new.copy_(src)
+        write(new)
         old = dst.data
         self.swapped[id(dst)] = (dst, old, new.data_ptr())
         dst.data = new
@@ -312,12 +314,39 @@ def load_partial(model: nn.Module, report: Report, *, keys: Iterable[str] | None
         else:
             ready[k] = src
     remember_initial(model, live, (k for k in live if k not in ready))
-    backup = _copy_into(live, ready, undo)
+    backup = _copy_into(live, ready, undo, _writer(report, plan, ready))
     return LoadResult(model, report, list(ready), skipped, backup)
 
 
-def _copy_into(live: dict[str, torch.Tensor], sources: dict[str, torch.Tensor],
-               undo: bool, swap: bool = True) -> _StorageBackup | None:
+def _writer(report: Report, plan: dict[str, str], sources: dict[str, torch.Tensor]
+            ) -> Callable[[str, torch.Tensor], None]:
+    """``write(key, out)``: the checkpoint's values of model key ``key`` into ``out``, read from the
+    file with ``pread`` (straight into ``out`` where dtype and layout allow), never through a map, so
+    a file cut short during the load is a clear error (and a rollback), not a crash."""
+    ck = report.checkpoint
+
+    def write(key: str, out: torch.Tensor) -> None:
+        src = sources[key]
+        if type(src) is not torch.Tensor or type(out) not in (torch.Tensor, nn.Parameter):
+            out.copy_(src)  # tensor subclasses keep their own copy semantics
+        elif out.device.type == "cpu" and out.dtype == src.dtype and not out.is_inference():
+            ck.read_into(plan[key], out, report.section)
+            _bump_version(out)
+        else:
+            out.copy_(ck.tensor(plan[key], report.section, copy=True))
+
+    return write
+
+
+def _bump_version(t: torch.Tensor) -> None:
+    """Tell autograd that ``t`` changed in place (as ``copy_`` would), after a write it did not see."""
+    bump = getattr(torch.autograd.graph, "increment_version", None)
+    if bump is not None:
+        bump(t)
+
+
+def _copy_into(live: dict[str, torch.Tensor], sources: dict[str, torch.Tensor], undo: bool,
+               write: Callable[[str, torch.Tensor], None] | None = None) -> _StorageBackup | None:
     """Copy each source into its model tensor; on any failure or interrupt (``BaseException``:
     Ctrl-C included) write every touched storage back (with ``undo``) and re-raise. Returns the backup."""
     backup = _StorageBackup() if undo else None
@@ -329,11 +358,12 @@ def _copy_into(live: dict[str, torch.Tensor], sources: dict[str, torch.Tensor],
             for key, src in sources.items():
                 dst = live[key]
                 written.append(key)
-                if backup is not None and not (swap and backup.swap_in(dst, src)):
+                put = partial(write, key) if write is not None else partial(_copy_from, src)
+                if backup is None:
+                    put(dst)
+                elif not backup.swap_in(dst, put):
                     backup.keep(dst)
-                    dst.copy_(src)
-                elif backup is None:
-                    dst.copy_(src)
+                    put(dst)
                 bar.update(src.numel() * src.element_size())
     except BaseException as e:
         what = f"copying {written[-1]!r} into the model failed ({type(e).__name__}: {e})" if written else (
@@ -356,6 +386,10 @@ def _copy_into(live: dict[str, torch.Tensor], sources: dict[str, torch.Tensor],
                             f"({'; '.join(failed[:3])}): the model is NOT as it was") from e
         raise LoadError(f"{what}. The model was restored to exactly its previous values; nothing was loaded.") from e
     return backup
+
+
+def _copy_from(src: torch.Tensor, dst: torch.Tensor) -> None:
+    dst.copy_(src)
 
 
 def _cannot_copy(src: torch.Tensor, dst: torch.Tensor) -> str | None:

@@ -106,3 +106,70 @@ def test_reading_with_copy_while_torch_save_rewrites_the_file_never_faults(tmp_p
                                    if child.returncode < 0 else err[-2000:])
     ok, refused = map(int, out.split())
     assert ok + refused == 300 and i > 3
+
+
+VERBS = textwrap.dedent("""
+    import sys, torch, ckptviz
+    from ckptviz.errors import CheckpointError
+    model = torch.nn.Linear(1024, 256, bias=False)
+    before = model.weight.detach().clone()
+    ok = refused = 0
+    for i in range(int(sys.argv[2])):
+        try:
+            ck = ckptviz.open_checkpoint(sys.argv[1])
+            verb = i % 4
+            if verb == 0:
+                ck.stats(progress=False)
+            elif verb == 1:
+                ck.histogram("weight")
+            elif verb == 2:
+                ckptviz.diff(ck, ck)
+            else:
+                ckptviz.load_partial(model, ckptviz.compare(model, ck)).undo()
+            ok += 1
+        except CheckpointError:
+            refused += 1
+        assert torch.equal(model.weight, before), "a failed or undone load changed the model"
+    print(ok, refused)
+""")
+
+
+def test_stats_histogram_diff_and_load_while_torch_save_rewrites_the_file_never_fault(tmp_path):
+    """The streaming verbs (stats, histogram, diff, compare + load_partial) race real ``torch.save``
+    calls on the same path in a child process: errors are CheckpointErrors, never a signal."""
+    path = tmp_path / "last.ckpt"
+    torch.save({"weight": torch.randn(256, 1024)}, path)
+    child = subprocess.Popen([sys.executable, "-c", VERBS, str(path), "200"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    sizes = [(256, 1024), (8, 8), (256, 1024), (512, 1024)]
+    i = 0
+    while child.poll() is None:
+        torch.save({"weight": torch.randn(*sizes[i % 4])}, path)
+        i += 1
+    out, err = child.communicate()
+    assert child.returncode == 0, (f"reader died with signal {signal.Signals(-child.returncode).name}"
+                                   if child.returncode < 0 else err[-2000:])
+    ok, refused = map(int, out.split())
+    assert ok + refused == 200 and i > 3
+
+
+def test_big_parallel_reads_work_in_a_forked_child(tmp_path):
+    """Reads above PARALLEL_READ use a thread pool; a child forked after the parent used it (a fork
+    server, a multiprocessing or dask worker) gets a pool of its own instead of hanging on the copy."""
+    from ckptviz.readers import mapped
+
+    path = tmp_path / "big.pt"
+    w = torch.randn(3 * mapped.PARALLEL_READ // 4 * 2)  # 1.5 x PARALLEL_READ bytes: split in two
+    torch.save({"w": w}, path)
+    ck = ckptviz.open_checkpoint(path)
+    assert torch.equal(ck.tensor("w"), w) and mapped._pool_box  # the parent used the pool
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the read finished and is right
+        signal.alarm(20)
+        try:
+            got = ckptviz.open_checkpoint(path).tensor("w")  # compared by numpy: torch's OpenMP is not fork-safe
+            os._exit(0 if (got.numpy() == w.numpy()).all() else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -194,19 +194,27 @@ class MappedFile:
         fd = self._acquire()
         try:
             self._check(fd, path_too=True)
-            done = 0
-            while done < n:
-                got = os.preadv(fd, [view[done : done + _MAX_IO]], offset + done)
-                if got <= 0:
-                    self._check(fd)  # a shrunken file says so; otherwise the read itself was cut
-                    raise CorruptCheckpointError(f"{self.path}: the read of bytes {offset}..{offset + n} stopped at "
-                                                 f"{offset + done} (the file was cut short?); open it again.")
-                done += got
+            parts = _parts(n)
+            if len(parts) == 1:
+                self._read_span(fd, view, offset, 0, n)
+            else:  # big reads in parallel: the kernel's copy out of the page cache is one thread per call
+                list(_pool().map(lambda p: self._read_span(fd, view, offset, *p), parts))
             self._check(fd)
         except OSError as e:
             raise CorruptCheckpointError(f"{self.path}: reading bytes {offset}..{offset + n} failed ({e}).") from None
         finally:
             self._release()
+
+    def _read_span(self, fd: int, view: memoryview, offset: int, lo: int, hi: int) -> None:
+        """Bytes ``[lo, hi)`` of ``view`` from the file at ``offset + lo``."""
+        done = lo
+        while done < hi:
+            got = os.preadv(fd, [view[done : min(hi, done + _MAX_IO)]], offset + done)
+            if got <= 0:
+                self._check(fd)  # a shrunken file says so; otherwise the read itself was cut
+                raise CorruptCheckpointError(f"{self.path}: the read of bytes {offset}..{offset + len(view)} stopped "
+                                             f"at {offset + done} (the file was cut short?); open it again.")
+            done += got
 
     def pread(self, offset: int, n: int) -> bytes:
         """Up to ``n`` bytes from ``offset`` (fewer at the end of the file, as a slice of it would give)."""
@@ -259,6 +267,46 @@ class MappedFile:
         if end > bound:
             return f"storage {ref.key!r} needs bytes up to {end} but only {bound} exist"
         return None
+
+
+PARALLEL_READ = 8 << 20  # reads larger than this are split across READ_THREADS threads
+
+
+def _parts(n: int) -> list[tuple[int, int]]:
+    """Byte ranges of a read of ``n`` bytes, one per thread (one range for small reads)."""
+    k = min(_threads(), n // PARALLEL_READ)
+    if k <= 1:
+        return [(0, n)]
+    step = -(-n // k)
+    step += -step % 4096  # page-aligned boundaries
+    return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+
+
+def _threads() -> int:
+    return max(1, min(8, torch.get_num_threads()))
+
+
+_pool_box: list[Any] = []
+
+
+def _pool():
+    """The thread pool big reads share (made on first use, and again in a forked child, whose copy
+    of the parent's pool has no threads)."""
+    with _lock:
+        if not _pool_box or _pool_box[0][0] != os.getpid():
+            from concurrent.futures import ThreadPoolExecutor
+
+            _pool_box[:] = [(os.getpid(), ThreadPoolExecutor(_threads(), thread_name_prefix="ckptviz-read"))]
+        return _pool_box[0][1]
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # a lock some parent thread held at the fork would never be released here
+    _pool_box.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class FileBytes:
