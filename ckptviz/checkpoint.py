@@ -10,6 +10,7 @@ import operator
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -345,10 +346,13 @@ class Checkpoint:
 def _stats_task(ck: Checkpoint, section: str, keys: list[str]) -> pd.DataFrame:
     """``stats_frame`` of ``keys``, each tensor read into memory of its own and let go before the next
     (so a task holds one tensor at a time, and a file changed under it raises instead of faulting)."""
-    from .stats import STATS_KEYS, tensor_stats
+    from .stats import CACHE, STATS_KEYS
 
     entries, reads = ck._section(section), Reads(True)
-    rows = [tensor_stats(ck._value(entries[k], reads)) for k in keys]
+    # each tensor's default 64-bin histogram comes from the same read and is cached (ckptviz.stats.CACHE),
+    # so the ck.histogram(key) a view asks for next reads nothing
+    rows = [CACHE.summarize(_path_of(entries[k]), section, k, partial(ck._value, entries[k], reads))[0]
+            for k in keys]
     return pd.DataFrame(rows, columns=list(STATS_KEYS), index=pd.Index(list(keys), name="key"), dtype="float64")
 
 

@@ -364,3 +364,27 @@ def test_histogram_of_constant_and_adjacent_values_from_real_files(tmp_path, fmt
 def test_histogram_range_must_be_finite():
     with pytest.raises(ValueError, match="finite"):
         histogram(torch.ones(3), range=(0.0, math.inf))
+
+
+def test_stats_then_histogram_of_every_key_reads_each_tensor_once(tmp_path, monkeypatch):
+    """The public path a view takes (ck.stats(), then ck.histogram(key) per row) reads every tensor
+    once: stats() caches each tensor's default histogram from the same read."""
+    from ckptviz.readers.mapped import MappedFile
+
+    torch.manual_seed(0)
+    src = {"f32": torch.randn(300, 7), "bf16": torch.randn(64, 9).bfloat16(), "i64": torch.arange(50),
+           "const": torch.full((10,), 1e15, dtype=torch.float64)}
+    path = tmp_path / "ck.pt"
+    torch.save(src, path)
+    ck = cv.open_checkpoint(path)
+    reads = []
+    real = MappedFile.readinto
+    monkeypatch.setattr(MappedFile, "readinto", lambda self, at, out: (reads.append(at), real(self, at, out))[1])
+    frame = ck.stats(progress=False)
+    assert len(reads) == len(src)
+    hists = {k: ck.histogram(k) for k in src}
+    assert len(reads) == len(src), "histogram() after stats() read the file again"
+    for k, t in src.items():
+        assert hists[k].counts.sum() == t.numel()
+        np.testing.assert_array_equal(hists[k].counts, histogram(t).counts)
+        assert frame.loc[k, "mean"] == pytest.approx(tensor_stats(t)["mean"])
