@@ -216,6 +216,24 @@ class MappedFile:
                                              f"at {offset + done} (the file was cut short?); open it again.")
             done += got
 
+    def read_many(self, offsets: list[int], out: np.ndarray) -> None:
+        """Row ``i`` of ``out`` (uint8, ``(len(offsets), width)``) from the file at ``offsets[i]``: one
+        ``pread`` per row, the file checked once before and once after them all."""
+        width = out.shape[1]
+        if any(at < 0 or at + width > self.size for at in offsets):
+            raise CorruptCheckpointError(f"{self.path}: a record lies outside the file ({self.size} bytes); "
+                                         "the file is corrupted.")
+        fd = self._acquire()
+        try:
+            self._check(fd, path_too=True)
+            for i, at in enumerate(offsets):
+                self._read_span(fd, memoryview(out[i]), at, 0, width)
+            self._check(fd)
+        except OSError as e:
+            raise CorruptCheckpointError(f"{self.path}: reading the file failed ({e}).") from None
+        finally:
+            self._release()
+
     def pread(self, offset: int, n: int) -> bytes:
         """Up to ``n`` bytes from ``offset`` (fewer at the end of the file, as a slice of it would give)."""
         n = max(0, min(n, self.size - offset))
@@ -338,8 +356,7 @@ class FileBytes:
             span = np.empty(hi - lo, dtype=np.uint8)
             self.source.readinto(lo, span)
             return span[(offsets - lo)[:, None] + np.arange(width)]
-        for i, at in enumerate(offsets.tolist()):
-            self.source.readinto(at, out[i])
+        self.source.read_many(offsets.tolist(), out)
         return out
 
 
