@@ -29,6 +29,9 @@ RANK = {c: i for i, c in enumerate(("ok", "checkpoint_error", "reference_only", 
                                     "raw_exception", "memory", "hang", "crash"))}
 REFERENCE = {"zip.pt": "torch", "legacy.pt": "torch", "train.ckpt": "torch", "model.safetensors": "safetensors",
              "script.pt": "jit", "hub_st": "hub_st", "hub_bin": "hub_bin", "dcp": None, "deepspeed": None}
+# torch.jit.load compiles code/ and reads constants.pkl, neither of which holds weights ckptviz reads
+JIT_CODE_ERRORS = ("code/", "constants.pkl", "Unknown type name", "Unexpected token", "expected a valid token",
+                   "Expected PROTO opcode", "marks_ is empty", "Unpickler expected 1 element", "Unknown opcode")
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_HEADROOM = 2 << 30  # bytes of address space a child may add to what the warm server maps
@@ -161,11 +164,12 @@ class Server:
         for i in range(start, stop):
             path, name, descs = self.make_case(seed, i)
             ref = self.refs[name]
-            res = self.run_child(lambda emit, p=str(path), s=str(self.seeds[name]), ref=ref:
-                                 self.verbs.exercise(p, s, ref, emit), timeout)
+            res = self.run_child(lambda emit, p=str(path), s=str(self.seeds[name]), ref=ref, full=i % 3 == 0:
+                                 self.verbs.exercise(p, s, ref, emit, full), timeout)
             res.update(i=i, seed_name=name, mutations=descs)
-            if res["cls"] == "accepted_but_reference_rejects" and name == "script.pt" and all(
-                    d.startswith("script.pt: zip_edit: zip ") and "/data" not in d for d in descs):
+            if res["cls"] == "accepted_but_reference_rejects" and name == "script.pt" and (all(
+                    d.startswith("script.pt: zip_edit: zip ") and "/data" not in d for d in descs)
+                    or any(w in str(res["outcomes"]) for w in JIT_CODE_ERRORS)):
                 res["cls"] = "reference_only"  # torch.jit.load compiles code/ and constants ckptviz never reads
             if out and res["cls"] in DEFECTS:
                 save_case(path, res, Path(out), f"{res['cls']}-s{seed}-{i}")
@@ -213,8 +217,8 @@ def serve(seeds_dir: str, headroom: int) -> None:
             for res in srv.fuzz(req["seed"], req["start"], req["stop"], t, req.get("out")):
                 proto.write(json.dumps(res) + "\n")
         elif req["op"] == "file":
-            res = srv.run_child(lambda emit: srv.verbs.exercise(req["path"], req.get("seed_path"),
-                                                                 req.get("ref"), emit), t)
+            res = srv.run_child(lambda emit, req=req: srv.verbs.exercise(req["path"], req.get("seed_path"),
+                                                                         req.get("ref"), emit), t)
             proto.write(json.dumps(res) + "\n")
         elif req["op"] == "selftest":
             proto.write(json.dumps(srv.selftest(req["what"], t)) + "\n")
