@@ -42,3 +42,8 @@ def model_state(request) -> tuple[str, dict[str, torch.Tensor]]:
         return "resnet18", request.getfixturevalue("resnet18_state")
     model = request.getfixturevalue("small_cnn" if request.param == "small_cnn" else "lstm_model")
     return request.param, state_of(model)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-cases", dest="fuzz_cases", type=int, default=None,
+                     help="cases for tests/test_fuzz.py's mutational run (default: $CKPTVIZ_FUZZ_CASES or 2000)")

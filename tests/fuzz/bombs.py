@@ -1,0 +1,273 @@
+"""Hand-built hostile files, one per class of issue 8. Each is built from a real ``torch.save`` /
+``save_file`` output, with the hostile part spliced into its pickle or header.
+
+``BOMBS`` maps a name to (builder, expectation): "refuse" (the reference reader rejects it; ckptviz must
+raise a CheckpointError) or "either" (a valid or borderline file: a clean result or a CheckpointError,
+within the time and memory limits)."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from .mutators import join_safetensors, ops_of, pickle_int, pickle_str, split_safetensors, write_zip
+
+
+def _saved(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _splice_zip(obj, placeholders: dict[str, bytes]) -> bytes:
+    """``torch.save(obj)`` with each placeholder string's opcode in data.pkl replaced by raw pickle ops."""
+    with zipfile.ZipFile(io.BytesIO(_saved(obj))) as z:
+        entries = [(i.filename, z.read(i), i.compress_type) for i in z.infolist()]
+    for n, (name, content, method) in enumerate(entries):
+        if name.endswith("/data.pkl"):
+            for s, e, op, arg in reversed(ops_of(content)):
+                if isinstance(arg, str) and arg in placeholders and op.endswith("UNICODE"):
+                    content = content[:s] + placeholders[arg] + content[e:]
+            entries[n] = (name, content, method)
+    return write_zip(entries)
+
+
+def _weights() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {"w": torch.randn(4, 3), "b": torch.randn(4)}
+
+
+def laughs(depth: int = 30, width: int = 10, base: int = 1_000_000) -> bytes:
+    """Pickle ops leaving one list on the stack whose contents are shared through the memo: width**depth
+    leaves in ~ depth * width * 5 bytes."""
+    out = b"]" + b"r" + struct.pack("<I", base) + b"(" + b"K\x01" * width + b"e" + b"0"
+    for d in range(1, depth + 1):
+        out += b"]" + b"r" + struct.pack("<I", base + d) + b"("
+        out += (b"j" + struct.pack("<I", base + d - 1)) * width + b"e"
+        if d < depth:
+            out += b"0"
+    return out
+
+
+def deep_tuple_key(root: Path) -> Path:
+    p = root / "deep_tuple_key.pt"
+    p.write_bytes(_splice_zip({**_weights(), "KEY": 1}, {"KEY": b")" + b"\x85" * 200_000}))
+    return p
+
+
+def memo_laughs_metadata(root: Path) -> Path:
+    p = root / "memo_laughs_metadata.pt"
+    p.write_bytes(_splice_zip({"state_dict": _weights(), "meta": "LAUGHS"}, {"LAUGHS": laughs()}))
+    return p
+
+
+def memo_laughs_optimizer(root: Path) -> Path:
+    from . import seeds
+
+    m, opt = seeds.trained()
+    sd = opt.state_dict()
+    sd["state"][0]["extra"] = "LAUGHS"
+    p = root / "memo_laughs_optimizer.pt"
+    p.write_bytes(_splice_zip({"state_dict": m.state_dict(), "optimizer": sd}, {"LAUGHS": laughs()}))
+    return p
+
+
+def bytearray_3e9(root: Path) -> Path:
+    p = root / "bytearray_3e9.pt"
+    ops = b"cbuiltins\nbytearray\n" + pickle_int(3_000_000_000) + b"\x85R"
+    p.write_bytes(_splice_zip({**_weights(), "blob": "BLOB"}, {"BLOB": ops}))
+    return p
+
+
+def deflate_bomb(root: Path, size: int = 5 << 29) -> Path:
+    """data.pkl deflated: a 2.5 GiB run of zeros inside a BINBYTES8 value, a few MB on disk."""
+    p = root / "deflate_bomb.pt"
+    with zipfile.ZipFile(io.BytesIO(_saved(_weights()))) as z:
+        entries = [(i.filename, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(p, "w") as out:
+        for name, content in entries:
+            if not name.endswith("/data.pkl"):
+                out.writestr(name, content)
+                continue
+            info = zipfile.ZipInfo(name, (2020, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with out.open(info, "w", force_zip64=True) as f:
+                f.write(content[:-1] + pickle_str("pad") + b"\x8e" + struct.pack("<Q", size))
+                zeros = bytes(1 << 24)
+                for _ in range(size // len(zeros)):
+                    f.write(zeros)
+                f.write(b"s.")
+    return p
+
+
+def zero_stride_huge(root: Path) -> Path:
+    p = root / "zero_stride_huge.pt"
+    torch.save({"w": torch.ones(1).expand(10**6, 10**6), "b": torch.zeros(3)}, p)
+    return p
+
+
+def legacy_view_past_eof(root: Path) -> Path:
+    buf = io.BytesIO()
+    torch.save({"w": torch.arange(4.0)}, buf, _use_new_zipfile_serialization=False)
+    data = buf.getvalue()
+    pos = 0
+    for k in range(5):
+        ops = ops_of(data[pos:])
+        if k == 3:
+            for (s, e, op, _), (_, _, nxt, _) in zip(ops, ops[1:]):
+                if op == "NONE" and nxt == "TUPLE":
+                    key = next(a for _, _, o, a in ops if o == "BINUNICODE" and a.isdigit())
+                    view = pickle_str(key) + pickle_int(10**6) + pickle_int(4) + b"\x87"
+                    data = data[:pos + s] + view + data[pos + e:]
+                    break
+            break
+        pos += ops[-1][1]
+    p = root / "legacy_view_past_eof.pt"
+    p.write_bytes(data)
+    return p
+
+
+def _st(root: Path, name: str, edit: Callable[[dict], None]) -> Path:
+    p = root / name
+    save_file({"a": torch.arange(4.0), "b": torch.arange(4.0) + 10, "c": torch.arange(2.0)}, p)
+    header, body = split_safetensors(p.read_bytes())
+    edit(header)
+    p.write_bytes(join_safetensors(header, body))
+    return p
+
+
+def st_relabel_f16(root: Path) -> Path:
+    return _st(root, "st_relabel_f16.safetensors", lambda h: h["a"].update(dtype="F16"))
+
+
+def st_negative_offset(root: Path) -> Path:
+    return _st(root, "st_negative_offset.safetensors", lambda h: h["a"].update(data_offsets=[-16, 0]))
+
+
+def st_overlap(root: Path) -> Path:
+    return _st(root, "st_overlap.safetensors", lambda h: h["b"].update(data_offsets=h["a"]["data_offsets"]))
+
+
+def st_hole(root: Path) -> Path:
+    return _st(root, "st_hole.safetensors", lambda h: h.pop("b"))
+
+
+def st_short_shape(root: Path) -> Path:
+    return _st(root, "st_short_shape.safetensors", lambda h: h["a"].update(shape=[2]))
+
+
+def st_huge_shape(root: Path) -> Path:
+    return _st(root, "st_huge_shape.safetensors", lambda h: h["a"].update(shape=[2**62, 2**62]))
+
+
+def st_bad_metadata(root: Path) -> Path:
+    return _st(root, "st_bad_metadata.safetensors", lambda h: h.update(__metadata__={"a": 1, "b": {"c": []}}))
+
+
+def st_deep_json(root: Path) -> Path:
+    p = root / "st_deep_json.safetensors"
+    save_file({"a": torch.arange(4.0)}, p)
+    header, body = split_safetensors(p.read_bytes())
+    raw = json.dumps(header).encode()
+    deep = b'{"__metadata__": {"x": "y"}, "z": ' + b"[" * 100_000 + b"]" * 100_000 + b", " + raw[1:]
+    deep += b" " * (-len(deep) % 8)
+    p.write_bytes(struct.pack("<Q", len(deep)) + deep + body)
+    return p
+
+
+def quantized(root: Path) -> Path:
+    p = root / "quantized.pt"
+    torch.save({"q": torch.quantize_per_tensor(torch.randn(6), 0.1, 0, torch.qint8),
+                "qc": torch.quantize_per_channel(torch.randn(2, 3), torch.tensor([0.1, 0.2]),
+                                                 torch.tensor([0, 1]), 0, torch.quint8),
+                "w": torch.randn(3)}, p)
+    return p
+
+
+def method_patched(root: Path) -> Path:
+    """zip.pt with data.pkl's method field set to deflate while its bytes stay stored."""
+    data = bytearray(_saved(_weights()))
+    for sig, off in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+        j = data.find(sig)
+        data[j + off:j + off + 2] = struct.pack("<H", 8)
+    p = root / "method_patched.pt"
+    p.write_bytes(bytes(data))
+    return p
+
+
+def _odd_state(state_ops: bytes) -> Callable[[Path], Path]:
+    def build(root: Path) -> Path:
+        ops = b"cevil.mod\nThing\n)\x81" + state_ops + b"b"
+        p = root / f"odd_state_{abs(hash(state_ops)) % 10**6}.pt"
+        p.write_bytes(_splice_zip({**_weights(), "obj": "OBJ", "lst": ["OBJ"]}, {"OBJ": ops}))
+        return p
+
+    return build
+
+
+def _odd_reduce(args_ops: bytes) -> Callable[[Path], Path]:
+    def build(root: Path) -> Path:
+        ops = b"cevil.mod\nmake\n" + args_ops + b"R"
+        p = root / f"odd_reduce_{abs(hash(args_ops)) % 10**6}.pt"
+        p.write_bytes(_splice_zip({**_weights(), "obj": "OBJ"}, {"OBJ": ops}))
+        return p
+
+    return build
+
+
+def _valid(name: str, values: dict[str, torch.Tensor]) -> Callable[[Path], Path]:
+    def build(root: Path) -> Path:
+        p = root / name
+        torch.save(values, p)
+        return p
+
+    return build
+
+
+def reference_for(name: str, expect: str) -> str | None:
+    """The reference reader a bomb's file is checked against: for the refused and the valid ones only (the
+    hostile "either" ones would make the reference reader itself blow up)."""
+    if expect == "refuse" or name.startswith(("hist_", "quantized", "zero_stride")):
+        return "safetensors" if name.startswith("st_") else "torch"
+    return None
+
+
+BOMBS: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "deep_tuple_key": (deep_tuple_key, "either"),
+    "memo_laughs_metadata": (memo_laughs_metadata, "either"),
+    "memo_laughs_optimizer": (memo_laughs_optimizer, "either"),
+    "bytearray_3e9": (bytearray_3e9, "either"),
+    "deflate_bomb": (deflate_bomb, "either"),
+    "zero_stride_huge": (zero_stride_huge, "either"),
+    "legacy_view_past_eof": (legacy_view_past_eof, "refuse"),
+    "st_relabel_f16": (st_relabel_f16, "refuse"),
+    "st_negative_offset": (st_negative_offset, "refuse"),
+    "st_overlap": (st_overlap, "refuse"),
+    "st_hole": (st_hole, "refuse"),
+    "st_short_shape": (st_short_shape, "refuse"),
+    "st_huge_shape": (st_huge_shape, "refuse"),
+    "st_bad_metadata": (st_bad_metadata, "refuse"),
+    "st_deep_json": (st_deep_json, "refuse"),
+    "quantized": (quantized, "either"),
+    "method_patched": (method_patched, "either"),
+    "state_int": (_odd_state(b"K\x05"), "either"),
+    "state_list": (_odd_state(b"]K\x01a"), "either"),
+    "state_pair_bad": (_odd_state(b"NK\x05\x86"), "either"),
+    "state_triple": (_odd_state(b"K\x01K\x02K\x03\x87"), "either"),
+    "state_tuple_keys": (_odd_state(b"}K\x01K\x02\x86K\x03s"), "either"),
+    "state_slots_bad": (_odd_state(b"}]\x86"), "either"),
+    "reduce_not_tuple": (_odd_reduce(b"K\x05\x85"), "either"),
+    "hist_const_1e15": (_valid("hist_const_1e15.pt", {"w": torch.full((100,), 1e15)}), "either"),
+    "hist_adjacent_f64": (_valid("hist_adjacent_f64.pt", {"w": torch.tensor(
+        [1.0, float(np.nextafter(1.0, 2.0))], dtype=torch.float64)}), "either"),
+    "hist_const_bf16_1e20": (_valid("hist_const_bf16_1e20.pt", {"w": torch.full((50,), 1e20, dtype=torch.bfloat16)}),
+                             "either"),
+}
