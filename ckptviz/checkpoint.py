@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import walk as walk_limits
 from .errors import (
     CheckpointError,
     CheckpointWarning,
@@ -63,7 +64,7 @@ class Checkpoint:
             weights, optimizers, found = dict(raw.sections), dict(raw.optimizers or {}), {}
         else:
             label = os.path.basename(path) if path and raw is not None else None
-            found, optimizers = find_sections(root)
+            found, optimizers = find_sections(root, path)
             weights = {name: TensorTable.from_refs(entries, label) for name, entries in found.items()}
             taken = {name.split(".", 1)[0] for name in (*weights, *optimizers)}
             found = metadata(root, taken)
@@ -291,18 +292,17 @@ class Checkpoint:
             raise CorruptCheckpointError(f"{where}: could not read the bytes of a tensor ({e}).") from None
 
     def materialize(self, obj: Any) -> Any:
-        """A deep copy of ``obj`` (part of this checkpoint's tree) with real, owned tensors."""
+        """A deep copy of ``obj`` (part of this checkpoint's tree) with real, owned tensors.
+
+        What the pickle shares stays shared in the copy, as ``torch.load`` gives it: each container is
+        copied once, and records over one storage are read once into one buffer (views of it). The walk
+        counts containers against ``ckptviz.walk.MAX_WALK_NODES`` (:class:`~ckptviz.walk.WalkLimitError`
+        past it, or past ``MAX_WALK_DEPTH`` levels)."""
         if isinstance(obj, torch.Tensor):
             return obj.clone()
         if is_tensor(obj):
             return self._value(obj)  # read into memory of its own
-        if isinstance(obj, Stub):
-            return {k: self.materialize(v) for k, v in obj.attributes().items()}
-        if isinstance(obj, Mapping):
-            return {k: self.materialize(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(self.materialize(v) for v in obj)
-        return obj
+        return _Materializer(self).run(obj)
 
     def optimizer_state(self, section: str | None = None) -> Any:
         """The raw (lazy) optimizer state stored under ``section`` (the first one when None)."""
@@ -340,6 +340,98 @@ class Checkpoint:
             f"({html.escape(self.format)}, {human_size(self.nbytes)})</p>"
             f"<table><tr><th>section</th><th>tensors</th><th>size</th></tr>{rows}</table>{opt}{meta}</div>"
         )
+
+
+class _Materializer:
+    """One :meth:`Checkpoint.materialize`: collect the records (each container once), read them grouped
+    by storage, then copy the tree with a memo by id."""
+
+    def __init__(self, ck: Checkpoint):
+        self.ck = ck
+        self.budget = walk_limits.Budget(ck.path, "materializing the value's object tree")
+        self.values: dict[int, Any] = {}  # id(record or tensor) -> its owned tensor
+        self.memo: dict[int, Any] = {}
+        self.keep: list[Any] = []  # every container seen, so that no id is reused while the memo holds it
+
+    def run(self, obj: Any) -> Any:
+        self._read(self._records(obj))
+        return self._copy(obj, 0)
+
+    @staticmethod
+    def _items(obj: Any) -> Iterable[Any]:
+        if isinstance(obj, Stub):
+            return obj.attributes().values()
+        if isinstance(obj, Mapping):
+            return obj.values()
+        if isinstance(obj, (list, tuple)):
+            return obj
+        return ()
+
+    def _records(self, root: Any) -> list[Any]:
+        found, seen, stack = [], set(), [root]
+        while stack:
+            obj = stack.pop()
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            self.keep.append(obj)
+            if isinstance(obj, torch.Tensor) or is_tensor(obj):
+                found.append(obj)
+            elif isinstance(obj, (Mapping, list, tuple)):
+                self.budget.step()
+                stack.extend(self._items(obj))
+        return found
+
+    def _read(self, records: list[Any]) -> None:
+        ck, groups = self.ck, {}
+        for v in records:
+            if _stored(v):
+                groups.setdefault((id(v.storage.source), v.storage.key, v.storage.byte_offset), []).append(v)
+            elif isinstance(v, torch.Tensor):
+                self.values[id(v)] = v.clone()
+            else:
+                self.values[id(v)] = ck._value(v)
+        for refs in groups.values():  # records over one storage share one owned buffer, as torch.load gives them
+            got = [ck._value(refs[0])] if len(refs) == 1 else ck._guard(
+                lambda refs=refs: read_shared(refs), refs[0].storage.source.path)
+            self.values.update(zip(map(id, refs), got))
+
+    def _copy(self, obj: Any, depth: int) -> Any:
+        if id(obj) in self.values:
+            return self.values[id(obj)]
+        if not isinstance(obj, (Mapping, list, tuple)):
+            return obj
+        if id(obj) in self.memo:
+            return self.memo[id(obj)]
+        if depth > walk_limits.MAX_WALK_DEPTH:
+            raise walk_limits.limit_error(self.ck.path, "the value nests containers deeper than", "MAX_WALK_DEPTH")
+        if isinstance(obj, Mapping):
+            out: Any = {}
+            self.memo[id(obj)] = out  # before the children: a cycle gets the copy, as deepcopy does
+            items = obj.attributes().items() if isinstance(obj, Stub) else obj.items()
+            for k, v in items:
+                out[k] = self._copy(v, depth + 1)
+            return out
+        if isinstance(obj, list):
+            out = self.memo[id(obj)] = []
+            out.extend(self._copy(v, depth + 1) for v in obj)
+            return out
+        items = [self._copy(v, depth + 1) for v in obj]
+        if id(obj) in self.memo:  # a cycle through a list inside this tuple already built it
+            return self.memo[id(obj)]
+        out = self.memo[id(obj)] = type(obj)(items) if type(obj) is tuple else _retuple(obj, items)
+        return out
+
+
+def _retuple(obj: tuple, items: list) -> tuple:
+    """A tuple subclass (a namedtuple, ``torch.Size``) rebuilt from ``items``; a plain tuple if it cannot be."""
+    try:
+        return type(obj)(items)
+    except TypeError:
+        try:
+            return type(obj)(*items)
+        except TypeError:
+            return tuple(items)
 
 
 def _stats_task(ck: Checkpoint, section: str, keys: list[str]) -> pd.DataFrame:
