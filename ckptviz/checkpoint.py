@@ -174,6 +174,7 @@ class Checkpoint:
                 f"{dtype_name(out.dtype)} tensor of shape {list(out.shape)} on {out.device}. Pass a CPU tensor of "
                 "the same shape and dtype (cast or move after reading)."
             )
+        _refuse_quantized(v, self.path)
         with torch.no_grad():
             if isinstance(v, TensorRef) and v.storage is not None:
                 self._guard(lambda: read_into(v, out), v.storage.source.path)
@@ -240,6 +241,7 @@ class Checkpoint:
                 by_storage.setdefault((id(v.storage.source), v.storage.key, v.storage.byte_offset), []).append(k)
         for group in by_storage.values():  # tensors over one storage share one owned buffer, as saved
             refs = [records[k] for k in group]
+            _refuse_quantized(refs[0], self.path)
             got = [self._value(refs[0], reads)] if len(refs) == 1 else self._guard(
                 lambda refs=refs: read_shared(refs), refs[0].storage.source.path)
             out.update(zip(group, got))
@@ -276,6 +278,7 @@ class Checkpoint:
         if isinstance(v, torch.Tensor):
             return v
         reads = reads if reads is not None else Reads(True)
+        _refuse_quantized(v, self.path)
         if isinstance(v, LazyRecord):
             return self._guard(lambda: v.read(reads), v.path or self.path)
         source = v.storage.source if v.storage is not None else None
@@ -394,6 +397,7 @@ class _Materializer:
         for refs in groups.values():  # records over one storage share one owned buffer, as torch.load gives them
             got = [ck._value(refs[0])] if len(refs) == 1 else ck._guard(
                 lambda refs=refs: read_shared(refs), refs[0].storage.source.path)
+            _refuse_quantized(refs[0], ck.path)
             self.values.update(zip(map(id, refs), got))
 
     def _copy(self, obj: Any, depth: int) -> Any:
@@ -465,6 +469,21 @@ def _reopen(path: str, trust: bool) -> Checkpoint:
             _REOPENED.clear()
         _REOPENED[(path, trust)] = ck
     return ck
+
+
+_QUANTIZED = frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4})
+
+
+def _refuse_quantized(v: Any, path: str | None) -> None:
+    """A plain tensor record of a quantized dtype has no scale or zero point: torch builds a tensor whose
+    every use fails an internal assert. torch.save writes quantized tensors another way (``_rebuild_qtensor``)."""
+    if isinstance(v, TensorRef) and v.dtype in _QUANTIZED:
+        raise CorruptCheckpointError(
+            f"{path}: a tensor record has the quantized dtype {dtype_name(v.dtype)} but no quantizer (scale, zero "
+            "point): torch.save writes quantized tensors with _rebuild_qtensor, so the record is damaged or "
+            "hand-made, and the tensor torch would build from it fails on every use. Re-save the tensor "
+            "(dequantize it, or save it with torch.save as a quantized tensor)."
+        )
 
 
 def _stored(v: Any) -> bool:

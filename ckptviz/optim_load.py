@@ -30,7 +30,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, source: Any, *, section: st
     name = section if section is not None else ck.optimizer_sections[0] if ck.optimizer_sections else ""
     where = f"{ck.path} [{name}]"
     saved = ck.materialize(ck.optimizer_state(section))
-    groups, state = _checked(saved, where)
+    groups, state = _checked(saved, where, type(optimizer).__module__.startswith("torch.optim"))
     saved_sizes = [len(g["params"]) for g in groups]
     sizes = [len(g["params"]) for g in optimizer.param_groups]
     if saved_sizes != sizes:
@@ -48,25 +48,35 @@ def load_optimizer(optimizer: torch.optim.Optimizer, source: Any, *, section: st
             )
     params = [p for g in optimizer.param_groups for p in g["params"]]
     by_id = dict(zip((pid for g in groups for pid in g["params"]), params))
-    bad = [
+    bad = [  # (LBFGS keeps its state flat over all parameters, under the first one)
         f"param {pid} {name}: saved {tuple(v.shape)}, parameter {tuple(by_id[pid].shape)}"
-        for pid, entry in state.items() if pid in by_id
+        for pid, entry in state.items() if pid in by_id and not isinstance(optimizer, torch.optim.LBFGS)
         for name, v in entry.items()
         if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != by_id[pid].shape
     ]
     if bad:
         raise OptimizerMismatchError(f"{where}: saved state does not fit the parameters: " + "; ".join(bad[:5]))
+    old_state, old_groups = optimizer.state, optimizer.param_groups
+    old_group_items = [dict(g) for g in old_groups]
     try:
         optimizer.load_state_dict({**saved, "state": state, "param_groups": groups})
-    except Exception as e:  # noqa: BLE001 (torch's checks raise many kinds; each is a refusal of this state)
+    except BaseException as e:
+        # torch installs the new state before its optimizer-specific fix-ups run: put the old one back
+        for g, items in zip(old_groups, old_group_items):
+            g.clear()
+            g.update(items)
+        optimizer.__dict__.update(state=old_state, param_groups=old_groups)
+        if not isinstance(e, Exception):  # KeyboardInterrupt & co: restored, then re-raised
+            raise
         raise OptimizerMismatchError(
             f"{where}: torch refused the optimizer state ({type(e).__name__}: {_cut(e)}); the optimizer was left "
             "as it was. Check that the checkpoint was saved by this optimizer class.") from None
     return {"groups": len(groups), "params": len(params), "params_with_state": len(state)}
 
 
-def _checked(saved: Any, where: str) -> tuple[list[dict], dict]:
-    """(param_groups, state) of a saved optimizer state dict, each checked to be what torch writes."""
+def _checked(saved: Any, where: str, builtin: bool) -> tuple[list[dict], dict]:
+    """(param_groups, state) of a saved optimizer state dict, each checked to be what torch writes
+    (``builtin``: per-parameter values as torch's own optimizers keep them)."""
     if not isinstance(saved, Mapping):
         raise OptimizerMismatchError(f"{where}: the optimizer state is a {type(saved).__name__}, not a dict")
     groups = saved.get("param_groups")
@@ -95,7 +105,7 @@ def _checked(saved: Any, where: str) -> tuple[list[dict], dict]:
             raise OptimizerMismatchError(
                 f"{where}: the state of parameter {_cut(pid)} must be a dict (e.g. step, exp_avg); found "
                 f"{_kind(entry)}. The file is damaged or not an optimizer state.")
-        for name, v in entry.items():
+        for name, v in entry.items() if builtin else ():
             flat = v if isinstance(v, (list, tuple)) else (v,)
             if not all(isinstance(x, _SCALARS) for x in flat):
                 raise OptimizerMismatchError(
@@ -104,14 +114,19 @@ def _checked(saved: Any, where: str) -> tuple[list[dict], dict]:
                     "optimizer state.")
     # torch's load_state_dict walks every value as a tree (shared parts again at each place): bound it first
     walk_limits.expanded_size(groups, where, "the optimizer's param_groups")
+    walk_limits.expanded_size(state, where, "the optimizer's state")
     return groups, {pid: dict(entry) for pid, entry in state.items()}
 
 
 def _kind(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         inner = sorted({type(x).__name__ for x in v[:50]})
-        return f"a {type(v).__name__} of {', '.join(inner) or 'nothing'}"
-    return f"a {type(v).__name__}"
+        return f"{_a(type(v).__name__)} of {', '.join(inner) or 'nothing'}"
+    return _a(type(v).__name__)
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[:1].lower() in "aeiou" else f"a {noun}"
 
 
 def _cut(v: Any, limit: int = 120) -> str:
