@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import walk as walk_limits
 from .errors import (
     CheckpointError,
     CheckpointWarning,
@@ -64,7 +65,7 @@ class Checkpoint:
             weights, optimizers, found = dict(raw.sections), dict(raw.optimizers or {}), {}
         else:
             label = os.path.basename(path) if path and raw is not None else None
-            found, optimizers = find_sections(root)
+            found, optimizers = find_sections(root, path)
             weights = {name: TensorTable.from_refs(entries, label) for name, entries in found.items()}
             taken = {name.split(".", 1)[0] for name in (*weights, *optimizers)}
             found = metadata(root, taken)
@@ -174,6 +175,7 @@ class Checkpoint:
                 f"{dtype_name(out.dtype)} tensor of shape {list(out.shape)} on {out.device}. Pass a CPU tensor of "
                 "the same shape and dtype (cast or move after reading)."
             )
+        _refuse_quantized(v, self.path)
         with torch.no_grad():
             if isinstance(v, TensorRef) and v.storage is not None:
                 self._guard(lambda: read_into(v, out), v.storage.source.path)
@@ -240,6 +242,7 @@ class Checkpoint:
                 by_storage.setdefault((id(v.storage.source), v.storage.key, v.storage.byte_offset), []).append(k)
         for group in by_storage.values():  # tensors over one storage share one owned buffer, as saved
             refs = [records[k] for k in group]
+            _refuse_quantized(refs[0], self.path)
             got = [self._value(refs[0], reads)] if len(refs) == 1 else self._guard(
                 lambda refs=refs: read_shared(refs), refs[0].storage.source.path)
             out.update(zip(group, got))
@@ -276,6 +279,7 @@ class Checkpoint:
         if isinstance(v, torch.Tensor):
             return v
         reads = reads if reads is not None else Reads(True)
+        _refuse_quantized(v, self.path)
         if isinstance(v, LazyRecord):
             return self._guard(lambda: v.read(reads), v.path or self.path)
         source = v.storage.source if v.storage is not None else None
@@ -292,18 +296,17 @@ class Checkpoint:
             raise CorruptCheckpointError(f"{where}: could not read the bytes of a tensor ({e}).") from None
 
     def materialize(self, obj: Any) -> Any:
-        """A deep copy of ``obj`` (part of this checkpoint's tree) with real, owned tensors."""
+        """A deep copy of ``obj`` (part of this checkpoint's tree) with real, owned tensors.
+
+        What the pickle shares stays shared in the copy, as ``torch.load`` gives it: each container is
+        copied once, and records over one storage are read once into one buffer (views of it). The walk
+        counts containers against ``ckptviz.walk.MAX_WALK_NODES`` (:class:`~ckptviz.walk.WalkLimitError`
+        past it, or past ``MAX_WALK_DEPTH`` levels)."""
         if isinstance(obj, torch.Tensor):
             return obj.clone()
         if is_tensor(obj):
             return self._value(obj)  # read into memory of its own
-        if isinstance(obj, Stub):
-            return {k: self.materialize(v) for k, v in obj.attributes().items()}
-        if isinstance(obj, Mapping):
-            return {k: self.materialize(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(self.materialize(v) for v in obj)
-        return obj
+        return _Materializer(self).run(obj)
 
     def optimizer_state(self, section: str | None = None) -> Any:
         """The raw (lazy) optimizer state stored under ``section`` (the first one when None)."""
@@ -343,6 +346,99 @@ class Checkpoint:
         )
 
 
+class _Materializer:
+    """One :meth:`Checkpoint.materialize`: collect the records (each container once), read them grouped
+    by storage, then copy the tree with a memo by id."""
+
+    def __init__(self, ck: Checkpoint):
+        self.ck = ck
+        self.budget = walk_limits.Budget(ck.path, "materializing the value's object tree")
+        self.values: dict[int, Any] = {}  # id(record or tensor) -> its owned tensor
+        self.memo: dict[int, Any] = {}
+        self.keep: list[Any] = []  # every container seen, so that no id is reused while the memo holds it
+
+    def run(self, obj: Any) -> Any:
+        self._read(self._records(obj))
+        return self._copy(obj, 0)
+
+    @staticmethod
+    def _items(obj: Any) -> Iterable[Any]:
+        if isinstance(obj, Stub):
+            return obj.attributes().values()
+        if isinstance(obj, Mapping):
+            return obj.values()
+        if isinstance(obj, (list, tuple)):
+            return obj
+        return ()
+
+    def _records(self, root: Any) -> list[Any]:
+        found, seen, stack = [], set(), [root]
+        while stack:
+            obj = stack.pop()
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            self.keep.append(obj)
+            if isinstance(obj, torch.Tensor) or is_tensor(obj):
+                found.append(obj)
+            elif isinstance(obj, (Mapping, list, tuple)):
+                self.budget.step()
+                stack.extend(self._items(obj))
+        return found
+
+    def _read(self, records: list[Any]) -> None:
+        ck, groups = self.ck, {}
+        for v in records:
+            if _stored(v):
+                groups.setdefault((id(v.storage.source), v.storage.key, v.storage.byte_offset), []).append(v)
+            elif isinstance(v, torch.Tensor):
+                self.values[id(v)] = v.clone()
+            else:
+                self.values[id(v)] = ck._value(v)
+        for refs in groups.values():  # records over one storage share one owned buffer, as torch.load gives them
+            got = [ck._value(refs[0])] if len(refs) == 1 else ck._guard(
+                lambda refs=refs: read_shared(refs), refs[0].storage.source.path)
+            _refuse_quantized(refs[0], ck.path)
+            self.values.update(zip(map(id, refs), got))
+
+    def _copy(self, obj: Any, depth: int) -> Any:
+        if id(obj) in self.values:
+            return self.values[id(obj)]
+        if not isinstance(obj, (Mapping, list, tuple)):
+            return obj
+        if id(obj) in self.memo:
+            return self.memo[id(obj)]
+        if depth > walk_limits.MAX_WALK_DEPTH:
+            raise walk_limits.limit_error(self.ck.path, "the value nests containers deeper than", "MAX_WALK_DEPTH")
+        if isinstance(obj, Mapping):
+            out: Any = {}
+            self.memo[id(obj)] = out  # before the children: a cycle gets the copy, as deepcopy does
+            items = obj.attributes().items() if isinstance(obj, Stub) else obj.items()
+            for k, v in items:
+                out[k] = self._copy(v, depth + 1)
+            return out
+        if isinstance(obj, list):
+            out = self.memo[id(obj)] = []
+            out.extend(self._copy(v, depth + 1) for v in obj)
+            return out
+        items = [self._copy(v, depth + 1) for v in obj]
+        if id(obj) in self.memo:  # a cycle through a list inside this tuple already built it
+            return self.memo[id(obj)]
+        out = self.memo[id(obj)] = type(obj)(items) if type(obj) is tuple else _retuple(obj, items)
+        return out
+
+
+def _retuple(obj: tuple, items: list) -> tuple:
+    """A tuple subclass (a namedtuple, ``torch.Size``) rebuilt from ``items``; a plain tuple if it cannot be."""
+    try:
+        return type(obj)(items)
+    except TypeError:
+        try:
+            return type(obj)(*items)
+        except TypeError:
+            return tuple(items)
+
+
 def _stats_task(ck: Checkpoint, section: str, keys: list[str]) -> pd.DataFrame:
     """``stats_frame`` of ``keys``, each tensor read into memory of its own and let go before the next
     (so a task holds one tensor at a time, and a file changed under it raises instead of faulting)."""
@@ -377,6 +473,21 @@ def _reopen(path: str, trust: bool) -> Checkpoint:
             _REOPENED.clear()
         _REOPENED[(path, trust)] = ck
     return ck
+
+
+_QUANTIZED = frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4})
+
+
+def _refuse_quantized(v: Any, path: str | None) -> None:
+    """A plain tensor record of a quantized dtype has no scale or zero point: torch builds a tensor whose
+    every use fails an internal assert. torch.save writes quantized tensors another way (``_rebuild_qtensor``)."""
+    if isinstance(v, TensorRef) and v.dtype in _QUANTIZED:
+        raise CorruptCheckpointError(
+            f"{path}: a tensor record has the quantized dtype {dtype_name(v.dtype)} but no quantizer (scale, zero "
+            "point): torch.save writes quantized tensors with _rebuild_qtensor, so the record is damaged or "
+            "hand-made, and the tensor torch would build from it fails on every use. Re-save the tensor "
+            "(dequantize it, or save it with torch.save as a quantized tensor)."
+        )
 
 
 def _stored(v: Any) -> bool:
