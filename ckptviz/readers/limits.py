@@ -16,12 +16,13 @@ MAX_NUMEL = 2**48  # elements one tensor may declare (256 Ti elements; the large
 class LimitExceeded(pickle.UnpicklingError):
     """A reader limit was hit; ``constant`` is the dotted name of the module constant."""
 
-    def __init__(self, what: str, constant: str, value: int):
+    def __init__(self, what: str, constant: str, value: int, note: str = ""):
         self.constant, self.value = constant, value
         module, _, name = constant.rpartition(".")
+        note = f", {note}" if note else ""
         super().__init__(
             f"{what}: beyond the limit {constant} = {value:_}. If you trust the file, raise it "
-            f"(`import {module}; {module}.{name} = ...`) and open the file again")
+            f"(`import {module}; {module}.{name} = ...`{note}) and open the file again")
 
 
 def limit_error(path: str, e: LimitExceeded) -> CheckpointLimitError:

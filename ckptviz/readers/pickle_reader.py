@@ -34,6 +34,7 @@ from .pickle_scan import TruncatedPickle, nesting_bound, scan
 from .records import OpaqueTensor, StorageRef, TensorRef, element_size
 
 MAX_NESTING = 200  # containers nested deeper than this are refused (torch.save never nests beyond ~10)
+NESTING_CEILING = 500  # MAX_NESTING is honoured up to this: repr and Python tree walks stay under the recursion limit
 MAX_GLOBALS = 10_000  # distinct global names one pickle may refer to
 
 
@@ -532,14 +533,15 @@ def _children(obj: Any):
 
 def _too_deep(limit: int) -> LimitExceeded:
     return LimitExceeded(f"the pickle nests containers more than {limit} deep",
-                         "ckptviz.readers.pickle_reader.MAX_NESTING", limit)
+                         "ckptviz.readers.pickle_reader.MAX_NESTING", limit,
+                         f"at most NESTING_CEILING = {NESTING_CEILING}")
 
 
 def check_nesting(root: Any, limit: int | None = None) -> None:
     """Refuse trees whose containers nest deeper than ``limit`` (default :data:`MAX_NESTING`, read at
     call time; iterative; shared nodes counted once)."""
     if limit is None:
-        limit = MAX_NESTING
+        limit = min(MAX_NESTING, NESTING_CEILING)
     if type(root) in _LEAVES:
         return
     done: dict[int, int] = {}  # id -> height of a finished node
