@@ -67,3 +67,8 @@ class LoadError(CheckpointError):
 
 class OptimizerMismatchError(CheckpointError):
     """The saved optimizer state does not fit the optimizer's parameter groups."""
+
+
+class CheckpointLimitError(CorruptCheckpointError):
+    """The file declares more than one of ckptviz's reader limits allows (nesting, element count,
+    inflated size...); the message names the module constant, which may be raised for a trusted file."""

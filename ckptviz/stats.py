@@ -193,6 +193,10 @@ def _summarize(t: torch.Tensor, bins: int | None, rng: tuple[float, float] | Non
     table = _value_table(t.dtype)
     if t.device.type == "meta" or (table is None and t.dtype not in _WIDE):
         return _undefined(numel), _empty_hist(bins, rng) if bins else None
+    distinct, repeats = _distinct(t)
+    if repeats > 1:  # stride-0 dimensions repeat each element: summarise the distinct ones, scale the counts
+        stats, hist = _summarize(distinct, bins, rng, chunk_bytes, (lambda n: tick(n * repeats)) if tick else None)
+        return _repeated(stats, repeats), _repeated_hist(hist, repeats)
     if table is not None:
         counts = _count_bits(t, chunk_bytes, tick)
         return _table_stats(table, counts), _table_hist(table, counts, bins, rng) if bins else None
@@ -208,6 +212,33 @@ def _summarize(t: torch.Tensor, bins: int | None, rng: tuple[float, float] | Non
         counts = _wide_pass(t, chunk_bytes, None, bins=bins, rng=rng, moments=False)[1]
     finite = stats["numel"] - stats["nan"] - stats["inf"]
     return stats, Histogram(counts, _edges(bins, rng), int(stats["nan"]), int(stats["inf"]), int(finite - counts.sum()))
+
+
+def _distinct(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``t`` without its repeating dimensions (stride 0, as ``expand`` makes them), and how many times
+    each of its elements stands in ``t``; ``(t, 1)`` if none repeats. A file may declare a 10**6 x 10**6
+    tensor over 4 bytes: its statistics follow from its one distinct element."""
+    if t.numel() <= 1 or all(s or n <= 1 for n, s in zip(t.shape, t.stride())):
+        return t, 1
+    index = tuple(slice(0, 1) if s == 0 and n > 1 else slice(None) for n, s in zip(t.shape, t.stride()))
+    distinct = t[index]
+    return distinct, t.numel() // distinct.numel()
+
+
+def _repeated(stats: dict[str, float], repeats: int) -> dict[str, float]:
+    """Statistics of the distinct elements made those of the tensor repeating each ``repeats`` times:
+    counts and the L2 norm scale, the rest (mean, std, extremes, fractions) are unchanged."""
+    stats = dict(stats)
+    for key in ("numel", "nan", "inf"):
+        stats[key] *= repeats
+    stats["l2"] *= math.sqrt(repeats)
+    return stats
+
+
+def _repeated_hist(hist: Histogram | None, repeats: int) -> Histogram | None:
+    if hist is None:
+        return None
+    return Histogram(hist.counts * repeats, hist.edges, hist.nan * repeats, hist.inf * repeats, hist.outside * repeats)
 
 
 def _undefined(numel: int) -> dict[str, float]:

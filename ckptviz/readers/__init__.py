@@ -105,6 +105,7 @@ def read_file(path: str) -> RawCheckpoint:
 def _read_plain_pickle(path: str) -> RawCheckpoint:
     import mmap
 
+    from .limits import LimitExceeded, limit_error
     from .mapped import MappedFile
     from .pickle_reader import PICKLE_ERRORS, unpickle_from
 
@@ -112,6 +113,8 @@ def _read_plain_pickle(path: str) -> RawCheckpoint:
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             obj, up = unpickle_from(mm, 0, source=source)
+    except LimitExceeded as e:
+        raise limit_error(path, e) from None
     except (OSError, *PICKLE_ERRORS) as e:
         raise CorruptCheckpointError(f"{path}: a pickle, but it is truncated or corrupted ({e}).") from None
     return RawCheckpoint(format="pickle", root=obj, unsafe=up.unsafe, source=source, storages=up.storages,

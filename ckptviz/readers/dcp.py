@@ -25,6 +25,7 @@ from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpoint
 from ..sections import plain
 from ._gc import paused_gc
 from .dcp_layout import Layout, insert, listify, name_of, optimizer_state
+from .limits import LimitExceeded, limit_error
 from .mapped import MappedFile, copying, read_into, read_tensor
 from .pickle_reader import PICKLE_ERRORS, Stub, unpickle
 from .raw import RawCheckpoint
@@ -93,6 +94,8 @@ def load_metadata(path: str) -> tuple[dict, set[str]]:
     try:
         with paused_gc():
             obj, up = unpickle(data)
+    except LimitExceeded as e:
+        raise limit_error(path, e) from None
     except PICKLE_ERRORS as e:
         raise CorruptCheckpointError(
             f"{path}: the distributed checkpoint's metadata is truncated or corrupted ({type(e).__name__}: {e}). "
@@ -338,6 +341,8 @@ class DcpFolder:
                     ref = self._zip_chunk(f, item, start, length, source)
                 else:
                     ref = self._safetensors_chunk(f, item, fqn, start, source)
+        except LimitExceeded as e:
+            raise limit_error(source.path, e) from None
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, CorruptCheckpointError, *PICKLE_ERRORS) as e:
             raise CorruptCheckpointError(
                 f"{source.path}: the chunk of {fqn!r} at bytes {start}..{start + length} cannot be read "
@@ -418,6 +423,8 @@ class DcpFolder:
         try:
             with open(source.path, "rb") as f:
                 obj, up, _ = read_zip_window(f, start, length, None)
+        except LimitExceeded as e:
+            raise limit_error(source.path, e) from None
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, CorruptCheckpointError, *PICKLE_ERRORS) as e:
             raise CorruptCheckpointError(
                 f"{source.path}: the item {fqn!r} at bytes {start}..{start + length} cannot be read "

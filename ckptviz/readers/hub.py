@@ -14,6 +14,7 @@ from ..errors import CheckpointNotFoundError, CorruptCheckpointError, NoTensorsE
 from .layout import SHARD, Layout
 from .raw import RawCheckpoint
 from .records import TensorTable
+from .safetensors_reader import MAX_JSON_DEPTH, _max_depth
 
 MAX_INDEX_BYTES = 1 << 30
 MAX_CONFIG_BYTES = 16 << 20
@@ -61,11 +62,21 @@ def folder_metadata(folder: str) -> dict:
         try:
             if os.path.getsize(path) > MAX_CONFIG_BYTES:
                 raise ValueError(f"larger than {MAX_CONFIG_BYTES >> 20} MB")
-            with open(path, encoding="utf-8") as f:
-                meta[key] = json.load(f)
+            with open(path, "rb") as f:
+                meta[key] = _json(f.read())
         except (OSError, ValueError, RecursionError) as e:
             meta[key] = f"<unreadable: {e}>"
     return meta
+
+
+def _json(raw: bytes):
+    """``raw`` parsed as JSON, refused (ValueError) when it nests deeper than MAX_JSON_DEPTH: deeper
+    trees would make every later walk of the metadata recurse that deep (index and configs nest < 10)."""
+    depth = _max_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"it nests {depth} levels deep, beyond the limit "
+                         f"ckptviz.readers.safetensors_reader.MAX_JSON_DEPTH = {MAX_JSON_DEPTH}")
+    return json.loads(raw)
 
 
 def _read_index(index: str) -> tuple[dict[str, str], dict]:
@@ -73,7 +84,7 @@ def _read_index(index: str) -> tuple[dict[str, str], dict]:
         if os.path.getsize(index) > MAX_INDEX_BYTES:
             raise ValueError(f"larger than {MAX_INDEX_BYTES >> 30} GB")
         with open(index, "rb") as f:
-            data = json.loads(f.read())
+            data = _json(f.read())
     except (OSError, ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{index}: the index is not readable JSON ({e}). Re-download it.") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None

@@ -15,6 +15,7 @@ beyond torch's ``weights_only`` allowlist is recorded."""
 from __future__ import annotations
 
 import _compat_pickle
+import math
 import pickle
 import struct
 import threading
@@ -26,11 +27,14 @@ from typing import Any, BinaryIO
 import torch
 
 from ..errors import CheckpointError
+from . import limits as _limits
 from ._gc import paused_gc
+from .limits import LimitExceeded
 from .pickle_scan import TruncatedPickle, nesting_bound, scan
 from .records import OpaqueTensor, StorageRef, TensorRef, element_size
 
 MAX_NESTING = 200  # containers nested deeper than this are refused (torch.save never nests beyond ~10)
+NESTING_CEILING = 500  # MAX_NESTING is honoured up to this: repr and Python tree walks stay under the recursion limit
 MAX_GLOBALS = 10_000  # distinct global names one pickle may refer to
 
 
@@ -156,6 +160,8 @@ def _rebuild_v2(storage, offset, size, stride, requires_grad=False, hooks=None, 
     for v in size + stride:
         if type(v) is not int or v < 0:
             _ints("size", size, 0), _ints("stride", stride, 0)
+    if len(size) > 1 and math.prod(size) > _limits.MAX_NUMEL:
+        _limits.check_numel(size, math.prod(size), "a tensor record")
     ref = _new_object(TensorRef)
     ref.storage, ref.offset, ref.shape, ref.stride, ref.dtype = storage, offset, size, stride, storage.dtype
     ref.requires_grad = requires_grad is True or (type(requires_grad) is int and requires_grad != 0)
@@ -192,6 +198,7 @@ def _rebuild_meta(dtype, size, stride, requires_grad):
     if type(dtype) is not torch.dtype:
         raise pickle.UnpicklingError(f"tensor record has an invalid dtype: {_short(dtype)}")
     size, stride = _ints("size", size, minimum=0), _ints("stride", stride, minimum=0)
+    _limits.check_numel(size, math.prod(size), "a meta tensor record")
     return TensorRef(None, 0, size, stride, dtype, _flag(requires_grad))
 
 
@@ -413,7 +420,8 @@ class Unpickled:
             if full in self._handed:
                 return self._handed[full]
         if len(self._handed) >= MAX_GLOBALS:
-            raise pickle.UnpicklingError(f"the pickle refers to more than {MAX_GLOBALS} distinct globals")
+            raise LimitExceeded("the pickle refers to too many distinct globals",
+                                "ckptviz.readers.pickle_reader.MAX_GLOBALS", MAX_GLOBALS)
         kind, what = self._table.get(full, ("stub", None))
         if kind == "value":
             obj = what
@@ -523,8 +531,17 @@ def _children(obj: Any):
     return ()
 
 
-def check_nesting(root: Any, limit: int = MAX_NESTING) -> None:
-    """Refuse trees whose containers nest deeper than ``limit`` (iterative; shared nodes counted once)."""
+def _too_deep(limit: int) -> LimitExceeded:
+    return LimitExceeded(f"the pickle nests containers more than {limit} deep",
+                         "ckptviz.readers.pickle_reader.MAX_NESTING", limit,
+                         f"at most NESTING_CEILING = {NESTING_CEILING}")
+
+
+def check_nesting(root: Any, limit: int | None = None) -> None:
+    """Refuse trees whose containers nest deeper than ``limit`` (default :data:`MAX_NESTING`, read at
+    call time; iterative; shared nodes counted once)."""
+    if limit is None:
+        limit = min(MAX_NESTING, NESTING_CEILING)
     if type(root) in _LEAVES:
         return
     done: dict[int, int] = {}  # id -> height of a finished node
@@ -545,14 +562,14 @@ def check_nesting(root: Any, limit: int = MAX_NESTING) -> None:
                 if id(child) in active:
                     continue  # a cycle (a list holding itself): no deeper than its first visit
                 if len(stack) >= limit:
-                    raise pickle.UnpicklingError(f"the pickle nests containers more than {limit} deep")
+                    raise _too_deep(limit)
                 active.add(id(child))
                 stack.append([child, iter(_children(child)), 1])
                 break
             if height + 1 > frame[2]:
                 frame[2] = height + 1
                 if len(stack) + height > limit:
-                    raise pickle.UnpicklingError(f"the pickle nests containers more than {limit} deep")
+                    raise _too_deep(limit)
         else:
             stack.pop()
             done[id(frame[0])] = frame[2]

@@ -8,6 +8,7 @@ import mmap
 import struct
 
 from ..errors import CorruptCheckpointError
+from .limits import LimitExceeded, limit_error
 from .mapped import MappedFile
 from .pickle_reader import PICKLE_ERRORS, unpickle_from
 from .raw import RawCheckpoint
@@ -68,6 +69,8 @@ def read_torch_legacy(path: str) -> RawCheckpoint:
             _check_views(up.storages.values(), up.views, limits, offsets)
     except CorruptCheckpointError:
         raise
+    except LimitExceeded as e:
+        raise limit_error(path, e) from None
     except (OSError, *PICKLE_ERRORS) as e:
         raise CorruptCheckpointError(
             f"{path}: looks like a legacy torch checkpoint but it is truncated or corrupted ({e}). "

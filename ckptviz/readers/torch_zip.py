@@ -14,6 +14,7 @@ from operator import methodcaller
 import numpy as np
 
 from ..errors import CorruptCheckpointError
+from .limits import LimitExceeded, limit_error
 from .mapped import FileBytes, MappedFile
 from .pickle_reader import PICKLE_ERRORS, unpickle
 from .raw import RawCheckpoint
@@ -100,6 +101,13 @@ MIN_INFLATE_CAP = 64 << 20  # a deflated entry may inflate to max(this, INFLATE_
 INFLATE_RATIO = 100
 
 
+def _inflate_cap(name: str, declared: int, compressed: int, cap: int) -> LimitExceeded:
+    return LimitExceeded(
+        f"{name} declares {declared:_} inflated bytes from {compressed:_} compressed, beyond the inflate cap of "
+        f"{cap:_} bytes = max(MIN_INFLATE_CAP, INFLATE_RATIO x compressed)",
+        "ckptviz.readers.torch_zip.INFLATE_RATIO", INFLATE_RATIO)
+
+
 def inflate(data: bytes, name: str, declared: int) -> bytes:
     """Inflate a raw-deflate zip entry, refusing more than its declared size or the inflate cap
     (``max(MIN_INFLATE_CAP, INFLATE_RATIO * compressed size)``); zlib errors become BadZipFile."""
@@ -112,10 +120,7 @@ def inflate(data: bytes, name: str, declared: int) -> bytes:
         raise zipfile.BadZipFile(f"{name} does not inflate ({e})") from None
     if len(out) > declared or d.unconsumed_tail:
         if declared > cap:
-            raise zipfile.BadZipFile(
-                f"{name} declares {declared} inflated bytes from {len(data)} compressed, beyond the inflate cap "
-                f"of {cap} bytes (ckptviz.readers.torch_zip.MIN_INFLATE_CAP / INFLATE_RATIO; raise them only for "
-                "a trusted file)")
+            raise _inflate_cap(name, declared, len(data), cap)
         raise zipfile.BadZipFile(f"{name} inflates to more than its declared {declared} bytes")
     return out
 
@@ -200,6 +205,8 @@ def read_torch_zip(path: str) -> RawCheckpoint:
         limits = dict(zip(keys, (np.array(starts, dtype=np.int64) + zd.size[rows]).tolist()))
     except CorruptCheckpointError:
         raise
+    except LimitExceeded as e:
+        raise limit_error(path, e) from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, *PICKLE_ERRORS) as e:
         raise CorruptCheckpointError(
             f"{path}: looks like a torch zip checkpoint but it is truncated or corrupted ({e}). "
@@ -283,9 +290,7 @@ def read_zip_window(f, start: int, length: int, source: MappedFile | None = None
         if info.compress_type != zipfile.ZIP_STORED:
             cap = max(MIN_INFLATE_CAP, INFLATE_RATIO * info.compress_size)
             if info.file_size > cap:
-                raise zipfile.BadZipFile(
-                    f"{pkl[0]} declares {info.file_size} inflated bytes, beyond the inflate cap of {cap} bytes "
-                    "(ckptviz.readers.torch_zip.MIN_INFLATE_CAP / INFLATE_RATIO; raise them only for a trusted file)")
+                raise _inflate_cap(pkl[0], info.file_size, info.compress_size, cap)
         try:
             data = zf.read(pkl[0])
         except zlib.error as e:
