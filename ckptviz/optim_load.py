@@ -88,10 +88,12 @@ def _checked(saved: Any, where: str, builtin: bool) -> tuple[list[dict], dict]:
     seen: set[int] = set()
     for i, g in enumerate(groups):
         ids = g["params"]
-        if not isinstance(ids, (list, tuple)) or not all(type(p) is int for p in ids):
+        if not isinstance(ids, (list, tuple)) or not (all(type(p) is int for p in ids)
+                                                      or all(type(p) is str for p in ids)):
             raise OptimizerMismatchError(
                 f"{where}: param group {i}'s 'params' must be a list of int parameter ids (what "
-                f"optimizer.state_dict() writes); found {_kind(ids)}. The file is damaged or not an optimizer state.")
+                "optimizer.state_dict() writes) or of parameter names (what torch.distributed.checkpoint "
+                f"writes); found {_kind(ids)}. The file is damaged or not an optimizer state.")
         if seen.intersection(ids) or len(set(ids)) != len(ids):
             raise OptimizerMismatchError(f"{where}: param group {i} repeats a parameter id; the state is damaged.")
         seen.update(ids)
