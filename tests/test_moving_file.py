@@ -89,23 +89,25 @@ READER = textwrap.dedent("""
 """)
 
 
-def test_reading_with_copy_while_torch_save_rewrites_the_file_never_faults(tmp_path):
-    """A reader in a child process (so a SIGBUS shows as a signal, not a dead pytest) races a real
-    ``torch.save`` rewriting the same path, now shorter, now longer."""
-    path = tmp_path / "last.ckpt"
-    torch.save({"w": torch.randn(256, 1024)}, path)
-    child = subprocess.Popen([sys.executable, "-c", READER, str(path), "300"], stdout=subprocess.PIPE,
+def _race(path, script: str, runs: int, key: str, sizes: list[tuple[int, int]]) -> None:
+    """Run ``script`` (``runs`` rounds) in a child (so a SIGBUS shows as a signal, not a dead pytest)
+    while real ``torch.save`` calls rewrite ``path``, now shorter, now longer; the child must exit 0."""
+    torch.save({key: torch.randn(*sizes[0])}, path)
+    child = subprocess.Popen([sys.executable, "-c", script, str(path), str(runs)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-    sizes = [(256, 1024), (8, 8), (512, 1024)]
     i = 0
     while child.poll() is None:
-        torch.save({"w": torch.randn(*sizes[i % 3])}, path)
+        torch.save({key: torch.randn(*sizes[i % len(sizes)])}, path)
         i += 1
     out, err = child.communicate()
     assert child.returncode == 0, (f"reader died with signal {signal.Signals(-child.returncode).name}"
                                    if child.returncode < 0 else err[-2000:])
     ok, refused = map(int, out.split())
-    assert ok + refused == 300 and i > 3
+    assert ok + refused == runs and i > 3
+
+
+def test_reading_with_copy_while_torch_save_rewrites_the_file_never_faults(tmp_path):
+    _race(tmp_path / "last.ckpt", READER, 300, "w", [(256, 1024), (8, 8), (512, 1024)])
 
 
 VERBS = textwrap.dedent("""
@@ -136,21 +138,8 @@ VERBS = textwrap.dedent("""
 
 def test_stats_histogram_diff_and_load_while_torch_save_rewrites_the_file_never_fault(tmp_path):
     """The streaming verbs (stats, histogram, diff, compare + load_partial) race real ``torch.save``
-    calls on the same path in a child process: errors are CheckpointErrors, never a signal."""
-    path = tmp_path / "last.ckpt"
-    torch.save({"weight": torch.randn(256, 1024)}, path)
-    child = subprocess.Popen([sys.executable, "-c", VERBS, str(path), "200"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    sizes = [(256, 1024), (8, 8), (256, 1024), (512, 1024)]
-    i = 0
-    while child.poll() is None:
-        torch.save({"weight": torch.randn(*sizes[i % 4])}, path)
-        i += 1
-    out, err = child.communicate()
-    assert child.returncode == 0, (f"reader died with signal {signal.Signals(-child.returncode).name}"
-                                   if child.returncode < 0 else err[-2000:])
-    ok, refused = map(int, out.split())
-    assert ok + refused == 200 and i > 3
+    calls on the same path: errors are CheckpointErrors, never a signal."""
+    _race(tmp_path / "last.ckpt", VERBS, 200, "weight", [(256, 1024), (8, 8), (256, 1024), (512, 1024)])
 
 
 def test_big_parallel_reads_work_in_a_forked_child(tmp_path):

@@ -30,12 +30,9 @@ def laughs(levels: int = 30, width: int = 10) -> list:
 
 
 def _adam_state() -> tuple[nn.Module, dict]:
-    torch.manual_seed(0)
-    model = nn.Linear(3, 2)
-    opt = torch.optim.Adam(model.parameters())
-    model(torch.randn(4, 3)).sum().backward()
-    opt.step()
-    return model, opt.state_dict()
+    from test_consumer_errors import _adam
+
+    return _adam()
 
 
 @pytest.fixture
