@@ -346,7 +346,7 @@ def _bump_version(t: torch.Tensor) -> None:
 
 
 def _copy_into(live: dict[str, torch.Tensor], sources: dict[str, torch.Tensor], undo: bool,
-               write: Callable[[str, torch.Tensor], None] | None = None) -> _StorageBackup | None:
+               write: Callable[[str, torch.Tensor], None]) -> _StorageBackup | None:
     """Copy each source into its model tensor; on any failure or interrupt (``BaseException``:
     Ctrl-C included) write every touched storage back (with ``undo``) and re-raise. Returns the backup."""
     backup = _StorageBackup() if undo else None
@@ -358,7 +358,7 @@ def _copy_into(live: dict[str, torch.Tensor], sources: dict[str, torch.Tensor], 
             for key, src in sources.items():
                 dst = live[key]
                 written.append(key)
-                put = partial(write, key) if write is not None else partial(_copy_from, src)
+                put = partial(write, key)
                 if backup is None:
                     put(dst)
                 elif not backup.swap_in(dst, put):
@@ -386,10 +386,6 @@ def _copy_into(live: dict[str, torch.Tensor], sources: dict[str, torch.Tensor], 
                             f"({'; '.join(failed[:3])}): the model is NOT as it was") from e
         raise LoadError(f"{what}. The model was restored to exactly its previous values; nothing was loaded.") from e
     return backup
-
-
-def _copy_from(src: torch.Tensor, dst: torch.Tensor) -> None:
-    dst.copy_(src)
 
 
 def _cannot_copy(src: torch.Tensor, dst: torch.Tensor) -> str | None:
