@@ -151,28 +151,22 @@ def _row_style(row: pd.Series) -> str:
     return style + "; color: #b00020; font-weight: bold" if row.get("nonfinite") is True else style
 
 
-def _refuse_lazy(live: dict[str, torch.Tensor]) -> None:
-    """Raise a clear error if the model still has uninitialized lazy parameters (``nn.LazyLinear``...)."""
-    lazy = [k for k, t in live.items() if isinstance(t, nn.parameter.UninitializedTensorMixin)]
-    if lazy:
-        raise ModelError(
-            f"the model has {len(lazy)} uninitialized lazy parameter(s) or buffer(s) ({', '.join(lazy[:5])}; "
-            "from nn.LazyLinear, nn.LazyConv2d, ...): they have no shape yet to compare with the checkpoint. "
-            "Run one forward pass with a sample input first (model(x)) so their shapes exist, then compare again."
-        )
+def is_lazy(t: torch.Tensor) -> bool:
+    """Whether ``t`` is an uninitialized lazy parameter or buffer (``nn.LazyLinear`` before its first
+    forward): it has no shape yet, and takes the checkpoint's, as torch's ``load_state_dict`` does."""
+    return isinstance(t, nn.parameter.UninitializedTensorMixin)
 
 
 class _ModelColumns:
-    """The model side of the frame, read once per :func:`compare` (and reused for every section)."""
+    """The model side of the frame, read once per :func:`compare` (and reused for every section).
+    An uninitialized lazy tensor's shape is None (unknown); ``lazy`` marks those rows."""
 
     def __init__(self, live: dict[str, torch.Tensor]):
         tensors = list(live.values())
         self.keys = list(live)
-        try:
-            self.shape = _objects(map(tuple, map(operator.attrgetter("shape"), tensors)), len(tensors))
-        except RuntimeError:
-            _refuse_lazy(live)
-            raise
+        self.lazy = np.fromiter(map(is_lazy, tensors), dtype=bool, count=len(tensors))
+        shapes = (None if lazy else tuple(t.shape) for t, lazy in zip(tensors, self.lazy))
+        self.shape = _objects(shapes, len(tensors))
         self.dtype = _named(list(map(operator.attrgetter("dtype"), tensors)), dtype_name)
         self.device = _named(list(map(operator.attrgetter("device"), tensors)), str)
 
@@ -219,7 +213,7 @@ def _build_frame(model: _ModelColumns, tensors: pd.DataFrame, al: Alignment) -> 
     at = al.ckpt_row
     saved = [tensors.index.to_numpy(dtype=object), *(tensors[c].to_numpy(dtype=object) for c in CKPT_SIDE)]
     c_key, c_shape, c_dtype, c_device = (_taken(col, at) for col in saved)
-    code = np.where(model.shape != c_shape, 2, (model.dtype != c_dtype).astype(np.int64))
+    code = np.where((model.shape != c_shape) & ~model.lazy, 2, (model.dtype != c_dtype).astype(np.int64))
     code[at < 0] = 3
     unexpected = np.ones(len(tensors), dtype=bool)
     unexpected[at[at >= 0]] = False
@@ -239,7 +233,11 @@ def _build_frame(model: _ModelColumns, tensors: pd.DataFrame, al: Alignment) -> 
         "rule": (_rule_texts(al, at), none),
     }
     frame = {c: np.concatenate(parts) for c, parts in columns.items()}
-    return pd.DataFrame(frame, columns=COLUMNS, dtype=object, copy=False)  # empty cells stay None
+    names = COLUMNS
+    if model.lazy.any():  # the column exists only for models with uninitialized lazy tensors
+        frame["model_lazy"] = np.concatenate([model.lazy, np.zeros(n, dtype=bool)]).astype(object)
+        names = [*COLUMNS, "model_lazy"]
+    return pd.DataFrame(frame, columns=names, dtype=object, copy=False)  # empty cells stay None
 
 
 def compare(
@@ -268,7 +266,7 @@ def compare(
         entries = ck._section(name)
 
         def same_shape(c: str, m: str, entries=entries) -> bool:
-            return tuple(live[m].shape) == tensor_info(entries[c])[0]
+            return is_lazy(live[m]) or tuple(live[m].shape) == tensor_info(entries[c])[0]
 
         al = align(keys, list(entries), rules=rules, auto=auto_align, same_shape=same_shape)
         if best is None or al.paired > best[1].paired:
@@ -290,12 +288,13 @@ def _with_stats(frame: pd.DataFrame, ck: Checkpoint, section: str, model: nn.Mod
     from .stats import tensor_stats
 
     ck_stats = ck.stats(section)
+    live = {k: t for k, t in live.items() if not is_lazy(t)}  # no values yet: no statistics (NaN)
     model_stats = {k: tensor_stats(t.detach()) for k, t in live.items()}
     initial = still_initial(model, live)
     out = frame.copy()
     for col in STAT_COLUMNS:
         out[f"ckpt_{col}"] = [ck_stats.at[c, col] if isinstance(c, str) else float("nan") for c in frame["ckpt_key"]]
-        out[f"model_{col}"] = [model_stats[k][col] if isinstance(k, str) else float("nan") for k in frame["key"]]
+        out[f"model_{col}"] = [model_stats[k][col] if k in model_stats else float("nan") for k in frame["key"]]
     bad = out[["ckpt_nan", "ckpt_inf", "model_nan", "model_inf"]].fillna(0).sum(axis=1) > 0
     out["nonfinite"] = bad
     out["still_initial"] = [bool(initial.get(k, False)) if isinstance(k, str) else False for k in frame["key"]]

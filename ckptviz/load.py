@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .compare import Report, model_tensors
+from .compare import Report, is_lazy, model_tensors
 from .errors import LoadError
 from .provenance import remember_initial
 
@@ -55,6 +55,58 @@ class _Assigned:
             torch.utils.swap_tensors(self.obj, self.old)
 
 
+class _Materialized:
+    """Uninitialized lazy tensors (``nn.LazyLinear`` before a forward) this load gave the checkpoint's
+    shape, as torch's ``_lazy_load_hook`` does, and how to make them uninitialized again."""
+
+    __slots__ = ("items",)
+
+    def __init__(self):
+        self.items: list[tuple[torch.Tensor, type, torch.Tensor]] = []  # (object, its lazy class, its old data)
+
+    def materialize(self, dst: torch.Tensor, shape: torch.Size) -> None:
+        cls, old = type(dst), dst.data
+        self.items.append((dst, cls, old))  # first: an interrupt cannot skip the revert
+        dst.materialize(shape)  # the lazy tensor's own dtype and device, as torch's load hook does
+
+    def revert(self) -> None:
+        """Make every tensor uninitialized again (class and empty data back), last first."""
+        for dst, cls, old in reversed(self.items):
+            with torch.no_grad():
+                dst.data = old
+            dst.__class__ = cls
+        self.items = []
+
+
+def _materialize_lazy(live: dict[str, torch.Tensor], sources: dict[str, torch.Tensor],
+                      skipped: dict[str, str]) -> _Materialized:
+    """Give each uninitialized lazy model tensor in ``sources`` the checkpoint tensor's shape (the last
+    key of a tie wins, as for the load itself); on failure or interrupt make them lazy again."""
+    done, shapes = _Materialized(), {}
+    for k, src in sources.items():
+        dst = live[k]
+        if not is_lazy(dst):
+            continue
+        if src.is_meta:
+            skipped[k] = "the checkpoint tensor is on the meta device: it holds no values"
+        elif src.is_complex() and not dst.dtype.is_complex:
+            skipped[k] = f"complex {src.dtype} into real {dst.dtype} would drop the imaginary part"
+        else:
+            shapes[id(dst)] = (dst, src.shape)
+    for k in [k for k in skipped if k in sources]:
+        sources.pop(k)
+    try:
+        for dst, shape in shapes.values():
+            done.materialize(dst, shape)
+    except BaseException as e:
+        done.revert()
+        if not isinstance(e, Exception):
+            raise
+        raise LoadError(f"giving a lazy tensor the checkpoint's shape failed ({type(e).__name__}: {e}); "
+                        "the model was restored, nothing was loaded") from e
+    return done
+
+
 class LoadResult:
     """What :func:`load_partial` did: keys loaded, skipped (with reasons), missing, unexpected, and
     (``still_meta``) the model's tensors that are still on the meta device after the load."""
@@ -75,6 +127,8 @@ class LoadResult:
         self.still_meta: list[str] = meta_tensors(model)
         self.tied: list[list[str]] = _tied(model)  # model keys that name one tensor object (tied weights)
         self.undone = False
+        self.lazy: list[str] = []  # lazy model keys this load gave the checkpoint's shape (undo: lazy again)
+        self._lazy: _Materialized | None = None
 
     @property
     def frame(self) -> pd.DataFrame:
@@ -118,6 +172,8 @@ class LoadResult:
             if failed:
                 raise LoadError(f"undo could not write back {len(failed)} storage(s) ({'; '.join(failed[:3])}); "
                                 "the model is only partly restored")
+        if self._lazy is not None:
+            self._lazy.revert()
         self.undone = True
         if isinstance(self._backup, list):
             self._backup = []
@@ -304,8 +360,28 @@ def load_partial(model: nn.Module, report: Report, *, keys: Iterable[str] | None
     live = model_tensors(model)
     plan, skipped = _plan(report, live, keys)
     sources = _sources(report, plan)
+    target = _meta_target(device) if assign else None
+    lazy = _materialize_lazy(live, sources, skipped)  # lazy tensors take the file's shape, as in torch
+    try:
+        result = _load(model, report, live, plan, sources, skipped, undo, assign, target)
+    except BaseException:
+        lazy.revert()  # the load was rolled back (or left partial with undo=False): lazy ones are lazy again
+        raise
+    loaded_ids = {id(live[k]) for k in result.loaded}
+    result.lazy = [k for k in result.loaded if any(live[k] is d for d, _, _ in lazy.items)]
+    unwritten = _Materialized()  # materialized but then skipped: uninitialized again
+    unwritten.items = [item for item in lazy.items if id(item[0]) not in loaded_ids]
+    lazy.items = [item for item in lazy.items if id(item[0]) in loaded_ids]
+    unwritten.revert()
+    result._lazy = lazy if undo else None
+    return result
+
+
+def _load(model: nn.Module, report: Report, live: dict[str, torch.Tensor], plan: dict[str, str],
+          sources: dict[str, torch.Tensor],
+          skipped: dict[str, str], undo: bool, assign: bool, target: torch.device | None) -> LoadResult:
     if assign:
-        return _assign_load(model, report, live, sources, skipped, undo, _meta_target(device))
+        return _assign_load(model, report, live, sources, skipped, undo, target)
     ready: dict[str, torch.Tensor] = {}
     for k, src in sources.items():
         reason = _cannot_copy(src, live[k])
@@ -313,7 +389,7 @@ def load_partial(model: nn.Module, report: Report, *, keys: Iterable[str] | None
             skipped[k] = reason
         else:
             ready[k] = src
-    remember_initial(model, live, (k for k in live if k not in ready))
+    remember_initial(model, live, (k for k in live if k not in ready and not is_lazy(live[k])))
     backup = _copy_into(live, ready, undo, _writer(report, plan, ready))
     return LoadResult(model, report, list(ready), skipped, backup)
 
@@ -551,7 +627,7 @@ def _assign_load(model: nn.Module, report: Report, live: dict[str, torch.Tensor]
     groups = _groups(live, sources, skipped)
     steps = _steps(groups, _convert(groups, device), skipped)
     taken = {k for g, _, _ in steps for k in g.keys}
-    remember_initial(model, live, (k for k in live if k not in taken))
+    remember_initial(model, live, (k for k in live if k not in taken and not is_lazy(live[k])))
     done = _apply(steps)
     loaded = [k for k in sources if k in taken]
     return LoadResult(model, report, loaded, skipped, done if undo else None, assign=True, device=str(device))

@@ -1,6 +1,7 @@
 """load_partial() survives interrupts and aliasing: a KeyboardInterrupt mid-load, Parameters sharing one
 storage, tied weights and buffers that view a weight all come back bit-identical; meta and lazy models
-are never reported as loaded when nothing was written."""
+are never reported as loaded when nothing was written; uninitialized lazy modules load like torch's
+load_state_dict (they take the checkpoint's shapes) and undo makes them lazy again."""
 
 import pytest
 import torch
@@ -9,7 +10,6 @@ from torch import nn
 
 import ckptviz
 import ckptviz as cv
-from ckptviz.errors import CheckpointError
 
 
 # ---- interrupts from the checkpoint side (a wrapped Checkpoint) -----------------------------------
@@ -149,18 +149,88 @@ def test_meta_model_without_assign_reports_nothing_loaded(tmp_path):
     assert sorted(res.loaded) == ["bias", "weight"] and not model.weight.is_meta
 
 
-def test_lazy_linear_is_refused_clearly_where_torch_needs_its_load_hook(tmp_path):
+def _lazy_cnn() -> nn.Module:
+    return nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d(), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5))
+
+
+def _real_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+
+
+@pytest.fixture
+def lazy_file(tmp_path):
+    torch.manual_seed(0)
+    src = _real_cnn()
+    with torch.no_grad():  # running statistics that a default-initialised model would not have
+        src[1].running_mean.normal_()
+        src[1].running_var.uniform_(0.5, 2.0)
+        src[1].weight.normal_()
+    path = tmp_path / "cnn.pt"
+    torch.save(src.state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_lazy_modules_load_like_torchs_load_state_dict(lazy_file, assign):
+    """LazyLinear / LazyConv2d / LazyBatchNorm2d take the checkpoint's shapes, as torch's load hook gives them."""
+    reference = _lazy_cnn()
+    reference.load_state_dict(torch.load(lazy_file, weights_only=True))  # torch materializes them in its hook
+    model = _lazy_cnn()
+    report = cv.compare(model, lazy_file)
+    frame = report.frame.set_index("key")
+    assert report.summary["match"] == 9 and report.summary["shape_mismatch"] == 0
+    assert frame.at["4.weight", "model_lazy"] is True and frame.at["4.weight", "model_shape"] is None
+    assert frame.at["1.num_batches_tracked", "model_lazy"] is False  # a real buffer of the lazy module
+    res = cv.load_partial(model, report, assign=assign)
+    assert len(res.loaded) == 9 and "4.weight" in res.lazy and "1.num_batches_tracked" not in res.lazy
+    assert not any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in model.state_dict().values())
+    x = torch.randn(2, 3, 8, 8)
+    model.eval(), reference.eval()
+    assert torch.isfinite(reference(x)).all()
+    assert torch.equal(model(x), reference(x))
+    assert type(model[4]) is nn.Linear  # the first forward turned it into a Linear, as torch's own path does
+
+
+def test_undo_makes_lazy_tensors_uninitialized_again(lazy_file):
+    model = _lazy_cnn()
+    res = cv.load_partial(model, cv.compare(model, lazy_file))
+    assert model[4].weight.shape == (5, 144)
+    res.undo()
+    assert type(model[4].weight) is nn.parameter.UninitializedParameter and model[4].has_uninitialized_params()
+    assert type(model[1].running_mean) is nn.parameter.UninitializedBuffer
+    model(torch.zeros(1, 3, 8, 8))  # still a working lazy module: a forward initializes it as usual
+    assert model[4].weight.shape == (5, 144)
+
+
+def test_an_interrupted_load_leaves_lazy_tensors_uninitialized(lazy_file):
+    model = _lazy_cnn()
+    model[4].register_buffer("trip", torch.zeros(2).as_subclass(Tripwire))
+    path = lazy_file.parent / "trip.pt"
+    torch.save({**torch.load(lazy_file, weights_only=True), "4.trip": torch.ones(2)}, path)
+    report = cv.compare(model, path)
+    Tripwire.armed = True
+    with pytest.raises(KeyboardInterrupt):
+        cv.load_partial(model, report)
+    assert not Tripwire.armed, "the interrupt never fired: the test did not test anything"
+    assert model[0].has_uninitialized_params() and model[4].has_uninitialized_params()
+    assert type(model[0].weight) is nn.parameter.UninitializedParameter
+
+
+def test_a_skipped_lazy_tensor_stays_uninitialized(lazy_file):
+    model = _lazy_cnn()
+    res = cv.load_partial(model, cv.compare(model, lazy_file), keys=["0.weight", "0.bias"])
+    assert sorted(res.loaded) == ["0.bias", "0.weight"] and sorted(res.lazy) == ["0.bias", "0.weight"]
+    assert model[0].weight.shape == (4, 3, 3, 3) and model[4].has_uninitialized_params()
+    assert torch.equal(model[0].weight, torch.load(lazy_file, weights_only=True)["0.weight"])
+
+
+def test_lazy_linear_after_a_forward_loads_as_before(tmp_path):
     src = nn.Linear(3, 4).state_dict()
     torch.save(src, tmp_path / "l.pt")
-    reference = nn.LazyLinear(4)
-    reference.load_state_dict(src)  # torch materializes lazy parameters in its load hook
-    assert torch.equal(reference.weight, src["weight"])
     model = nn.LazyLinear(4)
-    with pytest.raises(cv.CheckpointError, match="forward pass"):
-        cv.compare(model, tmp_path / "l.pt")
-    model(torch.zeros(1, 3))  # after one forward pass the shapes exist and ckptviz loads like torch
-    cv.load_partial(model, cv.compare(model, tmp_path / "l.pt"))
-    assert torch.equal(model.weight, reference.weight) and torch.equal(model.bias, reference.bias)
+    model(torch.zeros(1, 3))
+    res = cv.load_partial(model, cv.compare(model, tmp_path / "l.pt"))
+    assert res.lazy == [] and torch.equal(model.weight, src["weight"])
 
 
 # ---- interrupts from the model side (a buffer whose copy_ raises) ----------------------------------
@@ -268,15 +338,12 @@ def test_meta_model_copy_load_reports_nothing_loaded(tmp_path):
     assert res.still_meta == ["weight", "bias"]
 
 
-def test_lazy_module_is_refused_with_a_clear_message_then_loads_after_a_forward(tmp_path):
+def test_lazy_mlp_loads_without_a_forward_pass(tmp_path):
     src = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
     path = tmp_path / "mlp.pt"
     torch.save(src.state_dict(), path)
     lazy = nn.Sequential(nn.LazyLinear(5), nn.ReLU(), nn.LazyLinear(2))
-    with pytest.raises(CheckpointError, match="uninitialized lazy parameter.*forward pass"):
-        ckptviz.compare(lazy, path)
-    lazy(torch.zeros(1, 3))  # materializes the shapes
-    res = ckptviz.load_partial(lazy, ckptviz.compare(lazy, path))
+    res = ckptviz.load_partial(lazy, ckptviz.compare(lazy, path))  # earlier: refused, "run a forward pass"
     assert len(res.loaded) == 4
     x = torch.randn(2, 3)
     assert torch.equal(lazy(x), src(x))
