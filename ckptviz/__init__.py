@@ -7,6 +7,7 @@ from .diff import DiffReport, diff, diff_tensors
 from .errors import (
     AlignmentError,
     CheckpointError,
+    CheckpointLimitError,
     CheckpointNotFoundError,
     CheckpointWarning,
     CorruptCheckpointError,
@@ -38,7 +39,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "STATUSES", "AlignmentError", "Checkpoint", "CheckpointDiff", "CheckpointInspector", "CheckpointError",
-    "CheckpointWarning", "CheckpointNotFoundError", "CorruptCheckpointError", "LoadError", "LoadResult", "ModelError",
+    "CheckpointLimitError", "CheckpointWarning", "CheckpointNotFoundError", "CorruptCheckpointError", "LoadError",
+    "LoadResult", "ModelError",
     "NoTensorsError", "OptimizerMismatchError", "Report", "Rule", "SectionError", "UnknownFormatError",
     "UnsafeCheckpointError", "compare", "load_optimizer", "load_partial", "open_checkpoint", "build_model",
     "find_models", "model_from_config", "parse_kwargs", "torchvision_models", "torch_code", "DiffReport", "diff",

@@ -11,6 +11,7 @@ import pickle
 from ..errors import CheckpointLimitError
 
 MAX_NUMEL = 2**48  # elements one tensor may declare (256 Ti elements; the largest real tensors are ~2**36)
+NUMEL_CEILING = 2**58  # MAX_NUMEL is honoured up to this: byte counts of 16-byte elements stay within int64
 
 
 class LimitExceeded(pickle.UnpicklingError):
@@ -32,9 +33,9 @@ def limit_error(path: str, e: LimitExceeded) -> CheckpointLimitError:
 
 def check_numel(shape: tuple[int, ...], numel: int, what: str = "a tensor") -> None:
     """Refuse a shape declaring more than :data:`MAX_NUMEL` elements (before anything is sized by it)."""
-    if numel > MAX_NUMEL:
+    if numel > min(MAX_NUMEL, NUMEL_CEILING):
         raise LimitExceeded(f"{what} of shape {_shape(shape)} declares {_big(numel)} elements",
-                            "ckptviz.readers.limits.MAX_NUMEL", MAX_NUMEL)
+                            "ckptviz.readers.limits.MAX_NUMEL", MAX_NUMEL, "at most NUMEL_CEILING = 2**58")
 
 
 def _shape(shape) -> str:
@@ -46,4 +47,4 @@ def _big(n: int) -> str:
     return f"{n:_}" if n < 10**30 else f"about 2**{n.bit_length() - 1}"
 
 
-__all__ = ["MAX_NUMEL", "LimitExceeded", "check_numel", "limit_error"]
+__all__ = ["MAX_NUMEL", "NUMEL_CEILING", "LimitExceeded", "check_numel", "limit_error"]

@@ -34,7 +34,7 @@ from .pickle_scan import TruncatedPickle, nesting_bound, scan
 from .records import OpaqueTensor, StorageRef, TensorRef, element_size
 
 MAX_NESTING = 200  # containers nested deeper than this are refused (torch.save never nests beyond ~10)
-NESTING_CEILING = 500  # MAX_NESTING is honoured up to this: repr and Python tree walks stay under the recursion limit
+NESTING_CEILING = 250  # MAX_NESTING is honoured up to this: recursive walks (materialize: 3 frames a level) fit
 MAX_GLOBALS = 10_000  # distinct global names one pickle may refer to
 
 
@@ -160,7 +160,7 @@ def _rebuild_v2(storage, offset, size, stride, requires_grad=False, hooks=None, 
     for v in size + stride:
         if type(v) is not int or v < 0:
             _ints("size", size, 0), _ints("stride", stride, 0)
-    if len(size) > 1 and math.prod(size) > _limits.MAX_NUMEL:
+    if math.prod(size) > min(_limits.MAX_NUMEL, _limits.NUMEL_CEILING):
         _limits.check_numel(size, math.prod(size), "a tensor record")
     ref = _new_object(TensorRef)
     ref.storage, ref.offset, ref.shape, ref.stride, ref.dtype = storage, offset, size, stride, storage.dtype
