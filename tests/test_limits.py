@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from ckpt_files import assert_clean_error, rewrite_zip, write
+from test_security import _global, _long, _storage, _str, _strided  # pickle opcode builders
 
 import ckptviz as cv
 from ckptviz.errors import CheckpointLimitError
@@ -29,18 +30,10 @@ P = pickle
 HEAD = P.PROTO + b"\x02"
 
 
-def _str(text: str) -> bytes:
-    data = text.encode()
-    return P.BINUNICODE + struct.pack("<I", len(data)) + data
 
 
-def _global(module: str, name: str) -> bytes:
-    return P.GLOBAL + f"{module}\n{name}\n".encode()
 
 
-def _long(n: int) -> bytes:
-    data = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
-    return P.LONG1 + bytes([len(data)]) + data
 
 
 def _run(code: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -189,17 +182,8 @@ def test_too_many_globals_is_a_limit_error(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-def _storage(key: str, numel: int) -> bytes:
-    return (P.MARK + _str("storage") + _global("torch", "FloatStorage") + _str(key) + _str("cpu")
-            + P.BININT + struct.pack("<i", numel) + P.TUPLE + P.BINPERSID)
 
 
-def _strided(storage: bytes, offset: int, size: tuple, stride: tuple) -> bytes:
-    def ints(values):
-        return P.MARK + b"".join(_long(v) for v in values) + P.TUPLE
-    return (_global("torch._utils", "_rebuild_tensor_v2") + P.MARK + storage + _long(offset) + ints(size)
-            + ints(stride) + P.NEWFALSE + _global("collections", "OrderedDict") + P.EMPTY_TUPLE + P.REDUCE
-            + P.TUPLE + P.REDUCE)
 
 
 def _record_zip(record: bytes, path: Path) -> Path:
