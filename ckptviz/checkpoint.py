@@ -28,7 +28,7 @@ from .errors import (
 )
 from .readers import RawCheckpoint, read
 from .readers._gc import paused_gc
-from .readers.mapped import Reads, file_stamp, read_into, read_shared, read_tensor
+from .readers.mapped import Reads, file_stamp, is_dense, read_elements, read_into, read_shared, read_tensor
 from .readers.pickle_reader import OpaqueTensor, Stub
 from .readers.records import (
     TENSOR_COLUMNS,
@@ -265,7 +265,7 @@ class Checkpoint:
             raise SectionError(f"{self.path}: no tensor {key!r} in section {name!r}")
         ref = entries[key]
         where = _path_of(ref)
-        return CACHE.summarize(where, name, key, lambda: self._value(ref, Reads(True)), bins, range=range)[1]
+        return CACHE.summarize(where, name, key, partial(self._summary_input, ref, Reads(True)), bins, range=range)[1]
 
     def _stamp(self) -> tuple | None:
         """Size and modification time of every file behind the checkpoint (None without files)."""
@@ -284,6 +284,21 @@ class Checkpoint:
             return self._guard(lambda: v.read(reads), v.path or self.path)
         source = v.storage.source if v.storage is not None else None
         return self._guard(lambda: read_tensor(v, reads.copy), source.path if source is not None else self.path)
+
+    def _summary_input(self, v: Any, reads: Reads) -> Any:
+        """What ``ckptviz.stats`` summarises for ``v``: a stored dense tensor as an ``ElementStream``
+        (``pread`` into one reused buffer: no whole-tensor copy, no fresh pages per tensor), else its value."""
+        if not (isinstance(v, TensorRef) and v.storage is not None and is_dense(v)):
+            return self._value(v, reads)
+        from .stats import ElementStream
+
+        _refuse_quantized(v, self.path)
+        where = v.storage.source.path
+
+        def fill(start: int, out: torch.Tensor) -> None:
+            self._guard(lambda: read_elements(v, start, out), where)
+
+        return ElementStream(v.dtype, v.shape, fill)
 
     @staticmethod
     def _guard(fn: Callable[[], Any], where: str | None) -> Any:
@@ -440,14 +455,14 @@ def _retuple(obj: tuple, items: list) -> tuple:
 
 
 def _stats_task(ck: Checkpoint, section: str, keys: list[str]) -> pd.DataFrame:
-    """``stats_frame`` of ``keys``, each tensor read into memory of its own and let go before the next
-    (so a task holds one tensor at a time, and a file changed under it raises instead of faulting)."""
+    """``stats_frame`` of ``keys``, each tensor streamed through one reused buffer (``pread``: a file
+    changed under it raises instead of faulting), or read whole and let go before the next."""
     from .stats import CACHE, STATS_KEYS
 
     entries, reads = ck._section(section), Reads(True)
     # each tensor's default 64-bin histogram comes from the same read and is cached (ckptviz.stats.CACHE),
     # so the ck.histogram(key) a view asks for next reads nothing
-    rows = [CACHE.summarize(_path_of(entries[k]), section, k, partial(ck._value, entries[k], reads))[0]
+    rows = [CACHE.summarize(_path_of(entries[k]), section, k, partial(ck._summary_input, entries[k], reads))[0]
             for k in keys]
     return pd.DataFrame(rows, columns=list(STATS_KEYS), index=pd.Index(list(keys), name="key"), dtype="float64")
 
@@ -456,7 +471,7 @@ def _histogram_task(ck: Checkpoint, section: str, keys: list[str], bins: int) ->
     from .stats import histogram
 
     entries, reads = ck._section(section), Reads(True)
-    return {k: histogram(ck._value(entries[k], reads), bins) for k in keys}
+    return {k: histogram(ck._summary_input(entries[k], reads), bins) for k in keys}
 
 
 _REOPENED: dict[tuple[str, bool], Checkpoint] = {}

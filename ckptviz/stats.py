@@ -31,6 +31,47 @@ _WIDE = {torch.float32, torch.float64, torch.int32, torch.int64, torch.uint32, t
          torch.complex32, torch.complex64, torch.complex128}
 
 Tick = Callable[[int], None]
+STREAM_BYTES = 8 * 2**20  # bytes an ElementStream reads at once into its one reused buffer
+
+
+class ElementStream:
+    """A dense tensor's elements, read on demand into one reused buffer: ``fill(start, out)`` writes
+    ``out.numel()`` elements from flat index ``start`` into ``out``. Summarising one costs a buffer of
+    ``STREAM_BYTES`` (not the whole tensor, and no fresh pages per tensor); a pass may read it twice."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], fill: Callable[[int, torch.Tensor], None]):
+        self.dtype, self.shape, self.fill = dtype, tuple(shape), fill
+        self._numel = math.prod(self.shape)
+
+    def numel(self) -> int:
+        return self._numel
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self._numel * self.dtype.itemsize
+
+    def read(self) -> torch.Tensor:
+        """The whole tensor, in memory of its own."""
+        out = torch.empty(self.shape, dtype=self.dtype)
+        if self._numel:
+            self.fill(0, out.view(-1))
+        return out
+
+    def blocks(self, n: int) -> Iterator[torch.Tensor]:
+        """1-D blocks of ``n`` elements (the last may be shorter), views of the reused buffer: each is
+        valid until the next is asked for, except that a last short block stays valid."""
+        piece = max(n, (STREAM_BYTES // self.dtype.itemsize) // n * n)
+        buf = torch.empty(min(piece, self._numel), dtype=self.dtype)
+        for start in builtins.range(0, self._numel, piece):
+            k = min(piece, self._numel - start)
+            self.fill(start, buf[:k])
+            for lo in builtins.range(0, k, n):
+                yield buf[lo:min(lo + n, k)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -180,20 +221,24 @@ CACHE = StatsCache()  # shared by Checkpoint.histogram and the widgets
 
 
 # ---- dispatch ------------------------------------------------------------------------------------
-def _summarize(t: torch.Tensor, bins: int | None, rng: tuple[float, float] | None, chunk_bytes: int,
-               tick: Tick | None) -> tuple[dict[str, float], Histogram | None]:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"expected a torch.Tensor, got {type(t).__name__}")
+def _summarize(t: torch.Tensor | ElementStream, bins: int | None, rng: tuple[float, float] | None,
+               chunk_bytes: int, tick: Tick | None) -> tuple[dict[str, float], Histogram | None]:
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
-    t = t.detach()
-    if t.is_neg():
-        t = t.resolve_neg()
+    if isinstance(t, ElementStream):
+        if t.nbytes <= STREAM_BYTES or (_value_table(t.dtype) is None and t.dtype not in _WIDE):
+            t = t.read()  # small: one read; unsupported dtypes: their statistics are NaN
+    elif not isinstance(t, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(t).__name__}")
+    else:
+        t = t.detach()
+        if t.is_neg():
+            t = t.resolve_neg()
     numel = t.numel()
     table = _value_table(t.dtype)
     if t.device.type == "meta" or (table is None and t.dtype not in _WIDE):
         return _undefined(numel), _empty_hist(bins, rng) if bins else None
-    distinct, repeats = _distinct(t)
+    distinct, repeats = (t, 1) if isinstance(t, ElementStream) else _distinct(t)
     if repeats > 1:  # stride-0 dimensions repeat each element: summarise the distinct ones, scale the counts
         stats, hist = _summarize(distinct, bins, rng, chunk_bytes, (lambda n: tick(n * repeats)) if tick else None)
         return _repeated(stats, repeats), _repeated_hist(hist, repeats)
@@ -308,6 +353,9 @@ def _blocks(t: torch.Tensor, n: int) -> Iterator[torch.Tensor]:
     ``t`` is contiguous; otherwise copies of at most ``n`` elements each."""
     if t.numel() == 0:
         return
+    if isinstance(t, ElementStream):
+        yield from t.blocks(n)
+        return
     if t.is_contiguous():
         flat = t.view(-1)
         for start in builtins.range(0, flat.numel(), n):
@@ -359,7 +407,7 @@ def _count_bits(t: torch.Tensor, chunk_bytes: int, tick: Tick | None) -> np.ndar
         if raw.numel() * 4 >= _TABLE_BLOCK:
             count(raw)
         else:
-            pending.append(raw)
+            pending.append(raw.clone() if isinstance(t, ElementStream) else raw)  # its buffer is reused
             held += raw.numel()
             if held >= _TABLE_BLOCK // 4:
                 count(torch.cat(pending))

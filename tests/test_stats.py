@@ -388,3 +388,46 @@ def test_stats_then_histogram_of_every_key_reads_each_tensor_once(tmp_path, monk
         assert hists[k].counts.sum() == t.numel()
         np.testing.assert_array_equal(hists[k].counts, histogram(t).counts)
         assert frame.loc[k, "mean"] == pytest.approx(tensor_stats(t)["mean"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.uint8, torch.bool, torch.float32,
+                                   torch.float64, torch.int64, torch.complex64], ids=str)
+def test_streamed_statistics_equal_those_of_the_whole_tensor(tmp_path, monkeypatch, dtype):
+    """ck.stats()/ck.histogram() stream a stored tensor through one reused buffer (``ElementStream``):
+    with pieces far smaller than the tensor, and a short last piece, every number equals the in-memory
+    summary, and 1-2 byte dtypes read each byte exactly once."""
+    import ckptviz.stats as st
+    from ckptviz.readers.mapped import MappedFile
+
+    monkeypatch.setattr(st, "STREAM_BYTES", 4096)
+    monkeypatch.setattr(st, "_TABLE_BLOCK", 512)
+    monkeypatch.setattr(st, "_FLOAT_BLOCK_BYTES", 1024)
+    t = sample(dtype, 10_007).reshape(1, 10_007)
+    if dtype.is_floating_point:
+        t[0, 5] = float("nan")
+    path = tmp_path / "ck.pt"
+    torch.save({"t": t, "tiny": t[0, :3].clone()}, path)
+    ck = cv.open_checkpoint(path)
+    read = []
+    real = MappedFile.readinto
+    monkeypatch.setattr(MappedFile, "readinto",
+                        lambda self, at, out: (read.append(out.numel() * out.element_size()), real(self, at, out))[1])
+    st.CACHE.clear()
+    frame = ck.stats(progress=False)
+    want_stats, want_h = summarize(t)
+    got = frame.loc["t"].to_dict()
+    assert_stats_match(got, want_stats)
+    if dtype.itemsize <= 2:
+        assert sum(read) == t.numel() * t.element_size() + 3 * t.element_size()
+    assert len(read) > 3  # it streamed in pieces
+    h = ck.histogram("t")
+    np.testing.assert_array_equal(h.counts, want_h.counts)
+    np.testing.assert_array_equal(h.edges, want_h.edges)
+    assert (h.nan, h.inf, h.outside) == (want_h.nan, want_h.inf, want_h.outside)
+    h10 = ck.histograms(bins=10)["t"]
+    np.testing.assert_array_equal(h10.counts, histogram(t, 10).counts)
+    flat = t.reshape(-1)
+    stream = st.ElementStream(t.dtype, tuple(t.shape), lambda start, out: out.copy_(flat[start:start + out.numel()]))
+    for chunk in (1, 999, 2**40):  # tiny bincount blocks are held across the reused buffer's refills
+        assert_stats_match(summarize(stream, chunk_bytes=chunk)[0], want_stats)
+        np.testing.assert_array_equal(summarize(stream, chunk_bytes=chunk)[1].counts, want_h.counts)
