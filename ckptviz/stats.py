@@ -66,12 +66,25 @@ class ElementStream:
         """1-D blocks of ``n`` elements (the last may be shorter), views of the reused buffer: each is
         valid until the next is asked for, except that a last short block stays valid."""
         piece = max(n, (STREAM_BYTES // self.dtype.itemsize) // n * n)
-        buf = torch.empty(min(piece, self._numel), dtype=self.dtype)
-        for start in builtins.range(0, self._numel, piece):
-            k = min(piece, self._numel - start)
-            self.fill(start, buf[:k])
-            for lo in builtins.range(0, k, n):
-                yield buf[lo:min(lo + n, k)]
+        size = min(piece, self._numel) * self.dtype.itemsize
+        held = getattr(_STREAM_BUFFER, "free", None)  # this thread's buffer, unless a stream holds it
+        raw = held if held is not None and held.numel() >= size else torch.empty(size, dtype=torch.uint8)
+        _STREAM_BUFFER.free = None
+        try:
+            buf = raw[:size].view(self.dtype)
+            for start in builtins.range(0, self._numel, piece):
+                k = min(piece, self._numel - start)
+                self.fill(start, buf[:k])
+                for lo in builtins.range(0, k, n):
+                    yield buf[lo:min(lo + n, k)]
+        finally:
+            if held is None or raw is held or raw.numel() > held.numel():
+                _STREAM_BUFFER.free = raw
+            else:
+                _STREAM_BUFFER.free = held
+
+
+_STREAM_BUFFER = threading.local()  # .free: the buffer ElementStream.blocks reuses on this thread
 
 
 @dataclass(frozen=True, eq=False)
