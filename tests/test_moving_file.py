@@ -246,3 +246,18 @@ def test_a_legacy_file_cut_short_after_open_is_refused_not_read(tmp_path):
     for read in (lambda: ck.tensor("b"), lambda: ck.state_dict(copy=True), ck.stats):
         with pytest.raises(CheckpointError, match="changed on disk"):
             read()
+
+
+@pytest.mark.parametrize("fmt", ["legacy", "torch"])
+def test_zero_copy_reads_share_one_map_per_file(fmt, tmp_path):
+    """``copy=False`` tensors are views of ONE private map of the file, however many there are (issue 8,
+    item 11: not one map per tensor); a legacy file's storages at offsets unaligned for their dtype are
+    copies instead (no map)."""
+    path = tmp_path / f"many.{fmt}"
+    state = {f"t{i}": torch.full((16,), float(i)) for i in range(300)}
+    torch.save(state, path, _use_new_zipfile_serialization=fmt == "torch")
+    sd = ckptviz.open_checkpoint(path).state_dict(copy=False)
+    with open("/proc/self/maps") as f:
+        maps = [line for line in f if line.rstrip().endswith(str(path))]
+    assert len(maps) == 1 if fmt == "torch" else len(maps) <= 1, maps
+    assert all(torch.equal(sd[k], v) for k, v in state.items())
