@@ -112,7 +112,7 @@ def _read_plain_pickle(path: str) -> RawCheckpoint:
     try:  # pread through the checked descriptor, never a map: a file changed meanwhile is an error
         obj, up = PickleFile(source).load(0, source=source)
     except CorruptCheckpointError as e:
-        if "changed on disk" in str(e) or "is gone since" in str(e):
+        if str(e).startswith(f"{path}:"):  # the file's own read error (e.g. it changed on disk): says it all
             raise
         raise CorruptCheckpointError(f"{path}: a pickle, but it is truncated or corrupted ({e}).") from None
     except LimitExceeded as e:
