@@ -416,30 +416,77 @@ class _Materializer:
             _refuse_quantized(refs[0], ck.path)
             self.values.update(zip(map(id, refs), got))
 
-    def _copy(self, obj: Any, depth: int) -> Any:
-        if id(obj) in self.values:
-            return self.values[id(obj)]
-        if not isinstance(obj, (Mapping, list, tuple)):
-            return obj
-        if id(obj) in self.memo:
-            return self.memo[id(obj)]
+    def _done(self, obj: Any) -> Any:
+        """``obj``'s copy if it needs no walk (a leaf, a record read, a container copied), else ``_TODO``."""
+        got = self.values.get(id(obj), _TODO)
+        if got is not _TODO or not isinstance(obj, (Mapping, list, tuple)):
+            return obj if got is _TODO else got
+        return self.memo.get(id(obj), _TODO)
+
+    def _copy(self, root: Any, depth: int = 0) -> Any:
+        """The copy of ``root``, built with a stack of its own (never Python recursion: a tree as deep
+        as ``MAX_WALK_DEPTH`` needs no frames of the caller's stack)."""
+        got = self._done(root)
+        if got is not _TODO:
+            return got
+        stack = [self._enter(root, depth)]
+        while True:
+            frame = stack[-1]
+            for key, child in frame.items:
+                got = self._done(child)
+                if got is _TODO:
+                    frame.key = key
+                    stack.append(self._enter(child, len(stack) + depth))
+                    break
+                frame.put(key, got)
+            else:
+                stack.pop()
+                value = frame.finish(self.memo)
+                if not stack:
+                    return value
+                stack[-1].put(stack[-1].key, value)
+
+    def _enter(self, obj: Any, depth: int) -> _Frame:
         if depth > walk_limits.MAX_WALK_DEPTH:
             raise walk_limits.limit_error(self.ck.path, "the value nests containers deeper than", "MAX_WALK_DEPTH")
+        frame = _Frame(obj)
         if isinstance(obj, Mapping):
-            out: Any = {}
-            self.memo[id(obj)] = out  # before the children: a cycle gets the copy, as deepcopy does
-            items = obj.attributes().items() if isinstance(obj, Stub) else obj.items()
-            for k, v in items:
-                out[k] = self._copy(v, depth + 1)
-            return out
-        if isinstance(obj, list):
-            out = self.memo[id(obj)] = []
-            out.extend(self._copy(v, depth + 1) for v in obj)
-            return out
-        items = [self._copy(v, depth + 1) for v in obj]
-        if id(obj) in self.memo:  # a cycle through a list inside this tuple already built it
-            return self.memo[id(obj)]
-        out = self.memo[id(obj)] = type(obj)(items) if type(obj) is tuple else _retuple(obj, items)
+            frame.out = self.memo[id(obj)] = {}  # before the children: a cycle gets the copy, as deepcopy does
+            frame.items = iter(obj.attributes().items() if isinstance(obj, Stub) else obj.items())
+        else:
+            frame.out = [] if isinstance(obj, list) else None
+            if frame.out is not None:
+                self.memo[id(obj)] = frame.out
+            frame.items = enumerate(obj)
+        return frame
+
+
+_TODO = object()  # a container not copied yet
+
+
+class _Frame:
+    """One container being copied by :meth:`_Materializer._copy`: its children left, and its copy."""
+
+    __slots__ = ("obj", "out", "items", "key", "built")
+
+    def __init__(self, obj: Any):
+        self.obj, self.built = obj, []
+
+    def put(self, key: Any, value: Any) -> None:
+        if type(self.out) is dict:
+            self.out[key] = value
+        elif self.out is not None:
+            self.out.append(value)
+        else:
+            self.built.append(value)
+
+    def finish(self, memo: dict) -> Any:
+        if self.out is not None:
+            return self.out
+        obj = self.obj  # a tuple: built from its children's copies
+        if id(obj) in memo:  # a cycle through a list inside this tuple already built it
+            return memo[id(obj)]
+        out = memo[id(obj)] = tuple(self.built) if type(obj) is tuple else _retuple(obj, self.built)
         return out
 
 

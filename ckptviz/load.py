@@ -364,8 +364,13 @@ def load_partial(model: nn.Module, report: Report, *, keys: Iterable[str] | None
     lazy = _materialize_lazy(live, sources, skipped)  # lazy tensors take the file's shape, as in torch
     try:
         result = _load(model, report, live, plan, sources, skipped, undo, assign, target)
-    except BaseException:
+    except BaseException as e:
+        made = [k for k in live if any(live[k] is d for d, _, _ in lazy.items)]
         lazy.revert()  # the load was rolled back (or left partial with undo=False): lazy ones are lazy again
+        if made:
+            e.add_note(f"ckptviz: the {len(made)} lazy tensor(s) this load had given the checkpoint's shapes are "
+                       f"uninitialized again, as before the call ({', '.join(made[:5])}"
+                       f"{' ...' if len(made) > 5 else ''}).")
         raise
     loaded_ids = {id(live[k]) for k in result.loaded}
     result.lazy = [k for k in result.loaded if any(live[k] is d for d, _, _ in lazy.items)]

@@ -56,32 +56,67 @@ def module_state_dict(stub: Stub, prefix: str = "", budget: Budget | None = None
     """The state dict of a pickled ``nn.Module`` (or TorchScript module), read from its recorded state.
 
     A child recorded under several names appears under each (as torch's ``state_dict`` gives it), but
-    the walk counts every module and entry against ``budget`` (a module tree that points at one child
-    many times at every level raises :class:`~ckptviz.walk.WalkLimitError`); a module that contains
-    itself is not entered again."""
+    the walk counts every module and entry against ``budget``: the size of the whole walk is first
+    computed with each distinct module visited once, so a module tree that points at one child many
+    times at every level raises :class:`~ckptviz.walk.WalkLimitError` at once, without walking its
+    paths; a module that contains itself is not entered again."""
     budget = budget if budget is not None else Budget(None, "the module records' tree")
+    contents: dict[int, tuple[list, list]] = {}
+    if _walk_size(stub, contents) > budget.left:
+        budget.step(budget.left + 1)  # raises, naming the limit
     out: dict[str, TensorRef] = {}
     stack: list[tuple[Stub, str, frozenset[int]]] = [(stub, prefix, frozenset())]
     while stack:
         module, at, above = stack.pop()
         budget.step()
-        attrs = module.attributes()
-        if "_parameters" in attrs or "_modules" in attrs:
-            skip = attrs.get("_non_persistent_buffers_set")
-            skip = skip if isinstance(skip, (set, frozenset, list, tuple, Mapping)) else ()
-            found = [(name, v) for name, v in _mapping(attrs.get("_parameters")).items() if isinstance(v, TensorRef)]
-            found += [(name, v) for name, v in _mapping(attrs.get("_buffers")).items()
-                      if isinstance(v, TensorRef) and not _skipped(name, skip)]
-            children = _mapping(attrs.get("_modules"))
-        else:  # TorchScript: tensors and submodules are plain attributes
-            found = [(k, v) for k, v in attrs.items() if isinstance(v, TensorRef)]
-            children = {k: v for k, v in attrs.items() if isinstance(v, Stub)}
+        found, children = contents.get(id(module)) or _contents(module)
         budget.step(len(found) + len(children))
         out.update((at + key_text(name), v) for name, v in found)
         inside = above | {id(module)}
-        stack.extend((child, f"{at}{key_text(name)}.", inside) for name, child in reversed(list(children.items()))
+        stack.extend((child, f"{at}{key_text(name)}.", inside) for name, child in reversed(children)
                      if isinstance(child, Stub) and id(child) not in inside)
     return out
+
+
+def _contents(module: Stub) -> tuple[list, list]:
+    """(the (name, tensor record) pairs, the (name, child) pairs) a module record holds."""
+    attrs = module.attributes()
+    if "_parameters" in attrs or "_modules" in attrs:
+        skip = attrs.get("_non_persistent_buffers_set")
+        skip = skip if isinstance(skip, (set, frozenset, list, tuple, Mapping)) else ()
+        found = [(name, v) for name, v in _mapping(attrs.get("_parameters")).items() if isinstance(v, TensorRef)]
+        found += [(name, v) for name, v in _mapping(attrs.get("_buffers")).items()
+                  if isinstance(v, TensorRef) and not _skipped(name, skip)]
+        children = list(_mapping(attrs.get("_modules")).items())
+    else:  # TorchScript: tensors and submodules are plain attributes
+        found = [(k, v) for k, v in attrs.items() if isinstance(v, TensorRef)]
+        children = [(k, v) for k, v in attrs.items() if isinstance(v, Stub)]
+    return found, children
+
+
+def _walk_size(root: Stub, contents: dict[int, tuple[list, list]]) -> int:
+    """How many budget steps :func:`module_state_dict` takes on ``root`` (each path counted), computed
+    with each distinct module visited once (its contents kept in ``contents``); a child that leads back
+    to a module being counted counts 0 there, so this never exceeds the real walk."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+    stack: list[tuple[Stub, int]] = [(root, 0)]
+    while stack:
+        module, state = stack.pop()
+        key = id(module)
+        if state == 0:
+            if key in sizes or key in active:
+                continue
+            active.add(key)
+            contents[key] = found, children = _contents(module)
+            stack.append((module, 1))
+            stack.extend((c, 0) for _, c in children if isinstance(c, Stub))
+        else:
+            found, children = contents[key]
+            sizes[key] = 1 + len(found) + len(children) + sum(
+                sizes.get(id(c), 0) for _, c in children if isinstance(c, Stub))
+            active.discard(key)
+    return sizes[id(root)]
 
 
 def _skipped(name: Any, skip: Any) -> bool:

@@ -665,3 +665,48 @@ def test_flattened_optimizer_state_as_torchtitan_saves_it(tmp_path):
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(opt.state[p]["exp_avg_sq"], twin_opt.state[q]["exp_avg_sq"])
     assert [g["lr"] for g in twin_opt.param_groups] == [0.1, 1e-2]
+
+
+# ---- declared sizes bounded (issue 8): planner paths and chunk lists ------------------------------------
+def test_a_planner_path_longer_than_any_state_dict_nests_is_not_rebuilt_as_a_tree(tmp_path):
+    """planner_data placing a byte item 100,000 levels deep: the item's fqn is used instead of a tree
+    that deep (which every later walk of the metadata would have to recurse through)."""
+    from ckptviz.readers import dcp_layout
+    from tests.fuzz.bombs import dcp_deep_planner_path
+
+    folder = dcp_deep_planner_path(tmp_path)
+    ck = cv.open_checkpoint(folder)
+    assert ck.metadata["step"] == 3 and ck.metadata["extra"] == {"a": [1, 2]}
+    assert torch.equal(ck.tensor("w", section="model"), torch.load(_item_zip(folder, "model.w")))
+    assert dcp_layout.paths_of(["x"], {"x": ("a",) * (dcp_layout.MAX_PATH_LENGTH + 1)}) == [("x",)]
+    assert dcp_layout.paths_of(["x"], {"x": ("a", "b")}) == [("a", "b")]
+
+
+def _item_zip(folder: Path, fqn: str) -> io.BytesIO:
+    """The torch.save bytes DCP wrote for ``fqn`` (read with torch, as the reference)."""
+    md = pickle.loads((folder / ".metadata").read_bytes())
+    info = next(v for k, v in md.storage_data.items() if k.fqn == fqn)
+    data = (folder / info.relative_path).read_bytes()
+    return io.BytesIO(data[info.offset:info.offset + info.length])
+
+
+def test_a_chunk_list_past_max_chunks_is_a_limit_error_that_can_be_raised(tmp_path, monkeypatch):
+    """A tensor declaring more chunks than MAX_CHUNKS (here: 40 empty ones shared through the memo, as a
+    4 MB file can declare millions) is refused when read, naming the limit; raised, it reads."""
+    from ckptviz.readers import dcp as dcp_reader
+    from tests.fuzz.bombs import _dcp
+
+    def edit(md, _folder):
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+        entry = md.state_dict_metadata["model.w"]
+        entry.chunks = entry.chunks + [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([0, 3]))] * 40
+
+    folder = _dcp(tmp_path, "chunks", edit)
+    want = torch.load(_item_zip(folder, "model.w"))
+    monkeypatch.setattr(dcp_reader, "MAX_CHUNKS", 32)
+    ck = cv.open_checkpoint(folder)
+    with pytest.raises(cv.CheckpointLimitError, match=r"41 chunks.*ckptviz\.readers\.dcp\.MAX_CHUNKS = 32"):
+        ck.tensor("w", section="model")
+    monkeypatch.setattr(dcp_reader, "MAX_CHUNKS", 64)
+    assert torch.equal(ck.tensor("w", section="model"), want)

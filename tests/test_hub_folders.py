@@ -295,3 +295,17 @@ def test_opening_reads_headers_only_and_maps_a_shard_when_read(tmp_path):
     mapped = {m for m in _mapped_files() if str(tmp_path) in m}
     assert mapped == {str(tmp_path / frame.loc["layer4.weight", "file"])}
     assert float(t[0, 0]) == 4.0
+
+
+def test_a_shard_named_under_many_spellings_is_read_once(tmp_path):
+    """An index naming its one shard as ``./x``, ``.//x`` and ``x``: one shard file, read once, every
+    key where the index says (a hostile index with 10**5 spellings would otherwise read it 10**5 times)."""
+    from tests.fuzz.bombs import _hub, _weights
+
+    shard = "model-00001-of-00001.safetensors"
+    folder = _hub(tmp_path, "spelled", {"w": "./" + shard, "b": ".//./" + shard})
+    ck = cv.open_checkpoint(folder)
+    assert [f for f in ck.files if f.endswith(".safetensors")] == [str(folder / shard)]
+    assert sorted(ck.tensors().index) == ["b", "w"] and not ck.warnings
+    for k, v in _weights().items():
+        assert torch.equal(ck.tensor(k), v)

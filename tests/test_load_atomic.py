@@ -347,3 +347,42 @@ def test_lazy_mlp_loads_without_a_forward_pass(tmp_path):
     assert len(res.loaded) == 4
     x = torch.randn(2, 3)
     assert torch.equal(lazy(x), src(x))
+
+
+class Breaks(torch.Tensor):
+    """A real buffer whose next in-place ``copy_`` fails with a RuntimeError (a device error, say)."""
+
+    armed = False
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.copy_ and cls.armed:
+            cls.armed = False
+            raise RuntimeError("the device went away")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("wire", [Breaks, Tripwire])
+def test_a_load_without_undo_that_fails_part_way_leaves_lazy_modules_lazy(lazy_file, wire):
+    """``undo=False`` keeps no copy, so a failure part-way leaves the tensors written before it; lazy
+    tensors it had given the checkpoint's shape are made uninitialized again (as before the call), and
+    the error says so. The lazy model still works: a forward initializes it as usual."""
+    model = _lazy_cnn()
+    model[4].register_buffer("trip", torch.zeros(2).as_subclass(wire))
+    path = lazy_file.parent / "trip.pt"
+    torch.save({**torch.load(lazy_file, weights_only=True), "4.trip": torch.ones(2)}, path)
+    report = cv.compare(model, path)
+    assert list(report.frame["key"])[-1] == "4.trip"  # written last: after every lazy tensor
+    wire.armed = True
+    with pytest.raises((cv.LoadError, KeyboardInterrupt)) as info:
+        cv.load_partial(model, report, undo=False)
+    assert not wire.armed, "the failure never fired: the test did not test anything"
+    said = str(info.value) + " ".join(getattr(info.value, "__notes__", []))
+    assert "uninitialized again" in said and "0.weight" in said, said
+    for m in (model[0], model[1], model[4]):
+        assert m.has_uninitialized_params()
+    assert type(model[0].weight) is nn.parameter.UninitializedParameter
+    assert type(model[1].running_mean) is nn.parameter.UninitializedBuffer
+    assert torch.equal(model[1].num_batches_tracked, torch.load(path, weights_only=True)["1.num_batches_tracked"])
+    model(torch.zeros(1, 3, 8, 8))
+    assert model[4].weight.shape == (5, 144)

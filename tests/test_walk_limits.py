@@ -214,3 +214,66 @@ def test_display_of_ordinary_metadata_is_unchanged(tmp_path):
     assert ck.metadata["hparams"] == hp and ck.metadata["same"] == hp and ck.metadata["epoch"] == 7
     assert ck.metadata["(1, 2)"] == "tuple key"
 
+
+
+def _from_depth(frames: int, fn):
+    """``fn()`` called from ``frames`` Python frames deep (a notebook callback chain, a framework's hooks)."""
+    return fn() if frames <= 0 else _from_depth(frames - 1, fn)
+
+
+@pytest.mark.parametrize("kind", ["tuple-as-dict-key", "list", "dict", "tuple"])
+def test_trees_at_the_nesting_ceiling_need_no_stack_per_level(kind, tmp_path, monkeypatch):
+    """A tree nested as deep as the pickle limit allows (raised to its ceiling) goes through open,
+    materialize, repr, hashing, equality, metadata, sections and the widget's metadata and table code
+    when called from a caller 500 frames deep: walks keep their own stacks instead of spending Python
+    (or C) frames per level of the file's nesting."""
+    from test_limits import CONTAINERS, _deep
+
+    from ckptviz.readers import pickle_reader
+    from ckptviz.widgets.inspector import CheckpointInspector
+
+    monkeypatch.setattr(pickle_reader, "MAX_NESTING", 10**6)
+    depth = pickle_reader.NESTING_CEILING - 5
+    for name in ("torch-zip", "torch-legacy"):
+        path = CONTAINERS[name](_deep(kind, depth), tmp_path / f"{name}.pt")
+
+        def verbs(path=path):
+            ck = cv.open_checkpoint(path)
+            copy, again = ck.materialize(ck._root), ck.materialize(ck._root)
+            assert torch.equal(copy.pop("w"), torch.ones(3)) and torch.equal(again.pop("w"), torch.ones(3))
+            assert copy == again and len({hash(k) for k in copy}) == len(copy)
+            (deep,) = copy if kind == "tuple-as-dict-key" else copy.values()
+            levels = 0
+            while isinstance(deep, (list, tuple, dict)) and deep:
+                deep, levels = (deep["k"] if isinstance(deep, dict) else deep[0]), levels + 1
+            assert levels >= depth - 1, levels
+            text = repr(copy) + repr(ck) + ck._repr_html_() + repr(ck.metadata)
+            assert ck.sections == [""] and ck.tensors().index.tolist() == ["w"]
+            inspector = CheckpointInspector(path=path)
+            return text, CheckpointInspector._metadata_html(ck), inspector.checkpoint, inspector.error
+
+        text, html, opened, error = _from_depth(500, verbs)
+        assert "1 tensors" in text and "format" in html and opened is not None and error is None, error
+
+
+@pytest.mark.parametrize("kind", ["list", "dict", "tuple"])
+def test_materialize_walks_as_deep_as_max_walk_depth_with_a_stack_of_its_own(kind, tmp_path):
+    """``materialize`` of a value nested just under ``MAX_WALK_DEPTH`` (other readers' trees, or a
+    caller's own value holding records) from 300 frames deep; one level past the limit is a
+    WalkLimitError, never a RecursionError."""
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.arange(3.0)}, path)
+    ck = cv.open_checkpoint(path)
+
+    def nest(levels):
+        x = ck._root["w"]
+        for _ in range(levels):
+            x = [x] if kind == "list" else {"k": x} if kind == "dict" else (x,)
+        return x
+
+    copy = _from_depth(300, lambda: ck.materialize(nest(walk.MAX_WALK_DEPTH - 5)))
+    for _ in range(walk.MAX_WALK_DEPTH - 5):
+        copy = copy["k"] if kind == "dict" else copy[0]
+    assert torch.equal(copy, torch.arange(3.0))
+    with pytest.raises(walk.WalkLimitError, match="MAX_WALK_DEPTH"):
+        _from_depth(300, lambda: ck.materialize(nest(walk.MAX_WALK_DEPTH + 5)))

@@ -103,16 +103,18 @@ def read_file(path: str) -> RawCheckpoint:
 
 
 def _read_plain_pickle(path: str) -> RawCheckpoint:
-    import mmap
-
     from .limits import LimitExceeded, limit_error
     from .mapped import MappedFile
-    from .pickle_reader import PICKLE_ERRORS, unpickle_from
+    from .pickle_file import PickleFile
+    from .pickle_reader import PICKLE_ERRORS
 
     source = MappedFile(path, {})
-    try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            obj, up = unpickle_from(mm, 0, source=source)
+    try:  # pread through the checked descriptor, never a map: a file changed meanwhile is an error
+        obj, up = PickleFile(source).load(0, source=source)
+    except CorruptCheckpointError as e:
+        if str(e).startswith(f"{path}:"):  # the file's own read error (e.g. it changed on disk): says it all
+            raise
+        raise CorruptCheckpointError(f"{path}: a pickle, but it is truncated or corrupted ({e}).") from None
     except LimitExceeded as e:
         raise limit_error(path, e) from None
     except (OSError, *PICKLE_ERRORS) as e:

@@ -37,6 +37,7 @@ METADATA = ".metadata"
 SUFFIX = ".distcp"
 LIGHTNING_META = "meta.pt"  # Lightning's FSDP strategy torch.saves its non-tensor state beside the DCP files
 BYTES_BUDGET = 4 * 2**20  # bytes of non-tensor items read at open, in all
+MAX_CHUNKS = 1 << 16  # chunks one tensor may declare (one per writing rank that held a piece of it)
 MAX_OVERLAP_CHECK = 1024  # chunks of one tensor checked pairwise for overlaps; above, gaps read as zeros
 _MD = "torch.distributed.checkpoint.metadata."
 _METADATA, _TENSOR, _BYTES, _CHUNK, _INDEX = (
@@ -300,6 +301,10 @@ class DcpFolder:
     def _chunk_boxes(self, row: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         """The (offsets, sizes) of each chunk, checked to tile the tensor exactly."""
         fqn, shape = self.tensor_fqns[row], self.shapes[row]
+        if len(self.chunk_lists[row]) > MAX_CHUNKS:
+            raise limit_error(self.meta_path, LimitExceeded(
+                f"tensor {fqn!r} declares {len(self.chunk_lists[row]):_} chunks", "ckptviz.readers.dcp.MAX_CHUNKS",
+                MAX_CHUNKS))
         try:
             states = [c.state for c in self.chunk_lists[row] if _kind(c) == _CHUNK]
             boxes = [(_offsets(s["offsets"]), _offsets(s["sizes"])) for s in states]

@@ -9,11 +9,15 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+MAX_PATH_LENGTH = 64  # planner paths longer than this are damaged (state dicts nest < 10 levels): the fqn is used
+
 
 def paths_of(fqns: list[str], planner: Any) -> list[tuple]:
-    """Each item's path into the state dict that was saved (``planner_data``); ``(fqn,)`` without one."""
+    """Each item's path into the state dict that was saved (``planner_data``); ``(fqn,)`` without one, or
+    for a path longer than ``MAX_PATH_LENGTH`` (the trees rebuilt from paths nest as deep as they are long)."""
     get = planner.get if isinstance(planner, dict) else {}.get
-    paths = [p if type(p) is tuple and p else tuple(p) if type(p) is list and p else (f,)
+    paths = [p if type(p) is tuple and 0 < len(p) <= MAX_PATH_LENGTH
+             else tuple(p) if type(p) is list and 0 < len(p) <= MAX_PATH_LENGTH else (f,)
              for f, p in zip(fqns, map(get, fqns))]
     if set(map(type, itertools.chain.from_iterable(paths))) <= {str, int}:
         return paths

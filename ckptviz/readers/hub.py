@@ -25,6 +25,7 @@ SHOWN = 5
 def read_hub(layout: Layout) -> RawCheckpoint:
     folder = layout.path
     weight_map, index_meta = _read_index(layout.index) if layout.index else (None, {})
+    weight_map = _normalized(layout.index, weight_map) if weight_map is not None else None
     names = _shard_names(layout, weight_map)
     tables, unsafe, warnings = [], set(), list(layout.notes)
     for name in names:
@@ -105,6 +106,15 @@ def _safe_name(index: str, name: str) -> str:
             "refusing to read it. Fix the index (shard names are plain file names beside it)."
         )
     return name
+
+
+def _normalized(index: str, weight_map: dict[str, str]) -> dict[str, str]:
+    """``weight_map`` with each shard name in its normal form (``./a//b`` -> ``a/b``, checked by
+    ``_safe_name``), so that one file named under many spellings is one shard, read once."""
+    spelled = {n: os.path.normpath(_safe_name(index, n)) for n in set(weight_map.values())}
+    if all(map(operator.eq, spelled, spelled.values())):
+        return weight_map
+    return {k: spelled[v] for k, v in weight_map.items()}
 
 
 def _shard_names(layout: Layout, weight_map: dict[str, str] | None) -> list[str]:

@@ -13,6 +13,7 @@ import struct
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -232,9 +233,240 @@ def _valid(name: str, values: dict[str, torch.Tensor]) -> Callable[[Path], Path]
     return build
 
 
+# ---- TorchScript: module records pointing at one child many times ------------------------------------
+def script_shared_child(root: Path, depth: int = 30, width: int = 10) -> Path:
+    """A real TorchScript archive (``torch.jit.script`` of a module holding one Linear) whose data.pkl is
+    rewritten so that every level's module record names ONE child record (memo) under ``width`` names,
+    ``depth`` levels deep: width**depth module paths in a few KB."""
+    from torch import nn
+
+    parent = nn.Module()
+    parent.add_module("c0", nn.Linear(2, 2))
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(parent), buf)
+    leaf_buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(nn.Linear(2, 2)), leaf_buf)
+    with zipfile.ZipFile(io.BytesIO(leaf_buf.getvalue())) as z:
+        leaf = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+    ops = leaf[2:-1]  # the Linear record: PROTO and STOP cut off; its memo indices stay below 100
+    put = lambda i: b"r" + struct.pack("<I", 1000 + i)  # noqa: E731  LONG_BINPUT
+    get = lambda i: b"j" + struct.pack("<I", 1000 + i)  # noqa: E731  LONG_BINGET
+    ops += put(0) + b"0"
+    module = b"c__torch__.torch.nn.modules.module\nModule\n"
+    for d in range(1, depth + 1):
+        ops += module + b")\x81}(" + pickle_str("training") + b"\x88"
+        ops += b"".join(pickle_str(f"c{j}") + get(d - 1) for j in range(width)) + b"ub" + put(d)
+        ops += b"0" if d < depth else b""
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as z:
+        entries = [(i.filename, z.read(i), i.compress_type) for i in z.infolist()]
+    entries = [(n, b"\x80\x02" + ops + b"." if n.endswith("/data.pkl") else c, m) for n, c, m in entries]
+    p = root / "script_shared_child.pt"
+    p.write_bytes(write_zip(entries))
+    return p
+
+
+# ---- hub folders ---------------------------------------------------------------------------------------
+def _hub(root: Path, name: str, weight_map: dict[str, str] | None = None, raw_index: bytes | None = None) -> Path:
+    """A hub folder: one real safetensors shard and an index (``weight_map`` beside its real entries)."""
+    folder = root / name
+    folder.mkdir()
+    shard = "model-00001-of-00001.safetensors"
+    save_file(_weights(), folder / shard)
+    index = {"metadata": {"total_size": 64}, "weight_map": {"w": shard, "b": shard, **(weight_map or {})}}
+    (folder / "model.safetensors.index.json").write_bytes(raw_index if raw_index is not None
+                                                          else json.dumps(index).encode())
+    return folder
+
+
+def hub_index_million(root: Path) -> Path:
+    """An index promising 10**6 tensors the shard does not hold."""
+    shard = "model-00001-of-00001.safetensors"
+    return _hub(root, "hub_index_million", {f"layer.{i}.weight": shard for i in range(10**6)})
+
+
+def hub_shard_many_spellings(root: Path, n: int = 100_000) -> Path:
+    """An index naming its one shard under ``n`` spellings (``./``, ``//``): one file, read once."""
+    shard = "model-00001-of-00001.safetensors"
+    spell = ["".join(("./", ".//")[(i >> b) & 1] for b in range(17)) + shard for i in range(n)]
+    return _hub(root, "hub_shard_many_spellings", {f"x{i}": s for i, s in enumerate(spell)} | {"w": spell[1]})
+
+
+def hub_shard_many_spellings_valid(root: Path) -> Path:
+    """The same shard under two spellings, every key where the index says: a valid folder."""
+    shard = "model-00001-of-00001.safetensors"
+    return _hub(root, "hub_shard_two_spellings", {"w": "./" + shard})
+
+
+def hub_deep_index(root: Path) -> Path:
+    deep = b'{"weight_map": {"w": "model-00001-of-00001.safetensors"}, "metadata": ' + b"[" * 200_000 + b"]" * 200_000
+    return _hub(root, "hub_deep_index", raw_index=deep + b"}")
+
+
+# ---- DCP folders ---------------------------------------------------------------------------------------
+def _dcp(root: Path, name: str, edit: Callable[[Any, Path], None]) -> Path:
+    """A real ``torch.distributed.checkpoint.save`` folder whose ``.metadata`` is edited by ``edit(md, folder)``
+    and pickled again (DCP's own classes, as DCP pickles them)."""
+    import pickle
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    folder = root / name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": _weights(), "step": 3, "extra": {"a": [1, 2]}}, checkpoint_id=str(folder))
+    md = pickle.loads((folder / ".metadata").read_bytes())
+    edit(md, folder)
+    (folder / ".metadata").write_bytes(pickle.dumps(md))
+    return folder
+
+
+def _deep_list(depth: int) -> list:
+    x: list = []
+    for _ in range(depth):
+        x = [x]
+    return x
+
+
+def dcp_deep_planner_path(root: Path) -> Path:
+    """planner_data places a byte item 100,000 levels deep (the layout would rebuild a tree that deep)."""
+    return _dcp(root, "dcp_deep_planner_path", lambda md, _: md.planner_data.update(step=("a",) * 100_000))
+
+
+def dcp_deep_nesting(root: Path) -> Path:
+    """storage_meta holding lists nested 300 deep (pickle's own nesting, past MAX_NESTING)."""
+    return _dcp(root, "dcp_deep_nesting", lambda md, _: setattr(md, "storage_meta", _deep_list(300)))
+
+
+def _many_empty_chunks(md, _folder) -> None:
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    entry = md.state_dict_metadata["model.w"]
+    empty = ChunkStorageMetadata(offsets=torch.Size([0, 0]), sizes=torch.Size([0, 3]))
+    entry.chunks = entry.chunks + [empty] * 2_000_000  # one record, shared through the memo
+
+
+def dcp_huge_chunk_list(root: Path) -> Path:
+    """A tensor declared as its one real chunk plus 2,000,000 empty ones (one memoized record, ~4 MB)."""
+    return _dcp(root, "dcp_huge_chunk_list", _many_empty_chunks)
+
+
+def _item(md, fqn: str):
+    return next(v for k, v in md.storage_data.items() if k.fqn == fqn)
+
+
+def dcp_offset_past_end(root: Path) -> Path:
+    def edit(md, folder):
+        _item(md, "model.w").offset = (folder / "__0_0.distcp").stat().st_size + 100
+
+    return _dcp(root, "dcp_offset_past_end", edit)
+
+
+def dcp_offset_overflow(root: Path) -> Path:
+    """An offset and length whose sum overflows int64 (wrapping negative, under the file size)."""
+    def edit(md, _folder):
+        info = _item(md, "model.w")
+        info.offset, info.length = 2**62, 2**62
+
+    return _dcp(root, "dcp_offset_overflow", edit)
+
+
+def _deflated(zip_bytes: bytes) -> bytes:
+    """The same torch.save zip with every entry deflated (torch never writes that)."""
+    with zipfile.ZipFile(io.BytesIO(zip_bytes)) as z:
+        return write_zip([(i.filename, z.read(i), zipfile.ZIP_DEFLATED) for i in z.infolist()])
+
+
+def dcp_deflated_items(root: Path) -> Path:
+    """Every item of the .distcp file re-zipped with deflated entries (offsets and lengths updated)."""
+    def edit(md, folder):
+        path = folder / "__0_0.distcp"
+        data, out = path.read_bytes(), b""
+        for info in sorted(md.storage_data.values(), key=lambda i: i.offset):
+            item = _deflated(data[info.offset:info.offset + info.length])
+            info.offset, info.length = len(out), len(item)
+            out += item
+        path.write_bytes(out)
+
+    return _dcp(root, "dcp_deflated_items", edit)
+
+
+# ---- DeepSpeed folders ---------------------------------------------------------------------------------
+def _deepspeed(root: Path, name: str) -> Path:
+    from tests.deepspeed_fixtures import write_deepspeed_checkpoint
+
+    from . import seeds
+
+    folder = root / name
+    write_deepspeed_checkpoint(folder, seeds.model(), stage=2, world_size=2)
+    return folder
+
+
+def deepspeed_latest_outside(root: Path) -> Path:
+    """``latest`` names ``../..``; a tag folder of that name is made above too, to be followed if allowed."""
+    folder = _deepspeed(root, "ds_latest_outside")
+    (folder / "latest").write_text("../..")
+    return folder
+
+
+def deepspeed_latest_absolute(root: Path) -> Path:
+    folder = _deepspeed(root, "ds_latest_absolute")
+    (folder / "latest").write_text(str(folder / "global_step2"))
+    (folder / "global_step2").rename(folder.parent / "elsewhere")
+    (folder / "latest").write_text(str(folder.parent / "elsewhere"))
+    return folder
+
+
+def deepspeed_symlink_loop(root: Path) -> Path:
+    """``latest`` names a tag that is a loop of symlinks (a -> b -> a); the real tag folder is gone."""
+    import os
+    import shutil
+
+    folder = _deepspeed(root, "ds_symlink_loop")
+    shutil.rmtree(folder / "global_step2")
+    os.symlink("loop_b", folder / "loop_a")
+    os.symlink("loop_a", folder / "loop_b")
+    (folder / "latest").write_text("loop_a")
+    return folder
+
+
+def deepspeed_tag_symlink_to_parent(root: Path) -> Path:
+    """A ``global_step9`` symlink pointing at the save folder itself (a cycle for any recursive walk)."""
+    import os
+
+    folder = _deepspeed(root, "ds_tag_cycle")
+    os.symlink(".", folder / "global_step9")
+    (folder / "latest").write_text("global_step9")
+    return folder
+
+
+def deepspeed_deflated_pt(root: Path) -> Path:
+    """Every .pt of the tag re-zipped with deflated entries (storages included)."""
+    folder = _deepspeed(root, "ds_deflated")
+    for p in (folder / "global_step2").glob("*.pt"):
+        p.write_bytes(_deflated(p.read_bytes()))
+    return folder
+
+
+def deepspeed_deflated_pickle_only(root: Path) -> Path:
+    """The model-states file with only its data.pkl deflated (a valid zip; storages stay stored)."""
+    folder = _deepspeed(root, "ds_deflated_pkl")
+    p = folder / "global_step2" / "mp_rank_00_model_states.pt"
+    with zipfile.ZipFile(io.BytesIO(p.read_bytes())) as z:
+        entries = [(i.filename, z.read(i), zipfile.ZIP_DEFLATED if i.filename.endswith(".pkl") else i.compress_type)
+                   for i in z.infolist()]
+    p.write_bytes(write_zip(entries))
+    return folder
+
+
+FOLDERS = ("hub_", "dcp_", "deepspeed_")
+
+
 def reference_for(name: str, expect: str) -> str | None:
     """The reference reader a bomb's file is checked against: for the refused and the valid ones only (the
     hostile "either" ones would make the reference reader itself blow up)."""
+    if name.startswith(FOLDERS):  # folder layouts: no single-file reference reader
+        return None
     if expect == "refuse" or name.startswith(("hist_", "quantized", "zero_stride")):
         return "safetensors" if name.startswith("st_") else "torch"
     return None
@@ -270,4 +502,21 @@ BOMBS: dict[str, tuple[Callable[[Path], Path], str]] = {
         [1.0, float(np.nextafter(1.0, 2.0))], dtype=torch.float64)}), "either"),
     "hist_const_bf16_1e20": (_valid("hist_const_bf16_1e20.pt", {"w": torch.full((50,), 1e20, dtype=torch.bfloat16)}),
                              "either"),
+    "script_shared_child": (script_shared_child, "either"),
+    "hub_index_million": (hub_index_million, "refuse"),
+    "hub_shard_many_spellings": (hub_shard_many_spellings, "refuse"),
+    "hub_shard_two_spellings": (hub_shard_many_spellings_valid, "either"),
+    "hub_deep_index": (hub_deep_index, "refuse"),
+    "dcp_deep_planner_path": (dcp_deep_planner_path, "either"),
+    "dcp_deep_nesting": (dcp_deep_nesting, "refuse"),
+    "dcp_huge_chunk_list": (dcp_huge_chunk_list, "either"),
+    "dcp_offset_past_end": (dcp_offset_past_end, "refuse"),
+    "dcp_offset_overflow": (dcp_offset_overflow, "refuse"),
+    "dcp_deflated_items": (dcp_deflated_items, "refuse"),
+    "deepspeed_latest_outside": (deepspeed_latest_outside, "refuse"),
+    "deepspeed_latest_absolute": (deepspeed_latest_absolute, "refuse"),
+    "deepspeed_symlink_loop": (deepspeed_symlink_loop, "refuse"),
+    "deepspeed_tag_symlink_to_parent": (deepspeed_tag_symlink_to_parent, "either"),
+    "deepspeed_deflated_pt": (deepspeed_deflated_pt, "refuse"),
+    "deepspeed_deflated_pickle_only": (deepspeed_deflated_pickle_only, "either"),
 }

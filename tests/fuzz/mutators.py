@@ -313,9 +313,16 @@ def json_edit(rng: random.Random, data: bytes) -> tuple[bytes, str]:
         k = rng.choice(list(wm))
     except Exception:
         return rng.choice(RAW)(rng, data)
-    what = rng.choice(["file", "type", "del", "meta"])
+    what = rng.choice(["file", "type", "del", "meta", "spell", "deep", "many"])
     if what == "file":
         wm[k] = rng.choice(["missing.safetensors", "", "../x", wm[rng.choice(list(wm))], "/etc/passwd", "."])
+    elif what == "spell":  # the same shard under another spelling
+        wm[k] = rng.choice(["./", ".//", "././", "x/../"]) + wm[k]
+    elif what == "deep":  # nesting past the JSON depth limit, or just under it
+        n = rng.choice([100, 129, 10_000])
+        return (json.dumps(obj)[:-1] + ', "deep": ' + "[" * n + "]" * n + "}").encode(), f"index nested {n} deep"
+    elif what == "many":  # entries the shards do not hold
+        wm.update({f"{k}.{i}": wm[k] for i in range(rng.choice([10, 10_000]))})
     elif what == "type":
         wm[k] = rng.choice([1, None, ["a"], {"a": 1}])
     elif what == "del":
@@ -325,10 +332,20 @@ def json_edit(rng: random.Random, data: bytes) -> tuple[bytes, str]:
     return json.dumps(obj).encode(), f"index {what} {k}"
 
 
+LATEST = ["../..", "..", ".", "/", "/etc", "global_step2/..", "global_step999", "", "\x00", "a" * 5000,
+          "global_step2\n\n", "mp_rank_00_model_states.pt"]
+
+
+def latest_edit(rng: random.Random, data: bytes) -> tuple[bytes, str]:
+    """DeepSpeed's ``latest`` (a tag name) replaced by a path outside the folder, a missing tag, junk."""
+    tag = rng.choice(LATEST)
+    return tag.encode(), f"latest -> {tag[:40]!r}"
+
+
 def mutate_file(rng: random.Random, data: bytes, kind: str) -> tuple[bytes, list[str]]:
     """1-3 mutations chosen for the container ``kind`` ("zip", "legacy", "safetensors", "json", "raw")."""
     structured = {"zip": zip_edit, "legacy": legacy_edit, "safetensors": safetensors_edit, "json": json_edit,
-                  "pickle": pickle_edit}.get(kind)
+                  "pickle": pickle_edit, "latest": latest_edit}.get(kind)
     descs = []
     for _ in range(rng.choice([1, 1, 1, 2, 3])):
         fn = structured if structured is not None and rng.random() < 0.7 else rng.choice(RAW)
@@ -347,6 +364,8 @@ def kind_of(name: str, data: bytes) -> str:
         return "json"
     if name.endswith(".metadata"):
         return "pickle"
+    if name == "latest":
+        return "latest"
     if data[:1] == b"\x80" and name.endswith((".pt", ".bin", ".ckpt")):
         return "legacy"
     return "raw"
