@@ -228,7 +228,8 @@ class Checkpoint:
         tasks = plan(table, keys)
         nbytes = dict(zip(table.keys_list, table.nbytes().tolist()))
         return run(fn, [(self, section, t, *args) for t in tasks], executor=executor, progress=progress,
-                   sizes=[sum(nbytes[k] for k in t) for t in tasks], desc=desc, tick=tick)
+                   sizes=[sum(nbytes[k] for k in t) for t in tasks], desc=desc, tick=tick,
+                   items=sum(map(len, tasks)))
 
     def values(self, keys: Iterable[str], section: str | None = None, *, copy: bool = True) -> dict[str, torch.Tensor]:
         """``{key: tensor}`` for some keys of a section, read as :meth:`state_dict` reads them."""
@@ -509,8 +510,16 @@ def _stats_task(ck: Checkpoint, section: str, keys: list[str]) -> pd.DataFrame:
     entries, reads = ck._section(section), Reads(True)
     # each tensor's default 64-bin histogram comes from the same read and is cached (ckptviz.stats.CACHE),
     # so the ck.histogram(key) a view asks for next reads nothing
-    rows = [CACHE.summarize(_path_of(entries[k]), section, k, partial(ck._summary_input, entries[k], reads))[0]
-            for k in keys]
+    files: dict = {}  # path -> its cache key part, stat-ed once per task
+
+    def file_key(path):
+        if path not in files:
+            files[path] = CACHE.file_key(path)
+        return files[path]
+
+    rows = [CACHE.summarize(where, section, k, partial(ck._summary_input, entries[k], reads),
+                            file_key=file_key(where))[0]
+            for k in keys for where in (_path_of(entries[k]),)]
     return pd.DataFrame(rows, columns=list(STATS_KEYS), index=pd.Index(list(keys), name="key"), dtype="float64")
 
 

@@ -27,6 +27,7 @@ PROGRESS_BYTES = 256 * 2**20  # stats_frame shows a progress bar above this tota
 STATS_KEYS = ("numel", "mean", "std", "min", "max", "abs_max", "l2", "zero_frac", "nan", "inf")
 _TABLE_BLOCK = 1 << 18  # elements per bincount call: its int64 index copy (2 MiB) stays in cache
 _FLOAT_BLOCK_BYTES = 2 * 2**20  # bytes per block on the float64 path (two float64 buffers of it)
+_SMALL = 1 << 14  # tensors of at most this many elements are summarised from one float64 copy
 _WIDE = {torch.float32, torch.float64, torch.int32, torch.int64, torch.uint32, torch.uint64,
          torch.complex32, torch.complex64, torch.complex128}
 
@@ -184,24 +185,31 @@ class StatsCache:
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(path: str | os.PathLike | None, section: str | None, key: str, bins: int = 64,
-            range: tuple[float, float] | None = None) -> tuple | None:
-        """The cache key, or None when ``path`` names no existing file."""
+    def file_key(path: str | os.PathLike | None) -> tuple | None:
+        """(real path, mtime, size) of the file, or None when ``path`` names no existing file."""
         try:
             st = os.stat(path) if path is not None else None
         except (OSError, TypeError, ValueError):
             st = None
-        if st is None:
+        return None if st is None else (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+
+    @classmethod
+    def key(cls, path: str | os.PathLike | None, section: str | None, key: str, bins: int = 64,
+            range: tuple[float, float] | None = None, *, file_key: tuple | None = None) -> tuple | None:
+        """The cache key, or None when ``path`` names no existing file (``file_key``: its
+        :meth:`file_key`, when the caller has it already)."""
+        fk = file_key if file_key is not None else cls.file_key(path)
+        if fk is None:
             return None
-        return (os.path.realpath(path), st.st_mtime_ns, st.st_size, section, key, bins,
-                tuple(map(float, range)) if range is not None else None)
+        return (*fk, section, key, bins, tuple(map(float, range)) if range is not None else None)
 
     def summarize(self, path: str | os.PathLike | None, section: str | None, key: str,
                   tensor: torch.Tensor | Callable[[], torch.Tensor], bins: int = 64, *,
-                  range: tuple[float, float] | None = None) -> tuple[dict[str, float], Histogram]:
+                  range: tuple[float, float] | None = None,
+                  file_key: tuple | None = None) -> tuple[dict[str, float], Histogram]:
         """Cached ``summarize(tensor, bins, range=range)``; ``tensor`` may be a callable giving it,
         so a hit reads nothing."""
-        ck = self.key(path, section, key, bins, range)
+        ck = self.key(path, section, key, bins, range, file_key=file_key)
         with self._lock:
             if ck is not None and ck in self._entries:
                 self.hits += 1
@@ -239,7 +247,7 @@ def _summarize(t: torch.Tensor | ElementStream, bins: int | None, rng: tuple[flo
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     if isinstance(t, ElementStream):
-        if t.nbytes <= STREAM_BYTES or (_value_table(t.dtype) is None and t.dtype not in _WIDE):
+        if t.nbytes <= STREAM_BYTES or t.numel() <= _SMALL or (_value_table(t.dtype) is None and t.dtype not in _WIDE):
             t = t.read()  # small: one read; unsupported dtypes: their statistics are NaN
     elif not isinstance(t, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(t).__name__}")
@@ -255,6 +263,10 @@ def _summarize(t: torch.Tensor | ElementStream, bins: int | None, rng: tuple[flo
     if repeats > 1:  # stride-0 dimensions repeat each element: summarise the distinct ones, scale the counts
         stats, hist = _summarize(distinct, bins, rng, chunk_bytes, (lambda n: tick(n * repeats)) if tick else None)
         return _repeated(stats, repeats), _repeated_hist(hist, repeats)
+    if 0 < numel <= _SMALL and t.device.type == "cpu":  # one float64 copy: no per-pass overhead
+        if tick:
+            tick(numel * t.element_size())
+        return _small(t, bins, rng)
     if table is not None:
         counts = _count_bits(t, chunk_bytes, tick)
         return _table_stats(table, counts), _table_hist(table, counts, bins, rng) if bins else None
@@ -270,6 +282,34 @@ def _summarize(t: torch.Tensor | ElementStream, bins: int | None, rng: tuple[flo
         counts = _wide_pass(t, chunk_bytes, None, bins=bins, rng=rng, moments=False)[1]
     finite = stats["numel"] - stats["nan"] - stats["inf"]
     return stats, Histogram(counts, _edges(bins, rng), int(stats["nan"]), int(stats["inf"]), int(finite - counts.sum()))
+
+
+def _small(t: torch.Tensor, bins: int | None, rng: tuple[float, float] | None) -> tuple[dict, Histogram | None]:
+    """Statistics and histogram of a small tensor from one float64 copy, by the same formulas (and the
+    same edges and binning) as the streaming passes."""
+    x = _as_real(t).reshape(-1).to(torch.float64).numpy()
+    numel = x.size
+    finite = np.isfinite(x)
+    f = x[finite] if not finite.all() else x
+    n = f.size
+    nan = int(np.isnan(x).sum()) if n < numel else 0
+    stats = _undefined(numel)
+    stats.update(nan=float(nan), inf=float(numel - n - nan), zero_frac=float(n - np.count_nonzero(f)) / numel)
+    if n:
+        mean = float(f.sum()) / n
+        m2 = float(np.dot(f - mean, f - mean))
+        lo, hi = float(f.min()), float(f.max())
+        stats.update(mean=mean, std=math.sqrt(m2 / n), min=lo, max=hi, abs_max=max(abs(lo), abs(hi)),
+                     l2=math.sqrt(m2 + n * mean * mean))
+    if not bins:
+        return stats, None
+    if rng is None:
+        if not n:
+            return stats, _empty_hist(bins, None, nan, numel - n - nan)
+        rng = (stats["min"], stats["max"])
+    edges = _edges(bins, rng)
+    counts = _bin_counts(f, edges)
+    return stats, Histogram(counts, edges, nan, numel - n - nan, int(n - counts.sum()))
 
 
 def _distinct(t: torch.Tensor) -> tuple[torch.Tensor, int]:

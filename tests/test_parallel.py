@@ -118,3 +118,20 @@ def test_checkpoint_pickles_as_a_reopen(folders, tmp_path):
 def test_bad_executor_is_refused(folders):
     with pytest.raises(TypeError, match="concurrent.futures.Executor"):
         cv.open_checkpoint(folders[0]).stats(executor="threads")
+
+
+def test_default_executor_runs_small_items_in_the_calling_thread_and_big_ones_on_workers():
+    """Many small items (under INLINE_BYTES each on average) run in the caller's thread, where worker
+    threads would only contend for the GIL; big ones go to worker threads; the results are the same."""
+    import threading
+
+    from ckptviz import parallel
+
+    def where(i):
+        return i, threading.current_thread() is threading.main_thread(), torch.get_num_threads()
+
+    small = parallel.run(where, [(i,) for i in range(4)], sizes=[1000] * 4, items=400)
+    big = parallel.run(where, [(i,) for i in range(4)], sizes=[parallel.INLINE_BYTES * 200] * 4, items=400)
+    assert [r[0] for r in small] == [r[0] for r in big] == [0, 1, 2, 3]
+    assert all(r[1] for r in small) and not any(r[1] for r in big)
+    assert {r[2] for r in small + big} == {1}  # one intra-op thread either way

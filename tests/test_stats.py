@@ -402,7 +402,7 @@ def test_streamed_statistics_equal_those_of_the_whole_tensor(tmp_path, monkeypat
     monkeypatch.setattr(st, "STREAM_BYTES", 4096)
     monkeypatch.setattr(st, "_TABLE_BLOCK", 512)
     monkeypatch.setattr(st, "_FLOAT_BLOCK_BYTES", 1024)
-    t = sample(dtype, 10_007).reshape(1, 10_007)
+    t = sample(dtype, 20_011).reshape(1, 20_011)
     if dtype.is_floating_point:
         t[0, 5] = float("nan")
     path = tmp_path / "ck.pt"
@@ -431,3 +431,21 @@ def test_streamed_statistics_equal_those_of_the_whole_tensor(tmp_path, monkeypat
     for chunk in (1, 999, 2**40):  # tiny bincount blocks are held across the reused buffer's refills
         assert_stats_match(summarize(stream, chunk_bytes=chunk)[0], want_stats)
         np.testing.assert_array_equal(summarize(stream, chunk_bytes=chunk)[1].counts, want_h.counts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int64, torch.uint8,
+                                   torch.bool, torch.complex64, torch.float16], ids=str)
+def test_small_tensors_summarised_in_one_copy_match_the_streaming_passes(monkeypatch, dtype):
+    """Tensors of at most ``_SMALL`` elements take one float64 copy; numbers, edges and counts are
+    those of the streaming passes (which every larger tensor takes)."""
+    import ckptviz.stats as st
+
+    t = sample(dtype, 3000)
+    small = [summarize(t), summarize(t, 7, range=(-1.0, 2.0)), (tensor_stats(t), histogram(t, 5))]
+    monkeypatch.setattr(st, "_SMALL", 0)
+    streamed = [summarize(t), summarize(t, 7, range=(-1.0, 2.0)), (tensor_stats(t), histogram(t, 5))]
+    for (s1, h1), (s2, h2) in zip(small, streamed):
+        assert_stats_match(s1, s2)
+        np.testing.assert_array_equal(h1.counts, h2.counts)
+        np.testing.assert_array_equal(h1.edges, h2.edges)
+        assert (h1.nan, h1.inf, h1.outside) == (h2.nan, h2.inf, h2.outside)
