@@ -15,6 +15,7 @@ from .raw import RawCheckpoint
 from .records import element_size
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+PROTOCOL_VERSION = 1001
 
 
 def _check_views(roots, views, limits: dict, offsets: dict) -> None:
@@ -41,7 +42,11 @@ def read_torch_legacy(path: str) -> RawCheckpoint:
 
             if load()[0] != MAGIC_NUMBER:
                 raise CorruptCheckpointError(f"{path}: not a torch legacy checkpoint (bad magic number)")
-            load()  # protocol version
+            protocol = load()[0]
+            if type(protocol) is not int or protocol != PROTOCOL_VERSION:
+                raise CorruptCheckpointError(
+                    f"{path}: the legacy checkpoint's protocol version is {protocol!r:.40}, not {PROTOCOL_VERSION}; "
+                    "torch.load refuses it. The file is damaged: re-save or re-download it.")
             sys_info = load()[0]
             if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
                 raise CorruptCheckpointError(f"{path}: big-endian checkpoints are not supported")
@@ -52,10 +57,12 @@ def read_torch_legacy(path: str) -> RawCheckpoint:
             offsets, limits, size = source.offsets, {}, len(mm)
             sizes = {dtype: element_size(dtype) for dtype in {ref.dtype for ref in up.storages.values()}}
             storage, count_at = up.storages.get, struct.Struct("<q").unpack_from
-            for key in map(str, keys):  # each storage: its element count, then its bytes
+            for key in keys:  # each storage: its element count, then its bytes
                 if pos + 8 > size:
                     raise EOFError(f"storage {key} is cut off")
-                ref = storage(key)
+                ref = storage(key) if type(key) is str else None
+                if ref is None:  # torch.load asserts every key names a storage of the pickle
+                    raise EOFError(f"the storage key list names {key!r:.40}, which is no storage of the pickle")
                 count = count_at(mm, pos)[0]
                 nbytes = count * (sizes[ref.dtype] if ref is not None else 1)
                 if count < 0:
