@@ -661,15 +661,29 @@ def check_jit_opcodes(data: bytes) -> None:
     LONG1 not 8 bytes long, strings that are not UTF-8, no PROTO first. Raises UnpicklingError."""
     import pickletools
 
-    first = True
+    first, depth, marks = True, 0, []
+    mark, rest = pickletools.markobject, pickletools.stackslice
     for op, arg, pos in pickletools.genops(data):
         name = op.name
-        if first and name != "PROTO":
-            raise pickle.UnpicklingError(f"a TorchScript pickle must start with PROTO (found {name}); "
-                                         "torch.jit.load refuses it")
+        if first != (name == "PROTO"):
+            raise pickle.UnpicklingError(f"a TorchScript pickle has PROTO first and only there (found {name} at "
+                                         f"byte {pos}); torch.jit.load refuses it")
         first = False
         if name not in _JIT_OPCODES:
             raise pickle.UnpicklingError(f"opcode {name} at byte {pos} is not one TorchScript's unpickler reads")
+        before = op.stack_before
+        if mark in before:  # pops down to the last MARK, then what lies below it
+            if not marks:
+                raise pickle.UnpicklingError(f"{name} at byte {pos} without a MARK")
+            depth = marks.pop()
+            before = [b for b in before if b is not mark and b is not rest]
+        if depth < len(before):
+            raise pickle.UnpicklingError(f"{name} at byte {pos} pops more than the stack holds")
+        depth -= len(before)
+        if name == "MARK":
+            marks.append(depth)
+        else:
+            depth += len(op.stack_after)
         if name == "LONG1" and data[pos + 1] != 8:
             raise pickle.UnpicklingError(f"LONG1 at byte {pos} is {data[pos + 1]} bytes long; TorchScript "
                                          "reads only 8-byte LONG1")
@@ -679,6 +693,8 @@ def check_jit_opcodes(data: bytes) -> None:
             except UnicodeEncodeError:
                 raise pickle.UnpicklingError(f"the string at byte {pos} is not valid UTF-8") from None
         if name == "STOP":
+            if depth or marks:  # TorchScript's unpickler wants exactly the result on the stack
+                raise pickle.UnpicklingError("the TorchScript pickle leaves more than its result on the stack")
             break
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import CorruptCheckpointError
 from .limits import LimitExceeded, limit_error
 from .mapped import FileBytes, MappedFile
-from .pickle_reader import PICKLE_ERRORS, unpickle
+from .pickle_reader import PICKLE_ERRORS, check_jit_opcodes, unpickle
 from .raw import RawCheckpoint
 from .records import dtype_name, element_size
 
@@ -217,6 +217,8 @@ def _entry_starts(cd: bytes, count: int) -> np.ndarray:
         n, m, k = struct.unpack_from("<HHH", cd, at + 28)
         starts.append(at)
         at += 46 + n + m + k
+        if at > len(cd):  # as miniz: an entry (its comment included) must end inside the directory
+            raise zipfile.BadZipFile("a central directory entry runs past the end of the directory")
     return np.array(starts, dtype=np.int64).reshape(-1)
 
 
@@ -277,6 +279,12 @@ def _check_records(path: str, zd: ZipDirectory, root: str) -> None:
             f"{MIN_FILE_FORMAT_VERSION} to {MAX_FILE_FORMAT_VERSION} "
             "(ckptviz.readers.torch_zip.MAX_FILE_FORMAT_VERSION). If a newer torch wrote it, update ckptviz; "
             "otherwise the file is damaged: re-save it.")
+    if root + ".data/serialization_id" in zd.index:  # torch.load hands it to Python as a UTF-8 string
+        raw = zd.read(root + ".data/serialization_id")
+        if not _is_utf8(raw.split(b"\0", 1)[0]):
+            raise CorruptCheckpointError(
+                f"{path}: the record {root}.data/serialization_id is not UTF-8 text; torch.load refuses the file. "
+                "Re-save it with torch.save, or re-download it.")
     if root + ".storage_alignment" in zd.index:
         raw = zd.read(root + ".storage_alignment")
         try:
@@ -318,6 +326,8 @@ def read_torch_zip(path: str) -> RawCheckpoint:
         is_script = f"{root}constants.pkl" in zd.index or any(map(methodcaller("startswith", f"{root}code/"),
                                                                     zd.names))
         _check_records(path, zd, root)
+        if is_script and f"{root}constants.pkl" in zd.index:  # torch.jit.load reads it; ckptviz only checks it
+            check_jit_opcodes(zd.read(f"{root}constants.pkl"))
         byteorder = zd.read(f"{root}byteorder").decode() if f"{root}byteorder" in zd.index else "little"
         obj, up = unpickle(zd.read(f"{root}data.pkl"), trusted_prefixes=("__torch__.",) if is_script else (),
                            source=source, jit=is_script)
