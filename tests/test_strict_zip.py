@@ -422,3 +422,43 @@ def test_legacy_dup_opcode(legacy, tmp_path):
     s, e = bounds[2]
     path = _legacy_with(legacy, 2, data[s:e - 1] + b"20" + data[e - 1:e], tmp_path / "d.pt")
     _both_refuse(path, "DUP")
+
+
+def test_torchscript_setitem_on_a_module_object(script_file, tmp_path):
+    """SETITEM on a TorchScript object (Python's unpickler would take it, the object being a dict to ckptviz)."""
+    entries = _entries(script_file)
+    pkl = dict(entries)["script/data.pkl"]
+    at = next(end for _, end, name, _ in ops_of(pkl) if name == "NEWOBJ")
+    path = _rezip(_replace(entries, "/data.pkl", pkl[:at] + b"X\x01\x00\x00\x00kNs" + pkl[at:]), tmp_path / "s.pt")
+    _both_refuse(path, "not a dict", jit=True)
+
+
+def test_torchscript_storage_location_not_a_device(script_file, tmp_path):
+    entries = _entries(script_file)
+    pkl = dict(entries)["script/data.pkl"]
+    cpu = b"X\x03\x00\x00\x00cpu"
+    assert cpu in pkl
+    path = _rezip(_replace(entries, "/data.pkl", pkl.replace(cpu, b"X\x03\x00\x00\x00abc")), tmp_path / "d.pt")
+    _both_refuse(path, "not a device", jit=True)
+
+
+def test_torchscript_damaged_code_entry(script_file, tmp_path):
+    """A code/ entry ckptviz never uses, its deflate stream broken: torch.jit.load cannot compile the module."""
+    raw = bytearray(script_file.read_bytes())
+    with zipfile.ZipFile(script_file) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(".py") and i.compress_type == zipfile.ZIP_DEFLATED)
+    n, m = struct.unpack_from("<HH", raw, info.header_offset + 26)
+    raw[info.header_offset + 30 + n + m] = 0xFF  # block type 3: reserved, no inflater accepts it
+    path = tmp_path / "c.pt"
+    path.write_bytes(bytes(raw))
+    _both_refuse(path, "inflate", jit=True)
+
+
+def test_zip64_locator_pointing_past_the_end(saved, tmp_path):
+    raw = bytearray(saved.read_bytes())
+    eocd = raw.rfind(b"PK\x05\x06")
+    assert raw[eocd - 20 : eocd - 16] == b"PK\x06\x07"  # torch.save always writes the zip64 end records
+    struct.pack_into("<Q", raw, eocd - 20 + 8, len(raw))
+    path = tmp_path / "z.pt"
+    path.write_bytes(bytes(raw))
+    _both_refuse(path, "zip64 locator")

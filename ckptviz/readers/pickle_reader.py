@@ -409,6 +409,11 @@ def _storage_ref(key: str, dtype: torch.dtype, location: str, numel: int, byte_o
     return ref
 
 
+def _not_a_dict(self, key, value):
+    raise pickle.UnpicklingError(f"the pickle sets an item on a {self._ckptviz_global} object, which is not a dict; "
+                                 "torch.jit.load refuses it")
+
+
 class Unpickled:
     """What one unpickling found besides the object: ``unsafe`` (global names beyond the
     allowlist), ``storages`` (key -> StorageRef) and ``end`` (bytes the pickle took)."""
@@ -451,7 +456,10 @@ class Unpickled:
         else:
             if not full.startswith(self._trusted_prefixes) and full not in self._user_safe:
                 self.unsafe.add(full)
-            obj = type(full.rsplit(".", 1)[-1], (Stub,), {"_ckptviz_global": full})
+            attrs = {"_ckptviz_global": full}
+            if self._trusted_prefixes and full.startswith(self._trusted_prefixes):  # a TorchScript class:
+                attrs["__setitem__"] = _not_a_dict  # its objects take BUILD, never SETITEM (torch.jit.load asserts)
+            obj = type(full.rsplit(".", 1)[-1], (Stub,), attrs)
         self._handed[full] = obj
         return obj
 

@@ -13,6 +13,7 @@ from itertools import repeat
 from operator import methodcaller
 
 import numpy as np
+import torch
 
 from ..errors import CorruptCheckpointError
 from .limits import LimitExceeded, limit_error
@@ -179,7 +180,9 @@ def _end_of_directory(mm: FileBytes) -> tuple[int, int, int, int, int]:
             raise zipfile.BadZipFile("bad zip64 end of central directory record")
         record, disk, cd_disk, on_disk, count, cd_size, cd_offset = struct.unpack_from(
             "<4xQ4xLLQQQQ", mm[location : location + 56])
-        disks = struct.unpack_from("<16xL", mm[eocd - 20 : eocd])[0]
+        pointed, disks = struct.unpack_from("<8xQL", mm[eocd - 20 : eocd])
+        if pointed > len(mm) - 56:  # torch's miniz reads the record where the locator points
+            raise zipfile.BadZipFile("the zip64 locator points past the end of the file")
         if record < 44:
             raise zipfile.BadZipFile("bad zip64 end of central directory record")
         if disks != 1:
@@ -295,6 +298,29 @@ def _check_records(path: str, zd: ZipDirectory, root: str) -> None:
                 "refuses the file. Re-save it with torch.save.") from None
 
 
+def _check_script_records(zd: ZipDirectory, root: str) -> None:
+    """What torch.jit.load reads of a TorchScript archive besides data.pkl, which ckptviz does not use:
+    constants.pkl an unpickler-valid TorchScript pickle, every code/ entry intact (CRC), its sources UTF-8."""
+    if f"{root}constants.pkl" in zd.index:
+        check_jit_opcodes(zd.read(f"{root}constants.pkl"))
+    for name in zd.names:
+        if name.startswith(f"{root}code/") and not name.endswith("/"):
+            data = zd.read(name)  # inflated (capped) and CRC-checked: a damaged entry is a BadZipFile
+            if name.endswith(".py") and not _is_utf8(data):
+                raise zipfile.BadZipFile(f"the TorchScript source {name} is not UTF-8")
+
+
+def _check_devices(path: str, storages) -> None:
+    """TorchScript's unpickler parses every storage's location as a device, whatever ``map_location`` says."""
+    for location in {ref.location for ref in storages}:
+        try:
+            torch.device(location)
+        except (RuntimeError, ValueError, TypeError):
+            raise CorruptCheckpointError(
+                f"{path}: a storage's location {location[:40]!r} is not a device torch knows; torch.jit.load "
+                "refuses the file. Re-export it with torch.jit.save.") from None
+
+
 def _check_storage_sizes(path: str, zd: ZipDirectory, root: str, storages: dict, keys: list[str],
                          rows: np.ndarray) -> None:
     """Every storage record holds exactly the bytes its pickle declares (numel x element size), as
@@ -326,8 +352,8 @@ def read_torch_zip(path: str) -> RawCheckpoint:
         is_script = f"{root}constants.pkl" in zd.index or any(map(methodcaller("startswith", f"{root}code/"),
                                                                     zd.names))
         _check_records(path, zd, root)
-        if is_script and f"{root}constants.pkl" in zd.index:  # torch.jit.load reads it; ckptviz only checks it
-            check_jit_opcodes(zd.read(f"{root}constants.pkl"))
+        if is_script:
+            _check_script_records(zd, root)
         byteorder = zd.read(f"{root}byteorder").decode() if f"{root}byteorder" in zd.index else "little"
         obj, up = unpickle(zd.read(f"{root}data.pkl"), trusted_prefixes=("__torch__.",) if is_script else (),
                            source=source, jit=is_script)
@@ -342,6 +368,8 @@ def read_torch_zip(path: str) -> RawCheckpoint:
             key = keys[int(np.argmin(stored))]
             raise CorruptCheckpointError(f"{path}: storage {key} is compressed; torch never writes that")
         _check_storage_sizes(path, zd, root, up.storages, keys, rows)
+        if is_script:
+            _check_devices(path, up.storages.values())
         starts = _data_offsets(mm, zd.header[rows].tolist())
         source.offsets.update(zip(keys, starts))
         limits = dict(zip(keys, (np.array(starts, dtype=np.int64) + zd.size[rows]).tolist()))
