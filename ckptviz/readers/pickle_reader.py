@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import math
+import operator
 import pickle
 import struct
 import threading
@@ -139,10 +140,6 @@ assert [f.name for f in fields(TensorRef)] == ["storage", "offset", "shape", "st
 assert [f.name for f in fields(StorageRef)] == ["key", "dtype", "location", "numel", "byte_offset", "source"]
 
 
-def _span(size: int, stride: int) -> int:
-    return (size - 1) * stride
-
-
 def _grad(requires_grad: Any, dtype: torch.dtype) -> bool:
     """A record's ``requires_grad`` as torch checks it when it rebuilds the tensor: a bool, and True only
     for floating point and complex dtypes."""
@@ -181,12 +178,13 @@ def _rebuild_v2(storage, offset, size, stride, requires_grad=False, hooks=None, 
             raise pickle.UnpicklingError(f"tensor record has an invalid dtype: {_short(dtype)}")
         ref.dtype = dtype
     if 0 not in size:  # what torch's set_ checks: the view's last element lies inside the storage
-        last = offset + sum(map(_span, size, stride))
-        if (last + 1) * element_size(ref.dtype) > storage.numel * element_size(storage.dtype):
+        last = offset + sum(map(operator.mul, size, stride)) - sum(stride)  # offset + sum((n - 1) * s)
+        if (last >= storage.numel if ref.dtype is storage.dtype
+                else (last + 1) * element_size(ref.dtype) > storage.numel * element_size(storage.dtype)):
             raise pickle.UnpicklingError(
                 f"a tensor record (size {_short(size)}, stride {_short(stride)}, offset {offset}) claims more bytes "
                 f"than its storage holds (storage {storage.key!r}: {storage.numel:_} elements); torch.load refuses it")
-    ref.requires_grad = _grad(requires_grad, ref.dtype)
+    ref.requires_grad = False if requires_grad is False else _grad(requires_grad, ref.dtype)
     ref.is_param = False
     return ref
 

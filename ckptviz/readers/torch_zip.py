@@ -5,6 +5,7 @@ header (read with ``pread``, all headers at once, never mapped); tensor bytes st
 from __future__ import annotations
 
 import io
+import operator
 import re
 import struct
 import zipfile
@@ -321,14 +322,18 @@ def _check_devices(path: str, storages) -> None:
                 "refuses the file. Re-export it with torch.jit.save.") from None
 
 
+_DTYPE, _NUMEL = operator.attrgetter("dtype"), operator.attrgetter("numel")
+
+
 def _check_storage_sizes(path: str, zd: ZipDirectory, root: str, storages: dict, keys: list[str],
                          rows: np.ndarray) -> None:
     """Every storage record holds exactly the bytes its pickle declares (numel x element size), as
     torch.load checks."""
-    sizes = {d: element_size(d) for d in {ref.dtype for ref in storages.values()}}
-    declared = [storages[k].numel * sizes[storages[k].dtype] for k in keys]
-    if declared:
-        actual = zd.size[rows].tolist()
+    refs = list(map(storages.__getitem__, keys))
+    sizes = {d: element_size(d) for d in set(map(_DTYPE, refs))}
+    declared = list(map(operator.mul, map(_NUMEL, refs), map(sizes.__getitem__, map(_DTYPE, refs))))
+    actual = zd.size[rows].tolist()
+    if declared != actual:  # compared at C speed; the loop only finds the first culprit
         for key, want, got in zip(keys, declared, actual):
             if want != got:
                 ref = storages[key]
