@@ -318,11 +318,26 @@ def test_rewritten_archive_opens(saved, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"_use_new_zipfile_serialization": False}, {"pickle_protocol": 3},
+                                    {"_use_new_zipfile_serialization": False, "pickle_protocol": 3},
                                     {"_disable_byteorder_record": True}])
 def test_real_torch_save_files_open(tmp_path, kwargs):
     path = tmp_path / "last.ckpt"
     torch.save({"model": WEIGHTS, "step": 3}, path, **kwargs)
     _both_read(path)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_newer_pickle_protocols_open_with_their_values(tmp_path, legacy, protocol):
+    """torch.save(pickle_protocol=4 or 5) files, which torch.load reads with weights_only=False: not refused
+    (the legacy container was once taken for a plain pickle)."""
+    path = tmp_path / "p.pt"
+    torch.save(WEIGHTS, path, pickle_protocol=protocol, _use_new_zipfile_serialization=not legacy)
+    want = torch.load(path, weights_only=False)  # our own file
+    ck = cv.open_checkpoint(path)
+    assert ck.format == ("torch-legacy" if legacy else "torch-zip")
+    got = ck.state_dict(copy=True)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 class _Scripted(nn.Module):
