@@ -20,8 +20,8 @@ def sniff(path: str) -> str:
         head = f.read(16)
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         return "torch-zip"
-    if head[:2] == b"\x80\x02" and head[2:4] == b"\x8a\x0a":
-        return "torch-legacy"
+    if head[:1] == b"\x80" and (head[2:4] == b"\x8a\x0a" or (head[2:3] == b"\x95" and head[11:13] == b"\x8a\x0a")):
+        return "torch-legacy"  # the magic number, pickled with protocol 2 or 3 (or 4 and 5, in a frame)
     if len(head) >= 9 and head[8:9] in (b"{", b"["):  # a JSON header (an array one is then rejected as corrupt)
         (n,) = struct.unpack("<Q", head[:8])
         if 2 <= n <= 100_000_000:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import math
+import operator
 import pickle
 import struct
 import threading
@@ -139,11 +140,19 @@ assert [f.name for f in fields(TensorRef)] == ["storage", "offset", "shape", "st
 assert [f.name for f in fields(StorageRef)] == ["key", "dtype", "location", "numel", "byte_offset", "source"]
 
 
-def _flag(v: Any) -> bool:
-    return type(v) in (bool, int) and bool(v)
+def _grad(requires_grad: Any, dtype: torch.dtype) -> bool:
+    """A record's ``requires_grad`` as torch checks it when it rebuilds the tensor: a bool, and True only
+    for floating point and complex dtypes."""
+    if type(requires_grad) is not bool:
+        raise pickle.UnpicklingError(f"tensor record has requires_grad={_short(requires_grad)}, not a bool; "
+                                     "torch.load refuses it")
+    if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
+        raise pickle.UnpicklingError(f"tensor record of dtype {dtype} requires grad, which only floating point "
+                                     "and complex tensors can; torch.load refuses it")
+    return requires_grad
 
 
-def _rebuild_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+def _rebuild_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None, dtype=None):
     if type(storage) is not StorageRef:
         if isinstance(storage, Stub):  # e.g. pickle.dump's torch.storage._load_from_bytes: not unpacked
             return OpaqueTensor("torch._utils._rebuild_tensor_v2", (storage, offset, size, stride))
@@ -164,18 +173,26 @@ def _rebuild_v2(storage, offset, size, stride, requires_grad=False, hooks=None, 
         _limits.check_numel(size, math.prod(size), "a tensor record")
     ref = _new_object(TensorRef)
     ref.storage, ref.offset, ref.shape, ref.stride, ref.dtype = storage, offset, size, stride, storage.dtype
-    ref.requires_grad = requires_grad is True or (type(requires_grad) is int and requires_grad != 0)
+    if dtype is not None:
+        if type(dtype) is not torch.dtype:
+            raise pickle.UnpicklingError(f"tensor record has an invalid dtype: {_short(dtype)}")
+        ref.dtype = dtype
+    if 0 not in size:  # what torch's set_ checks: the view's last element lies inside the storage
+        last = offset + sum(map(operator.mul, size, stride)) - sum(stride)  # offset + sum((n - 1) * s)
+        if (last >= storage.numel if ref.dtype is storage.dtype
+                else (last + 1) * element_size(ref.dtype) > storage.numel * element_size(storage.dtype)):
+            raise pickle.UnpicklingError(
+                f"a tensor record (size {_short(size)}, stride {_short(stride)}, offset {offset}) claims more bytes "
+                f"than its storage holds (storage {storage.key!r}: {storage.numel:_} elements); torch.load refuses it")
+    ref.requires_grad = False if requires_grad is False else _grad(requires_grad, ref.dtype)
     ref.is_param = False
     return ref
 
 
 def _rebuild_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
-    ref = _rebuild_v2(storage, offset, size, stride, requires_grad)
-    if type(ref) is TensorRef:
-        if type(dtype) is not torch.dtype:
-            raise pickle.UnpicklingError(f"tensor record has an invalid dtype: {_short(dtype)}")
-        ref.dtype = dtype
-    return ref
+    if dtype is None:  # v3 always names the dtype
+        raise pickle.UnpicklingError("tensor record has an invalid dtype: None")
+    return _rebuild_v2(storage, offset, size, stride, requires_grad, dtype=dtype)
 
 
 def _rebuild_v1(storage, offset, size, stride):
@@ -184,7 +201,7 @@ def _rebuild_v1(storage, offset, size, stride):
 
 def _rebuild_parameter(data, requires_grad, hooks, state=None):
     if type(data) is TensorRef:
-        data.is_param, data.requires_grad = True, _flag(requires_grad)
+        data.is_param, data.requires_grad = True, _grad(requires_grad, data.dtype)
     return data
 
 
@@ -199,7 +216,7 @@ def _rebuild_meta(dtype, size, stride, requires_grad):
         raise pickle.UnpicklingError(f"tensor record has an invalid dtype: {_short(dtype)}")
     size, stride = _ints("size", size, minimum=0), _ints("stride", stride, minimum=0)
     _limits.check_numel(size, math.prod(size), "a meta tensor record")
-    return TensorRef(None, 0, size, stride, dtype, _flag(requires_grad))
+    return TensorRef(None, 0, size, stride, dtype, _grad(requires_grad, dtype))
 
 
 def _parameter(data=None, requires_grad=True):
@@ -390,6 +407,11 @@ def _storage_ref(key: str, dtype: torch.dtype, location: str, numel: int, byte_o
     return ref
 
 
+def _not_a_dict(self, key, value):
+    raise pickle.UnpicklingError(f"the pickle sets an item on a {self._ckptviz_global} object, which is not a dict; "
+                                 "torch.jit.load refuses it")
+
+
 class Unpickled:
     """What one unpickling found besides the object: ``unsafe`` (global names beyond the
     allowlist), ``storages`` (key -> StorageRef) and ``end`` (bytes the pickle took)."""
@@ -432,7 +454,10 @@ class Unpickled:
         else:
             if not full.startswith(self._trusted_prefixes) and full not in self._user_safe:
                 self.unsafe.add(full)
-            obj = type(full.rsplit(".", 1)[-1], (Stub,), {"_ckptviz_global": full})
+            attrs = {"_ckptviz_global": full}
+            if self._trusted_prefixes and full.startswith(self._trusted_prefixes):  # a TorchScript class:
+                attrs["__setitem__"] = _not_a_dict  # its objects take BUILD, never SETITEM (torch.jit.load asserts)
+            obj = type(full.rsplit(".", 1)[-1], (Stub,), attrs)
         self._handed[full] = obj
         return obj
 
@@ -628,14 +653,68 @@ def load_checked(data: bytes, found: Unpickled) -> Any:
         return _on_stack(load, nesting_bound(data))
 
 
+# The opcodes TorchScript's unpickler (torch/csrc/jit/serialization/unpickler.cpp) reads; torch.jit.load
+# refuses any other, a LONG1 of other than 8 bytes, and a pickle that does not start with PROTO.
+_JIT_OPCODES = frozenset({"PROTO", "EMPTY_LIST", "EMPTY_TUPLE", "BINPUT", "LONG_BINPUT", "MARK", "NEWTRUE",
+                          "NEWFALSE", "NONE", "BININT1", "BININT2", "BININT", "LONG1", "BINUNICODE", "BINFLOAT",
+                          "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_DICT", "APPENDS", "LIST", "DICT",
+                          "SETITEMS", "BINGET", "LONG_BINGET", "STOP", "GLOBAL", "NEWOBJ", "BUILD", "REDUCE",
+                          "BINPERSID", "SETITEM"})
+
+
+def check_jit_opcodes(data: bytes) -> None:
+    """Refuse a TorchScript pickle that torch.jit.load's unpickler refuses: opcodes outside its set,
+    LONG1 not 8 bytes long, strings that are not UTF-8, no PROTO first. Raises UnpicklingError."""
+    import pickletools
+
+    first, depth, marks = True, 0, []
+    mark, rest = pickletools.markobject, pickletools.stackslice
+    for op, arg, pos in pickletools.genops(data):
+        name = op.name
+        if first != (name == "PROTO"):
+            raise pickle.UnpicklingError(f"a TorchScript pickle has PROTO first and only there (found {name} at "
+                                         f"byte {pos}); torch.jit.load refuses it")
+        first = False
+        if name not in _JIT_OPCODES:
+            raise pickle.UnpicklingError(f"opcode {name} at byte {pos} is not one TorchScript's unpickler reads")
+        before = op.stack_before
+        if mark in before:  # pops down to the last MARK, then what lies below it
+            if not marks:
+                raise pickle.UnpicklingError(f"{name} at byte {pos} without a MARK")
+            depth = marks.pop()
+            before = [b for b in before if b is not mark and b is not rest]
+        if depth < len(before):
+            raise pickle.UnpicklingError(f"{name} at byte {pos} pops more than the stack holds")
+        depth -= len(before)
+        if name == "MARK":
+            marks.append(depth)
+        else:
+            depth += len(op.stack_after)
+        if name == "LONG1" and data[pos + 1] != 8:
+            raise pickle.UnpicklingError(f"LONG1 at byte {pos} is {data[pos + 1]} bytes long; TorchScript "
+                                         "reads only 8-byte LONG1")
+        if name == "BINUNICODE":
+            try:
+                arg.encode("utf-8")
+            except UnicodeEncodeError:
+                raise pickle.UnpicklingError(f"the string at byte {pos} is not valid UTF-8") from None
+        if name == "STOP":
+            if depth or marks:  # TorchScript's unpickler wants exactly the result on the stack
+                raise pickle.UnpicklingError("the TorchScript pickle leaves more than its result on the stack")
+            break
+
+
 def unpickle(data: bytes | bytearray | memoryview | BinaryIO, *, trusted_prefixes: tuple[str, ...] = (),
-             source: Any = None) -> tuple[Any, Unpickled]:
+             source: Any = None, jit: bool = False) -> tuple[Any, Unpickled]:
     """Unpickle one object from ``data`` (bytes-like, or a binary file read from its position, which
     is left just past the pickle); return it with what was found (``unsafe``, ``storages``, ``end``).
-    Storages it finds read their bytes from ``source`` (a MappedFile)."""
+    Storages it finds read their bytes from ``source`` (a MappedFile). ``jit``: a TorchScript archive's
+    pickle, also held to what TorchScript's unpickler reads (:func:`check_jit_opcodes`)."""
     if isinstance(data, (bytes, bytearray, memoryview)):
-        return unpickle_from(bytes(data) if type(data) is not bytes else data, 0,
-                             trusted_prefixes=trusted_prefixes, source=source, first_window=len(data))
+        data = bytes(data) if type(data) is not bytes else data
+        if jit:
+            check_jit_opcodes(data)
+        return unpickle_from(data, 0, trusted_prefixes=trusted_prefixes, source=source, first_window=len(data))
     start = data.tell()
     buf = data.read()
     obj, found = unpickle_from(buf, 0, trusted_prefixes=trusted_prefixes, source=source, first_window=len(buf))

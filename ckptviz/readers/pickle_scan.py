@@ -37,8 +37,9 @@ _REFUSED = {
     0x97: "refers to out-of-band buffers (NEXT_BUFFER), which torch.save never writes",
     0x98: "refers to out-of-band buffers (READONLY_BUFFER), which torch.save never writes",
     ord("P"): "uses a protocol-0 persistent id, which torch.save never writes",
+    ord("2"): "duplicates a stack item (DUP), which no pickler writes and torch.load refuses",
 }
-_NO_ARG = b"(012NQRabde}lstu)]\x81\x85\x86\x87\x88\x89\x8f\x90\x91\x92\x93\x94"  # everything but STOP
+_NO_ARG = b"(01NQRabde}lstu)]\x81\x85\x86\x87\x88\x89\x8f\x90\x91\x92\x93\x94"  # everything but STOP
 
 
 def _hex(data: bytes) -> bytes:

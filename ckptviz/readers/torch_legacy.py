@@ -14,6 +14,7 @@ from .raw import RawCheckpoint
 from .records import element_size
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+PROTOCOL_VERSION = 1001
 
 
 def _check_views(roots, views, limits: dict, offsets: dict) -> None:
@@ -53,7 +54,11 @@ def read_torch_legacy(path: str) -> RawCheckpoint:
 
         if load()[0] != MAGIC_NUMBER:
             raise CorruptCheckpointError(f"{path}: not a torch legacy checkpoint (bad magic number)")
-        load()  # protocol version
+        protocol = load()[0]
+        if type(protocol) is not int or protocol != PROTOCOL_VERSION:
+            raise CorruptCheckpointError(
+                f"{path}: the legacy checkpoint's protocol version is {protocol!r:.40}, not {PROTOCOL_VERSION}; "
+                "torch.load refuses it. The file is damaged: re-save or re-download it.")
         sys_info = load()[0]
         if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
             raise CorruptCheckpointError(f"{path}: big-endian checkpoints are not supported")
@@ -62,7 +67,9 @@ def read_torch_legacy(path: str) -> RawCheckpoint:
         if type(keys) is not list:
             raise EOFError("the list of storage keys is missing")
         offsets, limits, size = source.offsets, {}, source.size
-        keys = list(map(str, keys))
+        for key in keys:  # torch.load asserts every key names a storage of the pickle
+            if type(key) is not str or key not in up.storages:
+                raise EOFError(f"the storage key list names {key!r:.40}, which is no storage of the pickle")
         sizes = {dtype: element_size(dtype) for dtype in {ref.dtype for ref in up.storages.values()}}
         storage = up.storages.get
         counts = pickles.words(_count_fields(keys, up.storages, sizes, pos, size))

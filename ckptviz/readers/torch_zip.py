@@ -5,6 +5,8 @@ header (read with ``pread``, all headers at once, never mapped); tensor bytes st
 from __future__ import annotations
 
 import io
+import operator
+import re
 import struct
 import zipfile
 import zlib
@@ -12,12 +14,14 @@ from itertools import repeat
 from operator import methodcaller
 
 import numpy as np
+import torch
 
 from ..errors import CorruptCheckpointError
 from .limits import LimitExceeded, limit_error
 from .mapped import FileBytes, MappedFile
-from .pickle_reader import PICKLE_ERRORS, unpickle
+from .pickle_reader import PICKLE_ERRORS, check_jit_opcodes, unpickle
 from .raw import RawCheckpoint
+from .records import dtype_name, element_size
 
 _HEADER_FIELDS = np.array([0, 1, 2, 3, 26, 27, 28, 29])  # signature; name and extra field lengths
 
@@ -45,7 +49,7 @@ class ZipDirectory:
 
     def __init__(self, mm: FileBytes):
         self.mm = mm
-        count, cd_size, cd_offset, concat = _end_of_directory(mm)
+        count, cd_size, cd_offset, concat, self.disk = _end_of_directory(mm)
         cd = bytes(mm[cd_offset : cd_offset + cd_size])
         starts = _entry_starts(cd, count)
         raw = np.frombuffer(cd, dtype=np.uint8)
@@ -53,13 +57,17 @@ class ZipDirectory:
         u16 = lambda at: fixed[:, at : at + 2].copy().view("<u2")[:, 0].astype(np.int64)  # noqa: E731
         u32 = lambda at: fixed[:, at : at + 4].copy().view("<u4")[:, 0].astype(np.int64)  # noqa: E731
         flags, name_len, extra_len = u16(8), u16(28), u16(30)
+        self.flags = flags
         self.method, self.crc = u16(10), u32(16)
         self.compressed, self.size, self.header = u32(20), u32(24), u32(42)
+        _miniz_entry_checks(fixed, u16, u32, len(mm) - concat, self.disk)
         names = [cd[a : a + n] for a, n in zip((starts + 46).tolist(), name_len.tolist())]
-        if (flags & 0x800).all():
+        try:  # torch hands every name to Python as UTF-8 (whatever the flag says): others fail torch.load
             self.names = [name.decode("utf-8") for name in names]
-        else:
-            self.names = [name.decode("utf-8" if f & 0x800 else "cp437") for name, f in zip(names, flags.tolist())]
+        except UnicodeDecodeError:
+            bad = next(name for name in names if not _is_utf8(name))
+            raise zipfile.BadZipFile(f"the entry name {bad[:80]!r} is not UTF-8; torch.load refuses such a "
+                                     "zip") from None
         wide = np.flatnonzero((self.compressed == 0xFFFFFFFF) | (self.size == 0xFFFFFFFF)
                               | (self.header == 0xFFFFFFFF))
         for i in wide.tolist():  # zip64: the 32-bit fields are placeholders for the extra field's values
@@ -125,8 +133,37 @@ def inflate(data: bytes, name: str, declared: int) -> bytes:
     return out
 
 
-def _end_of_directory(mm: FileBytes) -> tuple[int, int, int, int]:
-    """(entries, size and offset of the central directory, bytes prepended to the archive)."""
+def _is_utf8(name: bytes) -> bool:
+    try:
+        name.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+_ENCRYPTED, _PATCH, _STRONG, _MASKED = 0x1, 0x20, 0x40, 0x2000  # general purpose flag bits miniz refuses
+
+
+def _miniz_entry_checks(fixed: np.ndarray, u16, u32, archive_size: int, disk: int) -> None:
+    """The checks miniz (torch's zip reader) makes on every central directory entry when it opens the
+    archive: stored entries whose sizes differ, data past the end, other disks, masked directories."""
+    comp, size, at = u32(20), u32(24), u32(42)
+    method_and_time = u32(10)  # miniz reads 32 bits at the method offset: method and mod time together
+    plain = (comp != 0xFFFFFFFF) & (size != 0xFFFFFFFF)
+    if (plain & (((method_and_time == 0) & (size != comp)) | ((size != 0) & (comp == 0)))).any():
+        raise zipfile.BadZipFile("an entry's compressed and uncompressed sizes disagree")
+    entry_disk = u16(34)
+    if ((entry_disk == 0xFFFF) | ((entry_disk != disk) & (entry_disk != 1))).any():
+        raise zipfile.BadZipFile("an entry lies on another disk of a multi-disk archive; torch.load refuses those")
+    if ((comp != 0xFFFFFFFF) & (at != 0xFFFFFFFF) & (at + 30 + comp > archive_size)).any():
+        raise zipfile.BadZipFile("an entry's data runs past the end of the archive")
+    if (u16(8) & _MASKED).any():
+        raise zipfile.BadZipFile("the archive's central directory is encrypted (masked)")
+
+
+def _end_of_directory(mm: FileBytes) -> tuple[int, int, int, int, int]:
+    """(entries, size and offset of the central directory, bytes prepended to the archive, this disk's
+    number), refusing what miniz (torch's zip reader) refuses: multi-disk archives, inconsistent counts."""
     tail_at = max(0, len(mm) - (1 << 16) - 22)
     tail = bytes(mm[tail_at:])
     at = len(tail)
@@ -136,19 +173,32 @@ def _end_of_directory(mm: FileBytes) -> tuple[int, int, int, int]:
             raise zipfile.BadZipFile("no end of central directory record (the file is cut off?)")
         if at + 22 <= len(tail) and at + 22 + struct.unpack_from("<H", tail, at + 20)[0] == len(tail):
             break
-    count, cd_size, cd_offset = struct.unpack_from("<10xHLL", tail, at)
+    disk, cd_disk, on_disk, count, cd_size, cd_offset = struct.unpack_from("<4xHHHHLL", tail, at)
     eocd = tail_at + at
     if eocd >= 76 and mm[eocd - 20 : eocd - 16] == b"PK\x06\x07":  # zip64: its record precedes the locator
         location = eocd - 20 - 56
         if mm[location : location + 4] != b"PK\x06\x06":
             raise zipfile.BadZipFile("bad zip64 end of central directory record")
-        count, cd_size, cd_offset = struct.unpack_from("<32xQQQ", mm[location : location + 56])
+        record, disk, cd_disk, on_disk, count, cd_size, cd_offset = struct.unpack_from(
+            "<4xQ4xLLQQQQ", mm[location : location + 56])
+        pointed, disks = struct.unpack_from("<8xQL", mm[eocd - 20 : eocd])
+        if pointed > len(mm) - 56:  # torch's miniz reads the record where the locator points
+            raise zipfile.BadZipFile("the zip64 locator points past the end of the file")
+        if record < 44:
+            raise zipfile.BadZipFile("bad zip64 end of central directory record")
+        if disks != 1:
+            raise zipfile.BadZipFile("a multi-disk zip64 archive; torch.load refuses those")
     else:
         location = eocd
+    if count != on_disk or ((disk | cd_disk) != 0 and (disk != 1 or cd_disk != 1)):
+        raise zipfile.BadZipFile("a multi-disk archive (or a damaged end of central directory); torch.load "
+                                 "refuses those")
+    if cd_size < count * 46:
+        raise zipfile.BadZipFile("the central directory is smaller than its entries")
     concat = location - cd_size - cd_offset  # data before the archive (e.g. a self-extracting stub)
     if concat < 0 or cd_offset + concat + cd_size > len(mm):
         raise zipfile.BadZipFile("the central directory lies outside the file")
-    return count, cd_size, cd_offset + concat, concat
+    return count, cd_size, cd_offset + concat, concat, disk
 
 
 def _entry_starts(cd: bytes, count: int) -> np.ndarray:
@@ -171,7 +221,126 @@ def _entry_starts(cd: bytes, count: int) -> np.ndarray:
         n, m, k = struct.unpack_from("<HHH", cd, at + 28)
         starts.append(at)
         at += 46 + n + m + k
+        if at > len(cd):  # as miniz: an entry (its comment included) must end inside the directory
+            raise zipfile.BadZipFile("a central directory entry runs past the end of the directory")
     return np.array(starts, dtype=np.int64).reshape(-1)
+
+
+MIN_FILE_FORMAT_VERSION, MAX_FILE_FORMAT_VERSION = 1, 10  # what torch's reader (inline_container.cc) accepts
+_RECORDS_READ = ("data.pkl", "version", ".data/version", "byteorder", ".format_version", ".storage_alignment",
+                 ".data/serialization_id")  # what torch.load reads besides the storages
+
+
+def _archive_root(path: str, zd: ZipDirectory) -> str:
+    """The archive's top folder with its slash, as torch finds it: the first entry's; every entry must
+    lie under it."""
+    if not zd.names:
+        raise CorruptCheckpointError(f"{path}: the zip archive holds no files; it is not a torch checkpoint")
+    first = zd.names[0]
+    if "/" not in first:
+        raise CorruptCheckpointError(
+            f"{path}: the zip's first entry {first[:80]!r} is not inside a folder; torch.save puts every record "
+            "under one top folder and torch.load refuses this file. Re-save it with torch.save.")
+    root = first[: first.index("/") + 1]
+    stray = next((n for n in zd.names if not n.startswith(root)), None)
+    if stray is not None:
+        raise CorruptCheckpointError(
+            f"{path}: the zip entry {stray[:80]!r} lies outside the archive's top folder {root!r}; torch.save "
+            "writes every record under one folder and torch.load refuses this file. Re-save it with torch.save.")
+    return root
+
+
+def _stoull(raw: bytes) -> int | None:
+    """The version record as torch parses it (C ``stoull``, then read as a signed 64-bit value); None
+    where it does not parse."""
+    m = re.match(rb"[ \t\n\v\f\r]*([+-]?)([0-9]+)", raw.split(b"\0", 1)[0])
+    if m is None or int(m.group(2)) >= 1 << 64:
+        return None
+    v = int(m.group(2))
+    v = -v % (1 << 64) if m.group(1) == b"-" else v
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _check_records(path: str, zd: ZipDirectory, root: str) -> None:
+    """The records torch.load reads besides the storages: readable (stored or deflated, not encrypted),
+    a format version torch supports, a storage alignment that is a number."""
+    for name in _RECORDS_READ:
+        i = zd.index.get(root + name)
+        if i is not None and (zd.method[i] not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+                              or zd.flags[i] & (_ENCRYPTED | _PATCH | _STRONG)):
+            raise zipfile.BadZipFile(f"{root}{name} is encrypted or compressed with method {zd.method[i]}, "
+                                     "which torch's zip reader refuses")
+    name = next((root + n for n in (".data/version", "version") if root + n in zd.index), None)
+    if name is None:
+        raise CorruptCheckpointError(
+            f"{path}: the zip has no {root}version record, which torch.save always writes and torch.load "
+            "requires. Re-save the file with torch.save.")
+    raw = zd.read(name)
+    version = _stoull(raw)
+    if version is None or not MIN_FILE_FORMAT_VERSION <= version <= MAX_FILE_FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            f"{path}: the archive's format version record {name} holds {raw[:40]!r}; torch reads versions "
+            f"{MIN_FILE_FORMAT_VERSION} to {MAX_FILE_FORMAT_VERSION} "
+            "(ckptviz.readers.torch_zip.MAX_FILE_FORMAT_VERSION). If a newer torch wrote it, update ckptviz; "
+            "otherwise the file is damaged: re-save it.")
+    if root + ".data/serialization_id" in zd.index:  # torch.load hands it to Python as a UTF-8 string
+        raw = zd.read(root + ".data/serialization_id")
+        if not _is_utf8(raw.split(b"\0", 1)[0]):
+            raise CorruptCheckpointError(
+                f"{path}: the record {root}.data/serialization_id is not UTF-8 text; torch.load refuses the file. "
+                "Re-save it with torch.save, or re-download it.")
+    if root + ".storage_alignment" in zd.index:
+        raw = zd.read(root + ".storage_alignment")
+        try:
+            int(raw)
+        except ValueError:
+            raise CorruptCheckpointError(
+                f"{path}: the record {root}.storage_alignment holds {raw[:40]!r}, not a number; torch.load "
+                "refuses the file. Re-save it with torch.save.") from None
+
+
+def _check_script_records(zd: ZipDirectory, root: str) -> None:
+    """What torch.jit.load reads of a TorchScript archive besides data.pkl, which ckptviz does not use:
+    constants.pkl an unpickler-valid TorchScript pickle, every code/ entry intact (CRC), its sources UTF-8."""
+    if f"{root}constants.pkl" in zd.index:
+        check_jit_opcodes(zd.read(f"{root}constants.pkl"))
+    for name in zd.names:
+        if name.startswith(f"{root}code/") and not name.endswith("/"):
+            data = zd.read(name)  # inflated (capped) and CRC-checked: a damaged entry is a BadZipFile
+            if name.endswith(".py") and not _is_utf8(data):
+                raise zipfile.BadZipFile(f"the TorchScript source {name} is not UTF-8")
+
+
+def _check_devices(path: str, storages) -> None:
+    """TorchScript's unpickler parses every storage's location as a device, whatever ``map_location`` says."""
+    for location in {ref.location for ref in storages}:
+        try:
+            torch.device(location)
+        except (RuntimeError, ValueError, TypeError):
+            raise CorruptCheckpointError(
+                f"{path}: a storage's location {location[:40]!r} is not a device torch knows; torch.jit.load "
+                "refuses the file. Re-export it with torch.jit.save.") from None
+
+
+_DTYPE, _NUMEL = operator.attrgetter("dtype"), operator.attrgetter("numel")
+
+
+def _check_storage_sizes(path: str, zd: ZipDirectory, root: str, storages: dict, keys: list[str],
+                         rows: np.ndarray) -> None:
+    """Every storage record holds exactly the bytes its pickle declares (numel x element size), as
+    torch.load checks."""
+    refs = list(map(storages.__getitem__, keys))
+    sizes = {d: element_size(d) for d in set(map(_DTYPE, refs))}
+    declared = list(map(operator.mul, map(_NUMEL, refs), map(sizes.__getitem__, map(_DTYPE, refs))))
+    actual = zd.size[rows].tolist()
+    if declared != actual:  # compared at C speed; the loop only finds the first culprit
+        for key, want, got in zip(keys, declared, actual):
+            if want != got:
+                ref = storages[key]
+                raise CorruptCheckpointError(
+                    f"{path}: storage record {root}data/{key} holds {got:_} bytes, but data.pkl declares "
+                    f"{ref.numel:_} elements of {dtype_name(ref.dtype)} ({want:_} bytes); torch.load refuses "
+                    "the file. Re-save it with torch.save, or re-download it.")
 
 
 def read_torch_zip(path: str) -> RawCheckpoint:
@@ -179,17 +348,20 @@ def read_torch_zip(path: str) -> RawCheckpoint:
     try:
         mm = source.view()  # pread, not a map: a file cut short meanwhile is an error, not a fault
         zd = ZipDirectory(mm)
-        pkl = [n for n in zd.names if n.count("/") == 1 and n.endswith("/data.pkl")]
-        if not pkl:
+        root = _archive_root(path, zd)
+        if f"{root}data.pkl" not in zd.index:
             raise CorruptCheckpointError(
-                f"{path}: a zip file, but not one written by torch.save (no <archive>/data.pkl inside). "
+                f"{path}: a zip file, but not one written by torch.save (no {root}data.pkl inside). "
                 "If it is another framework's archive, export its weights with torch.save or safetensors."
             )
-        root = pkl[0][: -len("data.pkl")]
         is_script = f"{root}constants.pkl" in zd.index or any(map(methodcaller("startswith", f"{root}code/"),
                                                                     zd.names))
+        _check_records(path, zd, root)
+        if is_script:
+            _check_script_records(zd, root)
         byteorder = zd.read(f"{root}byteorder").decode() if f"{root}byteorder" in zd.index else "little"
-        obj, up = unpickle(zd.read(pkl[0]), trusted_prefixes=("__torch__.",) if is_script else (), source=source)
+        obj, up = unpickle(zd.read(f"{root}data.pkl"), trusted_prefixes=("__torch__.",) if is_script else (),
+                           source=source, jit=is_script)
         keys = list(up.storages)
         rows = list(map(zd.index.get, map(f"{root}data/".__add__, keys), repeat(-1)))
         if -1 in rows:
@@ -200,6 +372,9 @@ def read_torch_zip(path: str) -> RawCheckpoint:
         if not stored.all():
             key = keys[int(np.argmin(stored))]
             raise CorruptCheckpointError(f"{path}: storage {key} is compressed; torch never writes that")
+        _check_storage_sizes(path, zd, root, up.storages, keys, rows)
+        if is_script:
+            _check_devices(path, up.storages.values())
         starts = _data_offsets(mm, zd.header[rows].tolist())
         source.offsets.update(zip(keys, starts))
         limits = dict(zip(keys, (np.array(starts, dtype=np.int64) + zd.size[rows]).tolist()))

@@ -29,8 +29,13 @@ RANK = {c: i for i, c in enumerate(("ok", "checkpoint_error", "reference_only", 
                                     "raw_exception", "memory", "hang", "crash"))}
 REFERENCE = {"zip.pt": "torch", "legacy.pt": "torch", "train.ckpt": "torch", "model.safetensors": "safetensors",
              "script.pt": "jit", "hub_st": "hub_st", "hub_bin": "hub_bin", "dcp": None, "deepspeed": None}
-# torch.jit.load compiles code/ and reads constants.pkl, neither of which holds weights ckptviz reads
-JIT_CODE_ERRORS = ("code/", "constants.pkl", "Unknown type name", "Unexpected token", "expected a valid token")
+# torch.jit.load compiles code/ and reads constants.pkl, neither of which holds weights ckptviz reads; it also
+# looks each object attribute of data.pkl up in the class types compiled from code/ ("Argument passed to at()
+# was not in the map" for an attribute the class does not declare), a schema ckptviz does not compile; errors of
+# its compiler (jit/frontend, or a source range "... here:" above a File line, as repr() writes it) come from
+# damaged code/ entries
+JIT_CODE_ERRORS = ("code/", "constants.pkl", "Unknown type name", "Unexpected token", "expected a valid token",
+                   "Argument passed to at() was not in the map", "jit/frontend/", r" here:\n  File ")
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_HEADROOM = 2 << 30  # bytes of address space a child may add to what the warm server maps

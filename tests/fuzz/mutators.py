@@ -247,7 +247,14 @@ def join_safetensors(header: object, body: bytes) -> bytes:
 
 def safetensors_edit(rng: random.Random, data: bytes) -> tuple[bytes, str]:
     """An edit of the JSON header (dtype, shape, offsets, metadata, entries), the header re-serialized with
-    a correct length."""
+    a correct length (a header an earlier mutation left without the fields to edit gets a raw edit)."""
+    try:
+        return _safetensors_edit(rng, data)
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError):
+        return rng.choice(RAW)(rng, data)
+
+
+def _safetensors_edit(rng: random.Random, data: bytes) -> tuple[bytes, str]:
     try:
         header, body = split_safetensors(data)
         keys = [k for k in header if k != "__metadata__"]
@@ -285,6 +292,8 @@ def safetensors_edit(rng: random.Random, data: bytes) -> tuple[bytes, str]:
         desc = f"{k} data_offsets -> {off}"
     elif what == "overlap":
         other = header[rng.choice(keys)]
+        if not isinstance(other, dict) or not isinstance(other.get("data_offsets"), list):
+            return rng.choice(RAW)(rng, data)  # an earlier mutation left no offsets to copy
         e["data_offsets"] = list(other["data_offsets"])
         desc = f"{k} offsets copied from another entry"
     elif what == "hole":
