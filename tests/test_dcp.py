@@ -710,3 +710,21 @@ def test_a_chunk_list_past_max_chunks_is_a_limit_error_that_can_be_raised(tmp_pa
         ck.tensor("w", section="model")
     monkeypatch.setattr(dcp_reader, "MAX_CHUNKS", 64)
     assert torch.equal(ck.tensor("w", section="model"), want)
+
+
+def test_metadata_holding_a_tensor_storage_is_refused(tmp_path):
+    """A .metadata whose pickle refers to a tensor storage (DCP never writes one there: its tensors are
+    in the .distcp files) is corrupt; it was a raw AttributeError when the state was read."""
+    folder = save({"model": {"w": torch.randn(4)}}, tmp_path / "ck")
+    meta = dcp.FileSystemReader(str(folder)).read_metadata()
+    marker = object()
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", 4) if obj is marker else None
+
+    meta.planner_data = {"model.w": [marker]}
+    with open(folder / ".metadata", "wb") as f:
+        Pickler(f).dump(meta)
+    with pytest.raises(cv.CorruptCheckpointError, match="metadata holds tensor storages"):
+        cv.open_checkpoint(folder)

@@ -102,6 +102,10 @@ def load_metadata(path: str) -> tuple[dict, set[str]]:
             f"{path}: the distributed checkpoint's metadata is truncated or corrupted ({type(e).__name__}: {e}). "
             "DCP writes .metadata last, so the save may not have finished; save again or copy the folder again."
         ) from None
+    if up.storages:  # DCP keeps tensors in the .distcp files; a storage here has no bytes to read
+        raise CorruptCheckpointError(
+            f"{path}: the distributed checkpoint's metadata holds tensor storages, which "
+            "torch.distributed.checkpoint never writes there. The file is corrupted; save or copy the folder again.")
     unsafe = set(up.unsafe) - DCP_GLOBALS
     fields = obj.state if _kind(obj) == _METADATA else None
     if not isinstance(fields, dict):
