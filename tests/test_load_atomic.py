@@ -238,12 +238,13 @@ class Tripwire(torch.Tensor):
     """A real buffer whose next in-place ``copy_`` raises KeyboardInterrupt once (as a Ctrl-C would)."""
 
     armed = False
+    error: BaseException | type[BaseException] = KeyboardInterrupt
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         if func is torch.Tensor.copy_ and cls.armed:
             cls.armed = False
-            raise KeyboardInterrupt
+            raise cls.error
         return super().__torch_function__(func, types, args, kwargs or {})
 
 
@@ -349,17 +350,11 @@ def test_lazy_mlp_loads_without_a_forward_pass(tmp_path):
     assert torch.equal(lazy(x), src(x))
 
 
-class Breaks(torch.Tensor):
+class Breaks(Tripwire):
     """A real buffer whose next in-place ``copy_`` fails with a RuntimeError (a device error, say)."""
 
     armed = False
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.copy_ and cls.armed:
-            cls.armed = False
-            raise RuntimeError("the device went away")
-        return super().__torch_function__(func, types, args, kwargs or {})
+    error = RuntimeError("the device went away")
 
 
 @pytest.mark.parametrize("wire", [Breaks, Tripwire])
