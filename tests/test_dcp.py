@@ -728,3 +728,12 @@ def test_metadata_holding_a_tensor_storage_is_refused(tmp_path):
         Pickler(f).dump(meta)
     with pytest.raises(cv.CorruptCheckpointError, match="metadata holds tensor storages"):
         cv.open_checkpoint(folder)
+
+
+def test_tensors_inside_byte_items_read_their_own_bytes(tmp_path):
+    """A value DCP saves as a byte item (a tuple holding a tensor) materializes with the tensor's values;
+    its storage reads from the item's bytes (it was a raw AttributeError: a storage with no file)."""
+    folder = save({"m": {"w": torch.randn(2)}, "cfg": {"t": (torch.arange(3.0), 1)}}, tmp_path / "ck")
+    ck = cv.open_checkpoint(folder)
+    got = ck.materialize(ck._root["cfg"])
+    assert torch.equal(got["t"][0], torch.arange(3.0)) and got["t"][1] == 1

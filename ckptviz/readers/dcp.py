@@ -429,9 +429,15 @@ class DcpFolder:
         if item is None:
             raise self._corrupt(f"no storage entry for the item {fqn!r}")
         source, start, length = self._window(item)
+        window = MappedFile(source.path, identity=source.identity)  # the item's storages, if it holds tensors
         try:
             with open(source.path, "rb") as f:
-                obj, up, _ = read_zip_window(f, start, length, None)
+                obj, up, spans = read_zip_window(f, start, length, window)
+            for key, ref in up.storages.items():
+                lo, hi = spans[key]
+                if ref.nbytes > hi - lo:
+                    raise CorruptCheckpointError(f"tensor storage {key} claims more bytes than its record holds")
+                window.offsets[key] = lo
         except LimitExceeded as e:
             raise limit_error(source.path, e) from None
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, CorruptCheckpointError, *PICKLE_ERRORS) as e:
