@@ -117,8 +117,11 @@ def read_table(path: str, file_label: str | None = None) -> tuple[TensorTable, d
     infos = list(header.values())
     try:  # whole columns at C speed; the slow per-entry diagnosis runs only when something is wrong
         dtypes = list(map(_DTYPES.__getitem__, map(itemgetter("dtype"), infos)))
-        shapes = list(map(tuple, map(itemgetter("shape"), infos)))
+        raw_shapes = list(map(itemgetter("shape"), infos))
         offsets = list(map(itemgetter("data_offsets"), infos))
+        if (set(map(type, raw_shapes)) | set(map(type, offsets))) - {list}:  # JSON arrays only ({} or "" are not)
+            raise TypeError("not arrays")
+        shapes = list(map(tuple, raw_shapes))
         if not set(map(type, chain.from_iterable(shapes))) | set(map(type, chain.from_iterable(offsets))) <= {int}:
             raise TypeError("not integers")
         if set(map(len, offsets)) - {2}:
@@ -200,7 +203,8 @@ def _check_tiling(path: str, names: list[str], begin: np.ndarray, end: np.ndarra
 def _first_bad(header: dict) -> str:
     for name, info in header.items():
         try:
-            ok = (info["dtype"] in _DTYPES and all(type(s) is int and 0 <= s < 2**63 for s in info["shape"])
+            ok = (info["dtype"] in _DTYPES and type(info["shape"]) is list and type(info["data_offsets"]) is list
+                  and all(type(s) is int and 0 <= s < 2**63 for s in info["shape"])
                   and len(info["data_offsets"]) == 2
                   and all(type(x) is int and 0 <= x < 2**63 for x in info["data_offsets"])
                   and math.prod(info["shape"]) < 2**63 and not _wraps(info["shape"]))
