@@ -41,6 +41,7 @@ TASK_BLOCKS = 4  # blocks per task handed to a worker thread
 MAX_WORKERS = 4  # threads of the pass (at most torch.get_num_threads())
 PARALLEL_ELEMENTS = 1 << 22  # below this many elements to compare, one thread does it all
 PROGRESS_BYTES = 256 * 2**20  # a progress bar is shown above this many bytes to read, unless told
+GROUP_BYTES = 256 * 2**20  # pairs read into memory together (both sides); a larger pair is read alone
 HTML_ROW_LIMIT = 200
 _EXACT_INTS = (torch.int64, torch.uint64)  # values beyond 2**53 round in float64: count changes natively
 
@@ -244,11 +245,29 @@ def _values(ck_a: Checkpoint, na: str, ck_b: Checkpoint, nb: str, jobs: list[tup
 
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="diff")
     try:
-        va, vb = ck_a.values([ka for _, ka, _ in jobs], na), ck_b.values([kb for _, _, kb in jobs], nb)
-        return _compare([(va[ka], vb[kb]) for _, ka, kb in jobs], BLOCK_ELEMENTS, bar.update if bar else None)
+        out: list[dict[str, float]] = []
+        for group in _groups(jobs, [size_a[ka] + size_b[kb] for _, ka, kb in jobs]):
+            va, vb = ck_a.values([ka for _, ka, _ in group], na), ck_b.values([kb for _, _, kb in group], nb)
+            out += _compare([(va[ka], vb[kb]) for _, ka, kb in group], BLOCK_ELEMENTS, bar.update if bar else None)
+            del va, vb  # this group's owned copies go before the next group is read
+        return out
     finally:
         if bar is not None:
             bar.close()
+
+
+def _groups(jobs: list, sizes: list[int]) -> Iterator[list]:
+    """``jobs`` in order, cut into runs of at most ``GROUP_BYTES`` (a larger job runs alone): the values
+    are owned copies, so memory holds one group at a time, not both checkpoints."""
+    group, held = [], 0
+    for job, n in zip(jobs, sizes):
+        if group and held + n > GROUP_BYTES:
+            yield group
+            group, held = [], 0
+        group.append(job)
+        held += n
+    if group:
+        yield group
 
 
 def _data_bytes(table: TensorTable) -> list[int]:

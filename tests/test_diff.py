@@ -261,6 +261,26 @@ def test_block_size_and_threads_do_not_change_results(base_and_tuned, monkeypatc
     pd.testing.assert_frame_equal(diff(small_cnn, tuned).frame, small, check_exact=False, rtol=1e-12)
 
 
+def test_values_read_in_bounded_groups(base_and_tuned, monkeypatch):
+    """The diff holds one group of owned copies at a time, not both checkpoints: with a tiny group
+    size every pair is read on its own, and the numbers do not change."""
+    _, _, path_a, path_b = base_and_tuned
+    default = diff(path_a, path_b).frame
+    reads: list[int] = []
+    real = cv.Checkpoint.values
+
+    def counted(self, keys, *args, **kwargs):
+        keys = list(keys)
+        reads.append(len(keys))
+        return real(self, keys, *args, **kwargs)
+
+    monkeypatch.setattr(cv.Checkpoint, "values", counted)
+    monkeypatch.setattr(diff_module, "GROUP_BYTES", 1)
+    grouped = diff(path_a, path_b).frame
+    assert reads and max(reads) == 1 and len(reads) == 2 * int(default["status"].isin(["both", "dtype_differs"]).sum())
+    pd.testing.assert_frame_equal(grouped, default)
+
+
 # ---- inputs --------------------------------------------------------------------------------------
 def test_model_against_path_and_module_against_module(small_cnn, tmp_path):
     tuned = state_of(small_cnn)
