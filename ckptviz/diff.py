@@ -41,7 +41,7 @@ TASK_BLOCKS = 4  # blocks per task handed to a worker thread
 MAX_WORKERS = 4  # threads of the pass (at most torch.get_num_threads())
 PARALLEL_ELEMENTS = 1 << 22  # below this many elements to compare, one thread does it all
 PROGRESS_BYTES = 256 * 2**20  # a progress bar is shown above this many bytes to read, unless told
-GROUP_BYTES = 256 * 2**20  # pairs read into memory together (both sides); a larger pair is read alone
+GROUP_BYTES = 64 * 2**20  # pairs read into memory together (both sides); a larger pair is read alone
 HTML_ROW_LIMIT = 200
 _EXACT_INTS = (torch.int64, torch.uint64)  # values beyond 2**53 round in float64: count changes natively
 

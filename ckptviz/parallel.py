@@ -18,7 +18,7 @@ import torch
 
 from .readers.records import TensorTable
 
-TASK_BYTES = 256 * 2**20  # bytes of tensor data per task, at most (a bigger tensor is a task of its own)
+TASK_BYTES = 64 * 2**20  # bytes of tensor data per task, at most (a bigger tensor alone); small: threads balance
 TASK_KEYS = 2048  # keys per task, at most
 MAX_THREADS = 4
 INLINE_BYTES = 2**20  # by default, work averaging fewer bytes per item runs in the calling thread
