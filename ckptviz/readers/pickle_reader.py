@@ -19,6 +19,7 @@ import math
 import operator
 import pickle
 import struct
+import sys
 import threading
 from collections import Counter, OrderedDict
 from dataclasses import fields
@@ -542,20 +543,6 @@ _LEAVES = frozenset({str, int, float, bool, bytes, complex, type(None), TensorRe
 _SEQUENCES = frozenset({list, tuple, set, frozenset})
 
 
-def _children(obj: Any):
-    t = type(obj)
-    if t in (list, tuple, set, frozenset):
-        return obj
-    if isinstance(obj, dict):  # dict, OrderedDict, Counter, Stub
-        items = [*obj.keys(), *obj.values()]
-        if isinstance(obj, Stub):
-            items += [obj.args, obj.state, obj.items_list]
-        return items
-    if t is OpaqueTensor:
-        return obj.args
-    return ()
-
-
 def _too_deep(limit: int) -> LimitExceeded:
     return LimitExceeded(f"the pickle nests containers more than {limit} deep",
                          "ckptviz.readers.pickle_reader.MAX_NESTING", limit,
@@ -564,43 +551,61 @@ def _too_deep(limit: int) -> LimitExceeded:
 
 def check_nesting(root: Any, limit: int | None = None) -> None:
     """Refuse trees whose containers nest deeper than ``limit`` (default :data:`MAX_NESTING`, read at
-    call time; iterative; shared nodes counted once)."""
+    call time; shared nodes counted once). Recursive, at most ``limit`` Python frames deep (no C stack
+    per frame since Python 3.11); the recursion limit is raised by that much while it runs."""
     if limit is None:
         limit = min(MAX_NESTING, NESTING_CEILING)
     if type(root) in _LEAVES:
         return
-    done: dict[int, int] = {}  # id -> height of a finished node
-    active = {id(root)}
-    stack = [[root, iter(_children(root)), 1]]
-    while stack:
-        frame = stack[-1]
-        for child in frame[1]:
-            kind = type(child)
-            if kind in _LEAVES or isinstance(child, (type, _Handed)):
-                continue
-            if kind in _SEQUENCES and _LEAVES.issuperset(map(type, child)):  # a torch.Size, a list of names
-                if frame[2] < 2:
-                    frame[2] = 2
-                continue
-            height = done.get(id(child))
-            if height is None:
-                if id(child) in active:
-                    continue  # a cycle (a list holding itself): no deeper than its first visit
-                if len(stack) >= limit:
-                    raise _too_deep(limit)
-                active.add(id(child))
-                stack.append([child, iter(_children(child)), 1])
-                break
-            if height + 1 > frame[2]:
-                frame[2] = height + 1
-                if len(stack) + height > limit:
-                    raise _too_deep(limit)
+    done: dict[int, int] = {}  # id -> height of a finished node; 0 while the node is on the current path
+    leaves, sequences, skip = _LEAVES, _SEQUENCES, (type, _Handed)
+
+    def walk(obj: Any, depth: int) -> int:
+        oid = id(obj)
+        done[oid] = 0
+        height = 1
+        kind = type(obj)
+        if kind in sequences:
+            kids = obj
+        elif isinstance(obj, Stub):
+            kids = (obj.args, obj.state, obj.items_list, *obj.keys(), *obj.values()) if obj else (
+                obj.args, obj.state, obj.items_list)
+        elif isinstance(obj, dict):  # dict, OrderedDict, Counter
+            kids = (*obj.keys(), *obj.values())
+        elif kind is OpaqueTensor:
+            kids = obj.args
         else:
-            stack.pop()
-            done[id(frame[0])] = frame[2]
-            active.discard(id(frame[0]))
-            if stack and frame[2] + 1 > stack[-1][2]:
-                stack[-1][2] = frame[2] + 1
+            kids = ()
+        for child in kids:
+            kind = type(child)
+            if kind in leaves:
+                continue
+            if kind in sequences and leaves.issuperset(map(type, child)):  # a torch.Size, a list of names
+                if height < 2:
+                    height = 2
+                continue
+            if isinstance(child, skip):
+                continue
+            h = done.get(id(child))
+            if h is None:
+                if depth >= limit:
+                    raise _too_deep(limit)
+                h = walk(child, depth + 1)
+            elif h == 0:
+                continue  # a cycle (a list holding itself): no deeper than its first visit
+            elif depth + h > limit:
+                raise _too_deep(limit)
+            if h >= height:
+                height = h + 1
+        done[oid] = height
+        return height
+
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(old + limit + 50)
+    try:
+        walk(root, 1)
+    finally:
+        sys.setrecursionlimit(old)
 
 
 _INLINE_NESTING = 2_000  # below this, hashing the deepest possible tuple fits any thread's stack
