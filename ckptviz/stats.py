@@ -445,7 +445,7 @@ def _count_bits(t: torch.Tensor, chunk_bytes: int, tick: Tick | None) -> np.ndar
     bits, k = (torch.uint16, 1 << 16) if size == 2 else (torch.uint8, 256)
     counts = torch.zeros(k, dtype=torch.int64)
     cap = max(1, min(chunk_bytes // size, _TABLE_BLOCK))
-    index = _index_buffer(cap) if t.device.type in ("cpu", "meta") or isinstance(t, ElementStream) else None
+    index = _index_buffer(cap) if t.device.type == "cpu" else None
     pending: list[torch.Tensor] = []  # small blocks (tiny chunks, narrow rows), counted together
     held = 0
 

@@ -600,12 +600,16 @@ def check_nesting(root: Any, limit: int | None = None) -> None:
         done[oid] = height
         return height
 
-    old = sys.getrecursionlimit()
-    sys.setrecursionlimit(old + limit + 50)
-    try:
-        walk(root, 1)
-    finally:
-        sys.setrecursionlimit(old)
+    with _NESTING_LOCK:  # the recursion limit is process-wide: one walk raises and restores it at a time
+        old = sys.getrecursionlimit()
+        sys.setrecursionlimit(old + limit + 50)
+        try:
+            walk(root, 1)
+        finally:
+            sys.setrecursionlimit(old)
+
+
+_NESTING_LOCK = threading.Lock()
 
 
 _INLINE_NESTING = 2_000  # below this, hashing the deepest possible tuple fits any thread's stack
