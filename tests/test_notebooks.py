@@ -79,7 +79,8 @@ def cell(nb: nbformat.NotebookNode, snippet: str) -> nbformat.NotebookNode:
 
 def text(c: nbformat.NotebookNode) -> str:
     """What a cell printed (stdout) followed by the text/plain of what it displayed."""
-    parts = [o.text for o in c.outputs if o.output_type == "stream" and o.name == "stdout"]
+    # one print may arrive as several stream messages (the kernel flushes mid-line under load): join them as sent
+    parts = ["".join(o.text for o in c.outputs if o.output_type == "stream" and o.name == "stdout")]
     parts += [o.data["text/plain"] for o in c.outputs if "text/plain" in o.get("data", {})]
     return "\n".join(parts)
 
