@@ -452,7 +452,7 @@ def _count_bits(t: torch.Tensor, chunk_bytes: int, tick: Tick | None) -> np.ndar
     def count(raw: torch.Tensor) -> None:
         # torch.bincount over an int32 copy in a reused buffer: ~1 ns an element, GIL released
         # (numpy's bincount first copies every element to an int64 index: ~2.3 ns)
-        if index is not None and raw.device.type == "cpu" and raw.numel() <= index.numel():
+        if index is not None and raw.numel() <= index.numel():  # index: t is on the CPU
             idx = index[:raw.numel()]
             idx.copy_(raw)
         else:
