@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import html
 import operator
 from collections.abc import Iterable
@@ -47,30 +46,33 @@ class _CustomState(Exception):
     """A module whose state dict is not the plain walk over its parameters, buffers and children."""
 
 
-_OVERRIDES = frozenset({"state_dict", "_save_to_state_dict", "get_extra_state"})
+_PLAIN: dict[type, bool] = {}  # class -> whether its state dict is the plain walk (see _plain_class)
 
 
-@functools.lru_cache(maxsize=4096)
 def _plain_class(cls: type) -> bool:
     base = nn.Module
-    return (cls.state_dict is base.state_dict and cls._save_to_state_dict is base._save_to_state_dict
-            and cls.get_extra_state is base.get_extra_state and not issubclass(cls, torch.jit.ScriptModule))
+    plain = (cls.state_dict is base.state_dict and cls._save_to_state_dict is base._save_to_state_dict
+             and cls.get_extra_state is base.get_extra_state and not issubclass(cls, torch.jit.ScriptModule))
+    if len(_PLAIN) < 4096:
+        _PLAIN[cls] = plain
+    return plain
 
 
-def _walk_state(module: nn.Module, prefix: str, out: dict[str, torch.Tensor], plain=_plain_class,
-                overrides=_OVERRIDES) -> None:
+def _walk_state(module: nn.Module, prefix: str, out: dict[str, torch.Tensor], plain=_PLAIN.get) -> None:
     """What ``module.state_dict(keep_vars=True)`` holds, for modules with no state-dict hooks, no
     overridden state-dict methods and no extra state (raises :class:`_CustomState` otherwise): the
     same keys in the same order, read straight from each module's parameters, buffers and children."""
     d = module.__dict__
     try:
-        if (not plain(type(module)) or d["_state_dict_hooks"] or d["_state_dict_pre_hooks"]
-                or not d.keys().isdisjoint(overrides)):
+        if (not (plain(type(module)) or _plain_class(type(module))) or d["_state_dict_hooks"]
+                or d["_state_dict_pre_hooks"] or "state_dict" in d or "_save_to_state_dict" in d
+                or "get_extra_state" in d):
             raise _CustomState
-        for name, p in d["_parameters"].items():
-            if p is not None:
-                out[prefix + name] = p
-        buffers, children = d["_buffers"], d["_modules"]
+        params, buffers, children = d["_parameters"], d["_buffers"], d["_modules"]
+        if params:
+            for name, p in params.items():
+                if p is not None:
+                    out[prefix + name] = p
         if buffers:
             skip = d["_non_persistent_buffers_set"]
             for name, b in buffers.items():
@@ -163,10 +165,15 @@ class _ModelColumns:
 
     def __init__(self, live: dict[str, torch.Tensor]):
         tensors = list(live.values())
+        n = len(tensors)
         self.keys = list(live)
-        self.lazy = np.fromiter(map(is_lazy, tensors), dtype=bool, count=len(tensors))
-        shapes = (None if lazy else tuple(t.shape) for t, lazy in zip(tensors, self.lazy))
-        self.shape = _objects(shapes, len(tensors))
+        if any(issubclass(cls, nn.parameter.UninitializedTensorMixin) for cls in set(map(type, tensors))):
+            self.lazy = np.fromiter(map(is_lazy, tensors), dtype=bool, count=n)
+            shapes = (None if lazy else tuple(t.shape) for t, lazy in zip(tensors, self.lazy.tolist()))
+        else:
+            self.lazy = np.zeros(n, dtype=bool)
+            shapes = map(tuple, map(operator.attrgetter("shape"), tensors))
+        self.shape = _objects(shapes, n)
         self.dtype = _named(list(map(operator.attrgetter("dtype"), tensors)), dtype_name)
         self.device = _named(list(map(operator.attrgetter("device"), tensors)), str)
 
