@@ -12,6 +12,7 @@ import importlib
 import io
 import os
 import pickle
+import re
 import shlex
 import struct
 import sys
@@ -510,9 +511,9 @@ def test_append_and_setitem_cannot_reach_objects_outside_the_file(tmp_path, monk
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.delenv("CKPTVIZ_PWNED", raising=False)
     evil_dir = str(tmp_path / "evil")
-    data = (HEAD + _global("sys", "path") + _str(evil_dir) + P.APPEND + P.POP
-            + _global("os", "environ") + _str("CKPTVIZ_PWNED") + _str("1") + P.SETITEM + P.POP
-            + P.EMPTY_DICT + P.STOP)
+    data = (HEAD + P.EMPTY_DICT + _str("a") + _global("sys", "path") + _str(evil_dir) + P.APPEND + P.SETITEM
+            + _str("b") + _global("os", "environ") + _str("CKPTVIZ_PWNED") + _str("1") + P.SETITEM + P.SETITEM
+            + P.STOP)
     pickle.loads(data)
     assert sys.path[-1] == evil_dir and os.environ.get("CKPTVIZ_PWNED") == "1"  # control: live
     sys.path.pop()
@@ -578,8 +579,8 @@ def test_python2_names_map_only_to_allowlisted_objects(tmp_path):
 
 
 def test_too_many_distinct_globals_fail_cleanly(tmp_path):
-    names = b"".join(_global("m", f"C{i}") + P.POP for i in range(10_001))
-    path = _in_container(HEAD + names + P.NONE + P.STOP, "pickle", tmp_path)
+    names = b"".join(_global("m", f"C{i}") + P.APPEND for i in range(10_001))
+    path = _in_container(HEAD + P.EMPTY_LIST + names + P.STOP, "pickle", tmp_path)
     with pytest.raises(cv.CorruptCheckpointError, match="distinct globals"):
         cv.open_checkpoint(path, trust=True)
 
@@ -692,11 +693,9 @@ def _deep(kind: str, depth: int) -> bytes:
         "list": P.EMPTY_LIST * depth + P.APPEND * (depth - 1),
         "tuple": P.NONE + P.TUPLE1 * depth,
         "tuple-as-dict-key": P.EMPTY_DICT + P.NONE + P.TUPLE1 * depth + P.NONE + P.SETITEM,
-        "dict": P.NONE + (P.BINPUT + b"\x01" + P.POP + P.EMPTY_DICT + _str("k") + P.BINGET + b"\x01" + P.SETITEM)
-        * depth,
-        "stub-state": _global("mymod", "Thing") + P.BINPUT + b"\x00" + P.POP + P.NONE
-        + (P.BINPUT + b"\x01" + P.POP + P.BINGET + b"\x00" + P.EMPTY_TUPLE + P.NEWOBJ + P.BINGET + b"\x01" + P.BUILD)
-        * depth,
+        "dict": (P.EMPTY_DICT + _str("k")) * depth + P.NONE + P.SETITEM * depth,
+        "stub-state": _global("mymod", "Thing") + P.BINPUT + b"\x00" + P.EMPTY_TUPLE + P.NEWOBJ
+        + (P.BINGET + b"\x00" + P.EMPTY_TUPLE + P.NEWOBJ) * (depth - 1) + P.NONE + P.BUILD * depth,
     }[kind]
     return HEAD + body + P.STOP
 
@@ -787,6 +786,31 @@ def test_scan_agrees_with_the_opcode_grammar():
                 with pytest.raises(TruncatedPickle) as err:
                     scan(data[:cut])
                 assert scan(data, resume=err.value.at) == stop  # a reader with more bytes goes on from there
+
+
+@pytest.mark.parametrize("case, body, says", [
+    ("pop", _str("x") + P.POP + P.EMPTY_DICT, "(POP)"),
+    ("pop-mark", P.MARK + _str("x") + P.POP_MARK + P.EMPTY_DICT, "(POP_MARK)"),
+    ("protocol-4-opcode", P.EMPTY_DICT + P.SHORT_BINUNICODE + b"\x01k" + _int(1) + P.SETITEM,
+     "SHORT_BINUNICODE at byte 3 belongs to pickle protocol 4, but the pickle declares protocol 2"),
+    ("protocol-3-opcode", P.EMPTY_DICT + _str("k") + P.SHORT_BINBYTES + b"\x01b" + P.SETITEM,
+     "belongs to pickle protocol 3"),
+    ("second-proto", P.EMPTY_DICT + HEAD + P.POP, "declares its protocol again at byte 3"),
+])
+def test_opcodes_torch_refuses_and_no_protocol_allows_are_refused(case, body, says, tmp_path):
+    """Stack-discarding opcodes and opcodes of a later protocol than the stream declares: torch.load
+    refuses them (control), and so does ckptviz, saying which opcode where; real pickles of protocols
+    4 and 5 (which torch's weights_only reader does not read) still open."""
+    path = _in_container(HEAD + body + P.STOP, "torch-zip", tmp_path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    with pytest.raises(cv.CorruptCheckpointError, match=re.escape(says)) as err:
+        cv.open_checkpoint(path)
+    assert_clean_error(err.value, path)
+    for protocol in (4, 5):
+        newer = tmp_path / f"p{protocol}.pt"
+        torch.save({"w": torch.arange(3.0), "name": "x" * 300}, newer, pickle_protocol=protocol)
+        assert cv.open_checkpoint(newer).state_dict()["w"].tolist() == [0.0, 1.0, 2.0]
 
 
 def test_scan_accepts_only_streams_the_grammar_reads_the_same_way():

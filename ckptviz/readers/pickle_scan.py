@@ -38,8 +38,18 @@ _REFUSED = {
     0x98: "refers to out-of-band buffers (READONLY_BUFFER), which torch.save never writes",
     ord("P"): "uses a protocol-0 persistent id, which torch.save never writes",
     ord("2"): "duplicates a stack item (DUP), which no pickler writes and torch.load refuses",
+    ord("0"): "discards a stack item (POP), which torch.load refuses (picklers write it only for "
+              "self-referencing tuples)",
+    ord("1"): "discards stack items to a mark (POP_MARK), which torch.load refuses (picklers write it only "
+              "for self-referencing tuples)",
 }
-_NO_ARG = b"(01NQRabde}lstu)]\x81\x85\x86\x87\x88\x89\x8f\x90\x91\x92\x93\x94"  # everything but STOP
+_NO_ARG = b"(NQRabde}lstu)]\x81\x85\x86\x87\x88\x89\x8f\x90\x91\x92\x93\x94"  # everything but STOP
+# opcode byte -> the pickle protocol that introduced it (pickletools' ``proto``; absent: 0 or 1). A pickle
+# declares its protocol in its first opcode (PROTO, protocol 2 on); a later protocol's opcode is refused.
+_SINCE = {0x80: 2, 0x81: 2, 0x82: 2, 0x83: 2, 0x84: 2, 0x85: 2, 0x86: 2, 0x87: 2, 0x88: 2, 0x89: 2, 0x8A: 2,
+          0x8B: 2, ord("B"): 3, ord("C"): 3, 0x8C: 4, 0x8D: 4, 0x8E: 4, 0x8F: 4, 0x90: 4, 0x91: 4, 0x92: 4,
+          0x93: 4, 0x94: 4, 0x95: 4, 0x96: 5, 0x97: 5, 0x98: 5}
+_REGEX_PROTOCOLS = (1, 2, 3, 4)  # the distinct opcode sets of the scan's regex (5 adds only counted ones)
 
 
 def _hex(data: bytes) -> bytes:
@@ -63,22 +73,23 @@ def _short_counted(op: int, width: int, below: int) -> bytes:
 
 
 @lru_cache(maxsize=32)
-def _pattern(bits: int) -> re.Pattern:
-    """Runs of opcodes the C unpickler may execute, with memo indices below ``2**bits``; stops at
-    STOP, at long counted data and FRAME (checked in Python) and at anything refused."""
+def _pattern(bits: int, proto: int) -> re.Pattern:
+    """Runs of opcodes the C unpickler may execute in a pickle of protocol ``proto``, with memo indices
+    below ``2**bits``; stops at STOP, at long counted data and FRAME (checked in Python) and at
+    anything refused (PROTO too: it is read at the start only)."""
     bound = 1 << bits
     parts = [  # the most common opcodes of torch.save pickles first
-        b"[hqK\\x80](?s:.)",  # BINGET, BINPUT, BININT1, PROTO
+        b"[hqK](?s:.)",  # BINGET, BINPUT, BININT1
         b"r" + _le_below(bound, 4),  # LONG_BINPUT, bounded
-        b"[" + _hex(_NO_ARG) + b"]",
+        b"[" + _hex(bytes(op for op in _NO_ARG if _SINCE.get(op, 0) <= proto)) + b"]",
         _short_counted(ord("X"), 4, 128),
         b"[Jj](?s:.{4})",  # BININT, LONG_BINGET
         b"M(?s:..)",
         b"G(?s:.{8})",
-        _short_counted(0x8C, 1, 128),
-        _short_counted(ord("C"), 1, 64),
+        *([_short_counted(0x8C, 1, 128)] if proto >= 4 else []),
+        *([_short_counted(ord("C"), 1, 64)] if proto >= 3 else []),
         _short_counted(ord("U"), 1, 64),
-        _short_counted(0x8A, 1, 16),
+        *([_short_counted(0x8A, 1, 16)] if proto >= 2 else []),
         b"c[^\\n]*\\n[^\\n]*\\n",  # GLOBAL
         b"[ILFSVg][^\\n]*\\n",  # INT, LONG, FLOAT, STRING, UNICODE, GET
         b"p[0-9]{1,%d}\\n" % max(1, len(str(bound)) - 1),  # PUT, bounded
@@ -104,6 +115,25 @@ _FIXED = {ord("h"): 2, ord("q"): 2, ord("K"): 2, 0x80: 2, ord("J"): 5, ord("j"):
           ord("G"): 9}
 
 
+def _declared(buf, start: int, stop: int) -> int:
+    """The protocol the pickle at ``buf[start:stop]`` declares in its first opcode (1: protocol 0 or 1)."""
+    if start >= stop or buf[start] != 0x80:
+        return 1
+    if start + 2 > stop:
+        raise TruncatedPickle("the pickle is cut off in its first opcode", start)
+    proto = buf[start + 1]
+    if not 2 <= proto <= pickle.HIGHEST_PROTOCOL:
+        raise pickle.UnpicklingError(f"the pickle declares protocol {proto}; protocols 2 to "
+                                     f"{pickle.HIGHEST_PROTOCOL} are what PROTO may declare")
+    return proto
+
+
+def _name(op: int) -> str:
+    import pickletools
+
+    return next((o.name for o in pickletools.opcodes if ord(o.code) == op), f"{op:#04x}")
+
+
 def scan(buf, start: int = 0, stop: int | None = None, limit: int | None = None, resume: int | None = None) -> int:
     """Check every opcode of the pickle at ``buf[start:stop]`` (bytes or an mmap), from ``resume``
     (an opcode boundary, default ``start``); return the offset just past its STOP. Raises
@@ -111,8 +141,10 @@ def scan(buf, start: int = 0, stop: int | None = None, limit: int | None = None,
     refuses. Memo indices must stay below ``limit`` (default: the bytes from ``start`` to ``stop``; a
     pickle of n bytes memoizes fewer than n objects)."""
     stop = len(buf) if stop is None else stop
-    match = _pattern(max(8, (limit if limit is not None else stop - start).bit_length())).match
-    pos = start if resume is None else resume
+    proto = _declared(buf, start, stop)
+    match = _pattern(max(8, (limit if limit is not None else stop - start).bit_length()),
+                     min(proto, _REGEX_PROTOCOLS[-1])).match
+    pos = start + (2 if proto >= 2 else 0) if resume is None or resume <= start else resume
     while True:
         while (end := match(buf, pos, stop).end()) > pos:
             pos = end
@@ -121,6 +153,15 @@ def scan(buf, start: int = 0, stop: int | None = None, limit: int | None = None,
         op = buf[pos]
         if op == _STOP:
             return pos + 1
+        if op in _REFUSED:
+            raise pickle.UnpicklingError(f"the pickle {_REFUSED[op]} (byte {pos - start})")
+        if op == 0x80:
+            raise pickle.UnpicklingError(f"the pickle declares its protocol again at byte {pos - start} (PROTO), "
+                                         "which no pickler writes")
+        if _SINCE.get(op, 0) > proto:
+            raise pickle.UnpicklingError(
+                f"opcode {_name(op)} at byte {pos - start} belongs to pickle protocol {_SINCE[op]}, but the "
+                f"pickle declares protocol {proto}{'' if proto >= 2 else ' or lower'}")
         counted = _COUNTED.get(op)
         if counted is not None or op == _FRAME:  # FRAME: 8-byte length, then opcodes
             width, signed = counted or (8, False)
@@ -134,8 +175,6 @@ def scan(buf, start: int = 0, stop: int | None = None, limit: int | None = None,
                                       f"only {stop - pos} remain", pos)
             pos += 1 + width + (0 if op == _FRAME else size)
             continue
-        if op in _REFUSED:
-            raise pickle.UnpicklingError(f"the pickle {_REFUSED[op]} (byte {pos - start})")
         if _cut_off(buf, pos, stop):
             raise TruncatedPickle(f"the pickle is cut off at byte {pos - start}", pos)
         if op in b"rp":

@@ -47,15 +47,13 @@ def _weights() -> dict[str, torch.Tensor]:
 
 
 def laughs(depth: int = 30, width: int = 10, base: int = 1_000_000) -> bytes:
-    """Pickle ops leaving one list on the stack whose contents are shared through the memo: width**depth
-    leaves in ~ depth * width * 5 bytes."""
-    out = b"]" + b"r" + struct.pack("<I", base) + b"(" + b"K\x01" * width + b"e" + b"0"
+    """Pickle ops leaving one tuple on the stack, of lists whose contents are shared through the memo:
+    width**depth leaves in ~ depth * width * 5 bytes (no POP: torch.load and ckptviz refuse it)."""
+    out = b"(" + b"]" + b"r" + struct.pack("<I", base) + b"(" + b"K\x01" * width + b"e"
     for d in range(1, depth + 1):
         out += b"]" + b"r" + struct.pack("<I", base + d) + b"("
         out += (b"j" + struct.pack("<I", base + d - 1)) * width + b"e"
-        if d < depth:
-            out += b"0"
-    return out
+    return out + b"t"
 
 
 def deep_tuple_key(root: Path) -> Path:
@@ -251,12 +249,12 @@ def script_shared_child(root: Path, depth: int = 30, width: int = 10) -> Path:
     ops = leaf[2:-1]  # the Linear record: PROTO and STOP cut off; its memo indices stay below 100
     put = lambda i: b"r" + struct.pack("<I", 1000 + i)  # noqa: E731  LONG_BINPUT
     get = lambda i: b"j" + struct.pack("<I", 1000 + i)  # noqa: E731  LONG_BINGET
-    ops += put(0) + b"0"
     module = b"c__torch__.torch.nn.modules.module\nModule\n"
-    for d in range(1, depth + 1):
-        ops += module + b")\x81}(" + pickle_str("training") + b"\x88"
-        ops += b"".join(pickle_str(f"c{j}") + get(d - 1) for j in range(width)) + b"ub" + put(d)
-        ops += b"0" if d < depth else b""
+    ops += put(0)
+    for d in range(1, depth + 1):  # level d's first child is level d-1 itself, built inline (no POP)
+        ops = (module + b")\x81}(" + pickle_str("training") + b"\x88" + pickle_str("c0") + ops
+               + b"".join(pickle_str(f"c{j}") + get(d - 1) for j in range(1, width)) + b"ub"
+               + (put(d) if d < depth else b""))
     with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as z:
         entries = [(i.filename, z.read(i), i.compress_type) for i in z.infolist()]
     entries = [(n, b"\x80\x02" + ops + b"." if n.endswith("/data.pkl") else c, m) for n, c, m in entries]
