@@ -487,3 +487,37 @@ def test_deep_json_in_a_shard_index_is_refused(depth, tmp_path):
     with pytest.raises(cv.CorruptCheckpointError, match="MAX_JSON_DEPTH") as err:
         cv.open_checkpoint(tmp_path)
     assert_clean_error(err.value, index)
+
+
+@pytest.mark.parametrize("limit, value", [("MAX_INDEX_ENTRIES", 50), ("MAX_INDEX_BYTES", 999)])
+def test_a_shard_index_beyond_its_size_limits_is_refused_before_parsing(limit, value, tmp_path, monkeypatch):
+    """A real index (huggingface_hub's writer) naming 100 tensors: within the defaults it opens; with a
+    limit below it, the error names the limit and how to raise it (the bound that keeps a hostile
+    index from parsing for minutes into gigabytes)."""
+    from huggingface_hub import save_torch_state_dict
+
+    from ckptviz.readers import hub
+
+    save_torch_state_dict({f"layer.{i}.weight": torch.full((4,), float(i)) for i in range(100)}, str(tmp_path),
+                          max_shard_size=400)
+    index = tmp_path / "model.safetensors.index.json"
+    assert index.is_file() and index.stat().st_size > value
+    assert len(cv.open_checkpoint(tmp_path).tensors()) == 100
+    monkeypatch.setattr(hub, limit, value)
+    with pytest.raises(CheckpointLimitError, match=f"ckptviz.readers.hub.{limit} = {value}") as err:
+        cv.open_checkpoint(tmp_path)
+    assert_clean_error(err.value, index)
+
+
+def test_dcp_metadata_beyond_its_size_limit_is_refused_before_reading(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    from ckptviz.readers import dcp as dcp_reader
+
+    with pytest.warns(UserWarning):
+        dcp.save({"w": torch.arange(4.0)}, checkpoint_id=str(tmp_path))
+    assert cv.open_checkpoint(tmp_path).state_dict()["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    monkeypatch.setattr(dcp_reader, "MAX_METADATA_BYTES", 64)
+    with pytest.raises(CheckpointLimitError, match="ckptviz.readers.dcp.MAX_METADATA_BYTES = 64") as err:
+        cv.open_checkpoint(tmp_path)
+    assert_clean_error(err.value, tmp_path / ".metadata")

@@ -37,6 +37,7 @@ METADATA = ".metadata"
 SUFFIX = ".distcp"
 LIGHTNING_META = "meta.pt"  # Lightning's FSDP strategy torch.saves its non-tensor state beside the DCP files
 BYTES_BUDGET = 4 * 2**20  # bytes of non-tensor items read at open, in all
+MAX_METADATA_BYTES = 1 << 30  # .metadata size (100,000 tensors on one rank: ~24 MB; it is unpickled whole)
 MAX_CHUNKS = 1 << 16  # chunks one tensor may declare (one per writing rank that held a piece of it)
 MAX_OVERLAP_CHECK = 1024  # chunks of one tensor checked pairwise for overlaps; above, gaps read as zeros
 _MD = "torch.distributed.checkpoint.metadata."
@@ -91,7 +92,11 @@ def load_metadata(path: str) -> tuple[dict, set[str]]:
     """(the fields of the ``Metadata`` record in ``path``, the globals it names beyond DCP's classes and
     torch's allowlist). Nothing the file names is imported or called."""
     with open(path, "rb") as f:
-        data = f.read()
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(MAX_METADATA_BYTES + 1) if size <= MAX_METADATA_BYTES else b""
+    if size > MAX_METADATA_BYTES or len(data) > MAX_METADATA_BYTES:
+        raise limit_error(path, LimitExceeded(f"the metadata is {max(size, len(data)):_} bytes",
+                                              "ckptviz.readers.dcp.MAX_METADATA_BYTES", MAX_METADATA_BYTES))
     try:
         with paused_gc():
             obj, up = unpickle(data)

@@ -12,11 +12,13 @@ import os
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, NoTensorsError
 from .layout import SHARD, Layout
+from .limits import LimitExceeded, limit_error
 from .raw import RawCheckpoint
 from .records import TensorTable
 from .safetensors_reader import MAX_JSON_DEPTH, _max_depth
 
-MAX_INDEX_BYTES = 1 << 30
+MAX_INDEX_BYTES = 256 << 20  # a shard index's size (500,000 tensors: ~40 MB)
+MAX_INDEX_ENTRIES = 5_000_000  # tensors a shard index may name (10x the largest models of 2026)
 MAX_CONFIG_BYTES = 16 << 20
 CONFIG_FILES = ("config.json", "generation_config.json", "adapter_config.json")
 SHOWN = 5
@@ -82,10 +84,21 @@ def _json(raw: bytes):
 
 def _read_index(index: str) -> tuple[dict[str, str], dict]:
     try:
-        if os.path.getsize(index) > MAX_INDEX_BYTES:
-            raise ValueError(f"larger than {MAX_INDEX_BYTES >> 30} GB")
         with open(index, "rb") as f:
-            data = _json(f.read())
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_INDEX_BYTES:
+                raise LimitExceeded(f"the index is {size:_} bytes", "ckptviz.readers.hub.MAX_INDEX_BYTES",
+                                    MAX_INDEX_BYTES)
+            raw = f.read(MAX_INDEX_BYTES + 1)
+        if len(raw) > MAX_INDEX_BYTES:  # grew since fstat
+            raise LimitExceeded("the index grew while read", "ckptviz.readers.hub.MAX_INDEX_BYTES", MAX_INDEX_BYTES)
+        entries = raw.count(b":")  # an upper bound on the members of all its objects, counted at C speed
+        if entries > MAX_INDEX_ENTRIES:
+            raise LimitExceeded(f"the index names up to {entries:_} entries", "ckptviz.readers.hub.MAX_INDEX_ENTRIES",
+                                MAX_INDEX_ENTRIES)
+        data = _json(raw)
+    except LimitExceeded as e:
+        raise limit_error(index, e) from None
     except (OSError, ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{index}: the index is not readable JSON ({e}). Re-download it.") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
