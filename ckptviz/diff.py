@@ -27,7 +27,9 @@ from torch import nn
 from .align import Alignment, Rule, align
 from .checkpoint import Checkpoint, as_checkpoint, dtype_name, tensor_info
 from .errors import ModelError, NoTensorsError, SectionError
+from .readers.mapped import Reads
 from .readers.records import TensorTable
+from .stats import ElementStream
 
 STATUSES = ("both", "only_a", "only_b", "shape_differs", "dtype_differs")
 DIFF_KEYS = ("max_abs_diff", "rel_l2", "cosine", "changed_frac")
@@ -42,6 +44,7 @@ MAX_WORKERS = 4  # threads of the pass (at most torch.get_num_threads())
 PARALLEL_ELEMENTS = 1 << 22  # below this many elements to compare, one thread does it all
 PROGRESS_BYTES = 256 * 2**20  # a progress bar is shown above this many bytes to read, unless told
 GROUP_BYTES = 64 * 2**20  # pairs read into memory together (both sides); a larger pair is read alone
+STREAM_BYTES = 16 * 2**20  # stored dense pairs larger than this (both sides) stream through per-thread buffers
 HTML_ROW_LIMIT = 200
 _EXACT_INTS = (torch.int64, torch.uint64)  # values beyond 2**53 round in float64: count changes natively
 
@@ -246,10 +249,12 @@ def _values(ck_a: Checkpoint, na: str, ck_b: Checkpoint, nb: str, jobs: list[tup
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="diff")
     try:
         out: list[dict[str, float]] = []
-        for group in _groups(jobs, [size_a[ka] + size_b[kb] for _, ka, kb in jobs]):
-            va, vb = ck_a.values([ka for _, ka, _ in group], na), ck_b.values([kb for _, _, kb in group], nb)
-            out += _compare([(va[ka], vb[kb]) for _, ka, kb in group], BLOCK_ELEMENTS, bar.update if bar else None)
-            del va, vb  # this group's owned copies go before the next group is read
+        streamed = {ka for _, ka, kb in jobs if size_a[ka] + size_b[kb] > STREAM_BYTES}
+        held = [0 if ka in streamed else size_a[ka] + size_b[kb] for _, ka, kb in jobs]
+        for group in _groups(jobs, held):
+            pairs = _inputs(ck_a, na, ck_b, nb, [(ka, kb) for _, ka, kb in group], streamed)
+            out += _compare(pairs, BLOCK_ELEMENTS, bar.update if bar else None)
+            del pairs  # this group's owned copies go before the next group is read
         return out
     finally:
         if bar is not None:
@@ -275,8 +280,21 @@ def _data_bytes(table: TensorTable) -> list[int]:
 
 
 def _diff_task(ck_a: Checkpoint, na: str, ck_b: Checkpoint, nb: str, pairs: list[tuple[str, str]]) -> list[dict]:
-    va, vb = ck_a.values([ka for ka, _ in pairs], na), ck_b.values([kb for _, kb in pairs], nb)
-    return _compare([(va[ka], vb[kb]) for ka, kb in pairs], BLOCK_ELEMENTS, None, workers=1)
+    size_a = dict(zip(ck_a._section(na).keys_list, _data_bytes(ck_a._section(na))))
+    size_b = dict(zip(ck_b._section(nb).keys_list, _data_bytes(ck_b._section(nb))))
+    streamed = {ka for ka, kb in pairs if size_a[ka] + size_b[kb] > STREAM_BYTES}
+    return _compare(_inputs(ck_a, na, ck_b, nb, pairs, streamed), BLOCK_ELEMENTS, None, workers=1)
+
+
+def _inputs(ck_a: Checkpoint, na: str, ck_b: Checkpoint, nb: str, pairs: list[tuple[str, str]],
+            streamed: set[str]) -> list[tuple[Any, Any]]:
+    """The values of ``pairs``: those whose key in ``a`` is in ``streamed`` as ``ElementStream`` s where
+    stored dense (read block by block into per-thread buffers, never whole), the others read together."""
+    rest = [(ka, kb) for ka, kb in pairs if ka not in streamed]
+    va, vb = ck_a.values([ka for ka, _ in rest], na), ck_b.values([kb for _, kb in rest], nb)
+    ea, eb = ck_a._section(na), ck_b._section(nb)
+    return [(ck_a._summary_input(ea[ka], Reads(True)), ck_b._summary_input(eb[kb], Reads(True)))
+            if ka in streamed else (va[ka], vb[kb]) for ka, kb in pairs]
 
 
 # ---- the streaming pass -------------------------------------------------------------------------
@@ -327,6 +345,11 @@ def _compare(pairs: list[tuple[torch.Tensor, torch.Tensor]], block: int, tick: T
             local.buffers = [torch.empty(block, dtype=torch.float64) for _ in range(3)]
         part = _Sums()
         a, b = pairs[i]
+        if isinstance(a, ElementStream) or isinstance(b, ElementStream):  # this range, read into reused buffers
+            if not hasattr(local, "raw"):
+                local.raw = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
+            a, b = _range(a, lo, hi, local.raw, 0), _range(b, lo, hi, local.raw, 1)
+            lo, hi = 0, hi - lo
         pieces = _block_pairs(a, b, block) if hi is None else _flat_pieces(a, b, lo, hi, block)
         for pa, pb in pieces:
             _fold_block(pa, pb, local.buffers, part)
@@ -355,17 +378,41 @@ def _merge(tasks: list, parts: Iterable[_Sums], pairs: list, sums: list[_Sums], 
             tick(n * (a.element_size() + b.element_size()))
 
 
-def _prepare(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The pair as plain tensors, or (None, None) when it holds no comparable values."""
-    a, b = a.detach(), b.detach()
-    if "meta" in (a.device.type, b.device.type) or not (_has_values(a.dtype) and _has_values(b.dtype)):
+def _prepare(a: Any, b: Any) -> tuple[Any, Any]:
+    """The pair as plain tensors (or ``ElementStream`` s beside contiguous tensors), or (None, None)
+    when it holds no comparable values."""
+    if not (_has_values(a.dtype) and _has_values(b.dtype)):
         return None, None
-    a, b = (a.resolve_neg() if a.is_neg() else a), (b.resolve_neg() if b.is_neg() else b)
-    return (a.resolve_conj() if a.is_conj() else a), (b.resolve_conj() if b.is_conj() else b)
+    a, b = (x if isinstance(x, ElementStream) else _plain(x) for x in (a, b))
+    if "meta" in (a.device.type, b.device.type):
+        return None, None
+    if isinstance(a, ElementStream) != isinstance(b, ElementStream) and not (a.is_contiguous() and b.is_contiguous()):
+        a, b = (x.read() if isinstance(x, ElementStream) else x for x in (a, b))  # a strided side: cut by rows
+    return a, b
 
 
-def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    t = t.resolve_neg() if t.is_neg() else t
+    return t.resolve_conj() if t.is_conj() else t
+
+
+def _range(x: Any, lo: int, hi: int, raw: list[torch.Tensor], side: int) -> torch.Tensor:
+    """Elements ``[lo, hi)`` of ``x`` flat: a view of a tensor, or a stream's read into ``raw[side]``."""
+    if not isinstance(x, ElementStream):
+        return x.view(-1)[lo:hi]
+    size = (hi - lo) * x.element_size()
+    if raw[side].numel() < size:
+        raw[side] = torch.empty(size, dtype=torch.uint8)
+    out = raw[side][:size].view(x.dtype)
+    x.fill(lo, out)
+    return out
+
+
+def _same_memory(a: Any, b: Any) -> bool:
     """Whether ``a`` and ``b`` view the very same elements (tied weights, a model diffed with itself)."""
+    if isinstance(a, ElementStream) or isinstance(b, ElementStream):
+        return False
     return (a.dtype == b.dtype and a.device == b.device and a.data_ptr() == b.data_ptr()
             and a.stride() == b.stride())
 
@@ -376,7 +423,7 @@ def _tasks(i: int, a: torch.Tensor, b: torch.Tensor, block: int) -> list[tuple[i
     n = a.numel()
     if n == 0:
         return []
-    if not (a.is_contiguous() and b.is_contiguous()):
+    if not (a.is_contiguous() and b.is_contiguous()):  # an ElementStream is
         return [(i, 0, None)]
     step = block * TASK_BLOCKS
     return [(i, lo, min(lo + step, n)) for lo in builtins.range(0, n, step)]

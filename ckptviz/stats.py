@@ -52,6 +52,9 @@ class ElementStream:
     def element_size(self) -> int:
         return self.dtype.itemsize
 
+    def is_contiguous(self) -> bool:  # the elements come in row-major order
+        return True
+
     @property
     def nbytes(self) -> int:
         return self._numel * self.dtype.itemsize

@@ -737,3 +737,27 @@ def test_tensors_inside_byte_items_read_their_own_bytes(tmp_path):
     ck = cv.open_checkpoint(folder)
     got = ck.materialize(ck._root["cfg"])
     assert torch.equal(got["t"][0], torch.arange(3.0)) and got["t"][1] == 1
+
+
+def test_a_damaged_entry_inside_a_byte_item_is_a_clean_error(saved):
+    """The non-tensor items of a .distcp are torch.save zips; one whose byteorder entry claims deflate
+    (raw zlib errors inside zipfile) is a CorruptCheckpointError naming the file and the item."""
+    folder = saved[0]
+    distcp = next(folder.glob("*.distcp"))
+    data = bytearray(distcp.read_bytes())
+    name, hits = b"byteorder", 0
+    for sig, method_at in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):  # local and central headers
+        at = data.find(sig)
+        while at >= 0:
+            name_at = at + (30 if sig == b"PK\x03\x04" else 46)
+            length = int.from_bytes(data[at + method_at + 18:at + method_at + 20], "little") if sig == b"PK\x03\x04" \
+                else int.from_bytes(data[at + 28:at + 30], "little")
+            if bytes(data[name_at:name_at + length]).endswith(name):
+                data[at + method_at:at + method_at + 2] = (8).to_bytes(2, "little")
+                hits += 1
+            at = data.find(sig, at + 4)
+    assert hits >= 2
+    distcp.write_bytes(bytes(data))
+    with pytest.raises(cv.CorruptCheckpointError, match="byteorder does not inflate") as err:
+        cv.open_checkpoint(folder)
+    assert str(distcp) in str(err.value) and "Traceback" not in str(err.value)

@@ -281,6 +281,38 @@ def test_values_read_in_bounded_groups(base_and_tuned, monkeypatch):
     pd.testing.assert_frame_equal(grouped, default)
 
 
+def test_large_pairs_stream_through_reused_buffers_with_the_same_numbers(base_and_tuned, monkeypatch):
+    """Above STREAM_BYTES a pair of stored tensors is read range by range into per-thread buffers
+    (memory bounded by a few blocks, not by the largest pair): with the threshold at 0 every pair
+    streams, no whole value is read, and the numbers are the same bit for bit; so too with a thread
+    pool executor, against tensors in memory (one side streamed) and against strided tensors."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a, _, path_a, path_b = base_and_tuned
+    default, in_memory = diff(path_a, path_b).frame, diff(a, path_b).frame
+    strided = {k: v.mT.contiguous().mT if v.dim() >= 2 else v for k, v in a.items()}  # same values, other layout
+    assert any(not v.is_contiguous() for v in strided.values())
+    reads: list[str] = []
+    real = cv.Checkpoint.values
+
+    def counted(self, keys, *args, **kwargs):
+        keys = list(keys)
+        reads.extend(keys)
+        return real(self, keys, *args, **kwargs)
+
+    monkeypatch.setattr(cv.Checkpoint, "values", counted)
+    monkeypatch.setattr(diff_module, "STREAM_BYTES", 0)
+    pd.testing.assert_frame_equal(diff(path_a, path_b).frame, default)
+    assert reads == []
+    with ThreadPoolExecutor(2) as pool:
+        pd.testing.assert_frame_equal(diff(path_a, path_b, executor=pool).frame, default)
+    assert reads == []
+    pd.testing.assert_frame_equal(diff(a, path_b).frame, in_memory)
+    pd.testing.assert_frame_equal(diff(strided, path_b).frame, in_memory)
+    monkeypatch.setattr(diff_module, "BLOCK_ELEMENTS", 1000)  # many ranges per tensor: sums merge in order
+    pd.testing.assert_frame_equal(diff(path_a, path_b).frame, default, check_exact=False, rtol=1e-12)
+
+
 # ---- inputs --------------------------------------------------------------------------------------
 def test_model_against_path_and_module_against_module(small_cnn, tmp_path):
     tuned = state_of(small_cnn)

@@ -813,6 +813,76 @@ def test_opcodes_torch_refuses_and_no_protocol_allows_are_refused(case, body, sa
         assert cv.open_checkpoint(newer).state_dict()["w"].tolist() == [0.0, 1.0, 2.0]
 
 
+def _first_pid_end(data: bytes) -> int:
+    """Where the TUPLE opcode closing the first storage persistent id of a torch pickle is."""
+    import pickletools
+
+    ops = [(op.name, pos) for op, _, pos in pickletools.genops(data)]
+    first = next(i for i, (name, _) in enumerate(ops) if name == "BINPERSID")
+    return next(pos for name, pos in reversed(ops[:first]) if name == "TUPLE")
+
+
+def test_storage_records_have_exactly_their_formats_field_count(tmp_path):
+    """A zip storage record is ('storage', type, key, location, numel); a legacy one adds its view.
+    torch.load refuses either with one field more or less (control); so does ckptviz."""
+    weights = {"w": torch.arange(6.0), "b": torch.ones(2)}
+    zip_src = write("torch-zip", weights, tmp_path / "zip.pt")
+
+    def add_field(name: str, data: bytes) -> bytes:
+        if not name.endswith("data.pkl"):
+            return data
+        at = _first_pid_end(data)
+        return data[:at] + P.NONE + data[at:]
+
+    longer = rewrite_zip(zip_src, tmp_path / "zip6.pt", add_field)
+    legacy = write("torch-legacy", weights, tmp_path / "legacy.pt").read_bytes()
+    f = io.BytesIO(legacy)
+    for _ in range(3):
+        pickle.load(f)
+    start = f.tell()
+    at = start + _first_pid_end(legacy[start:]) - 1
+    assert legacy[at:at + 1] == P.NONE
+    shorter = tmp_path / "legacy5.pt"
+    shorter.write_bytes(legacy[:at] + legacy[at + 1:])  # the view field (None) dropped from the first record
+    for path in (longer, shorter):
+        with pytest.raises(Exception):  # noqa: B017  (torch raises ValueError or RuntimeError here)
+            torch.load(path, weights_only=True)
+        with pytest.raises(cv.CorruptCheckpointError, match="storage records have [56] fields") as err:
+            cv.open_checkpoint(path)
+        assert_clean_error(err.value, path)
+
+
+def test_torchscript_dict_keys_it_cannot_hash_are_refused(tmp_path):
+    """TorchScript hashes dict keys as IValues and refuses tuples (torch.jit.load: "Can't hash IValues
+    with tag 'Tuple'"); a key made a tuple, directly or through the memo, is refused the same way."""
+    class WithDict(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = {"a": 1, "b": 2}
+            self.lin = torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.lin(x) * self.table["a"]
+
+    src = tmp_path / "script.pt"
+    torch.jit.save(torch.jit.script(WithDict()), str(src))
+    assert "lin.weight" in cv.open_checkpoint(src).tensors().index
+
+    def tuple_key(name: str, data: bytes) -> bytes:
+        if not name.endswith("/data.pkl"):
+            return data
+        key = _str("a")
+        at = data.index(key) + len(key)
+        return data[:at] + P.TUPLE1 + data[at:]
+
+    bad = rewrite_zip(src, tmp_path / "bad.pt", tuple_key)
+    with pytest.raises(RuntimeError, match="hash"):
+        torch.jit.load(str(bad))
+    with pytest.raises(cv.CorruptCheckpointError, match="is a Tuple, which TorchScript cannot hash") as err:
+        cv.open_checkpoint(bad)
+    assert_clean_error(err.value, bad)
+
+
 def test_scan_accepts_only_streams_the_grammar_reads_the_same_way():
     """Random opcode soup: whenever the scan accepts a stream, pickletools tokenizes it to the same
     STOP without an opcode the scan refuses."""

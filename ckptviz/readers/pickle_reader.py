@@ -417,8 +417,10 @@ class Unpickled:
     """What one unpickling found besides the object: ``unsafe`` (global names beyond the
     allowlist), ``storages`` (key -> StorageRef) and ``end`` (bytes the pickle took)."""
 
-    def __init__(self, trusted_prefixes: tuple[str, ...] = (), source: Any = None):
+    def __init__(self, trusted_prefixes: tuple[str, ...] = (), source: Any = None,
+                 storage_ids: tuple[int, ...] = (5, 6)):
         self.source = source  # the MappedFile that storages' bytes come from
+        self.storage_ids = storage_ids  # lengths a storage's persistent id may have (zip: 5, legacy: 6)
         self.unsafe: set[str] = set()
         self.storages: dict[str, StorageRef] = {}
         self.views: list[StorageRef] = []  # legacy storage views, checked against their roots by the reader
@@ -464,7 +466,7 @@ class Unpickled:
 
     def persistent_load(self, pid: Any) -> Any:
         # ('storage', dtype, key, location, numel): every zip storage; legacy ones add a view (None: whole)
-        if type(pid) is tuple and (len(pid) == 5 or (len(pid) == 6 and pid[5] is None)):
+        if type(pid) is tuple and len(pid) in self.storage_ids and (len(pid) == 5 or pid[5] is None):
             tag, dtype, key, location, numel = pid[:5]
             root = self.storages.get(key)
             if root is not None and root.dtype is dtype and tag == "storage":
@@ -478,8 +480,9 @@ class Unpickled:
     def _persistent_load(self, pid: Any) -> Any:
         if type(pid) is tuple and len(pid) == 4 and pid[0] == "module":
             return pid[1]  # legacy whole-module saves: ('module', cls, source_file, source); cls is a Stub
-        if not (type(pid) is tuple and len(pid) in (5, 6) and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unsupported persistent id {_short(pid)}")
+        if not (type(pid) is tuple and len(pid) in self.storage_ids and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unsupported persistent id {_short(pid)} (this format's storage records "
+                                         f"have {' or '.join(map(str, self.storage_ids))} fields)")
         storage_type, key, location, numel = pid[1:5]
         if type(key) is not str or type(location) is not str or type(numel) is not int or numel < 0:
             raise pickle.UnpicklingError(f"invalid storage record {_short(pid)}")
@@ -671,12 +674,17 @@ _JIT_OPCODES = frozenset({"PROTO", "EMPTY_LIST", "EMPTY_TUPLE", "BINPUT", "LONG_
                           "BINPERSID", "SETITEM"})
 
 
+_UNHASHABLE = {"EMPTY_TUPLE": "Tuple", "TUPLE": "Tuple", "TUPLE1": "Tuple", "TUPLE2": "Tuple", "TUPLE3": "Tuple",
+               "EMPTY_LIST": "GenericList", "LIST": "GenericList", "EMPTY_DICT": "GenericDict", "DICT": "GenericDict"}
+
+
 def check_jit_opcodes(data: bytes) -> None:
     """Refuse a TorchScript pickle that torch.jit.load's unpickler refuses: opcodes outside its set,
-    LONG1 not 8 bytes long, strings that are not UTF-8, no PROTO first. Raises UnpicklingError."""
+    LONG1 not 8 bytes long, strings that are not UTF-8, no PROTO first, dict keys it cannot hash
+    (tuples, lists, dicts: followed through the memo). Raises UnpicklingError."""
     import pickletools
 
-    first, depth, marks = True, 0, []
+    first, stack, marks, memo = True, [], [], {}  # stack: what each item is, when it is a container
     mark, rest = pickletools.markobject, pickletools.stackslice
     for op, arg, pos in pickletools.genops(data):
         name = op.name
@@ -690,15 +698,25 @@ def check_jit_opcodes(data: bytes) -> None:
         if mark in before:  # pops down to the last MARK, then what lies below it
             if not marks:
                 raise pickle.UnpicklingError(f"{name} at byte {pos} without a MARK")
-            depth = marks.pop()
+            above = stack[marks[-1]:]
+            del stack[marks.pop():]
+            if name == "SETITEMS":
+                _check_jit_keys(above[0::2], pos)
             before = [b for b in before if b is not mark and b is not rest]
-        if depth < len(before):
+        if len(stack) < len(before):
             raise pickle.UnpicklingError(f"{name} at byte {pos} pops more than the stack holds")
-        depth -= len(before)
+        if name == "SETITEM":
+            _check_jit_keys(stack[-2:-1], pos)
+        elif name in ("BINPUT", "LONG_BINPUT"):
+            memo[arg] = stack[-1] if stack else None
+        if before:
+            del stack[-len(before):]
         if name == "MARK":
-            marks.append(depth)
+            marks.append(len(stack))
+        elif name in ("BINGET", "LONG_BINGET"):
+            stack.append(memo.get(arg))
         else:
-            depth += len(op.stack_after)
+            stack.extend([_UNHASHABLE.get(name)] * len(op.stack_after))
         if name == "LONG1" and data[pos + 1] != 8:
             raise pickle.UnpicklingError(f"LONG1 at byte {pos} is {data[pos + 1]} bytes long; TorchScript "
                                          "reads only 8-byte LONG1")
@@ -708,13 +726,20 @@ def check_jit_opcodes(data: bytes) -> None:
             except UnicodeEncodeError:
                 raise pickle.UnpicklingError(f"the string at byte {pos} is not valid UTF-8") from None
         if name == "STOP":
-            if depth or marks:  # TorchScript's unpickler wants exactly the result on the stack
+            if stack or marks:  # TorchScript's unpickler wants exactly the result on the stack
                 raise pickle.UnpicklingError("the TorchScript pickle leaves more than its result on the stack")
             break
 
 
+def _check_jit_keys(kinds: list, pos: int) -> None:
+    bad = next((k for k in kinds if k is not None), None)
+    if bad is not None:
+        raise pickle.UnpicklingError(f"a dict key set at byte {pos} is a {bad}, which TorchScript cannot hash; "
+                                     "torch.jit.load refuses the file")
+
+
 def unpickle(data: bytes | bytearray | memoryview | BinaryIO, *, trusted_prefixes: tuple[str, ...] = (),
-             source: Any = None, jit: bool = False) -> tuple[Any, Unpickled]:
+             source: Any = None, jit: bool = False, storage_ids: tuple[int, ...] = (5, 6)) -> tuple[Any, Unpickled]:
     """Unpickle one object from ``data`` (bytes-like, or a binary file read from its position, which
     is left just past the pickle); return it with what was found (``unsafe``, ``storages``, ``end``).
     Storages it finds read their bytes from ``source`` (a MappedFile). ``jit``: a TorchScript archive's
@@ -723,16 +748,18 @@ def unpickle(data: bytes | bytearray | memoryview | BinaryIO, *, trusted_prefixe
         data = bytes(data) if type(data) is not bytes else data
         if jit:
             check_jit_opcodes(data)
-        return unpickle_from(data, 0, trusted_prefixes=trusted_prefixes, source=source, first_window=len(data))
+        return unpickle_from(data, 0, trusted_prefixes=trusted_prefixes, source=source, first_window=len(data),
+                             storage_ids=storage_ids)
     start = data.tell()
     buf = data.read()
-    obj, found = unpickle_from(buf, 0, trusted_prefixes=trusted_prefixes, source=source, first_window=len(buf))
+    obj, found = unpickle_from(buf, 0, trusted_prefixes=trusted_prefixes, source=source, first_window=len(buf),
+                               storage_ids=storage_ids)
     data.seek(start + found.end)
     return obj, found
 
 
 def unpickle_from(buf, start: int, *, trusted_prefixes: tuple[str, ...] = (), source: Any = None,
-                  first_window: int = 1 << 20) -> tuple[Any, Unpickled]:
+                  first_window: int = 1 << 20, storage_ids: tuple[int, ...] = (5, 6)) -> tuple[Any, Unpickled]:
     """Unpickle the pickle at ``buf[start:]`` (bytes, or a map of a file whose pickles are followed
     by other data), scanning a growing window so that memo indices stay bounded by the pickle's own
     size; ``found.end`` is the pickle's length."""
@@ -746,7 +773,7 @@ def unpickle_from(buf, start: int, *, trusted_prefixes: tuple[str, ...] = (), so
                 raise
             stop, resume = min(len(buf), start + (stop - start) * 16), cut.at
     data = buf if start == 0 and end == len(buf) and type(buf) is bytes else bytes(buf[start:end])
-    found = Unpickled(trusted_prefixes, source)
+    found = Unpickled(trusted_prefixes, source, storage_ids)
     found.end = end - start
     return load_checked(data, found), found
 

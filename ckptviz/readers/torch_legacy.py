@@ -62,7 +62,7 @@ def read_torch_legacy(path: str) -> RawCheckpoint:
         sys_info = load()[0]
         if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
             raise CorruptCheckpointError(f"{path}: big-endian checkpoints are not supported")
-        obj, up = load(source=source)
+        obj, up = load(source=source, storage_ids=(6,))  # ('storage', type, key, location, numel, view)
         keys = load()[0]
         if type(keys) is not list:
             raise EOFError("the list of storage keys is missing")

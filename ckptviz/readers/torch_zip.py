@@ -361,7 +361,7 @@ def read_torch_zip(path: str) -> RawCheckpoint:
             _check_script_records(zd, root)
         byteorder = zd.read(f"{root}byteorder").decode() if f"{root}byteorder" in zd.index else "little"
         obj, up = unpickle(zd.read(f"{root}data.pkl"), trusted_prefixes=("__torch__.",) if is_script else (),
-                           source=source, jit=is_script)
+                           source=source, jit=is_script, storage_ids=(5,))  # ('storage', type, key, location, numel)
         keys = list(up.storages)
         rows = list(map(zd.index.get, map(f"{root}data/".__add__, keys), repeat(-1)))
         if -1 in rows:
@@ -444,6 +444,14 @@ def _data_offset(f, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
+def _inflated(zf: zipfile.ZipFile, name: str) -> bytes:
+    """``zf.read(name)`` (its size already checked), its decompressors' errors as ``BadZipFile``."""
+    try:
+        return zf.read(name)
+    except (zlib.error, EOFError, OSError, NotImplementedError, RuntimeError, ValueError) as e:
+        raise zipfile.BadZipFile(f"{name} does not inflate ({type(e).__name__}: {e})") from None
+
+
 def read_zip_window(f, start: int, length: int, source: MappedFile | None = None):
     """Read a torch.save zip stored at bytes ``[start, start + length)`` of the open file ``f`` (an item
     of a distributed checkpoint's ``.distcp``): returns (the object, the unpickler, each storage's
@@ -459,18 +467,16 @@ def read_zip_window(f, start: int, length: int, source: MappedFile | None = None
         if not pkl:
             raise CorruptCheckpointError("not a torch.save zip (no <archive>/data.pkl inside)")
         root = pkl[0][: -len("data.pkl")]
-        if f"{root}byteorder" in infos and zf.read(f"{root}byteorder") != b"little":
+        order = infos.get(f"{root}byteorder")
+        if order is not None and (order.file_size > 16 or _inflated(zf, order.filename) != b"little"):
             raise CorruptCheckpointError("big-endian data is not supported; re-save it on a little-endian machine")
         info = infos[pkl[0]]
         if info.compress_type != zipfile.ZIP_STORED:
             cap = max(MIN_INFLATE_CAP, INFLATE_RATIO * info.compress_size)
             if info.file_size > cap:
                 raise _inflate_cap(pkl[0], info.file_size, info.compress_size, cap)
-        try:
-            data = zf.read(pkl[0])
-        except zlib.error as e:
-            raise zipfile.BadZipFile(f"{pkl[0]} does not inflate ({e})") from None
-        obj, up = unpickle(data, source=source)
+        data = _inflated(zf, pkl[0])
+        obj, up = unpickle(data, source=source, storage_ids=(5,))
         spans = {}
         for key in up.storages:
             info = infos.get(f"{root}data/{key}")
