@@ -852,7 +852,8 @@ def test_storage_records_have_exactly_their_formats_field_count(tmp_path):
         assert_clean_error(err.value, path)
 
 
-def test_torchscript_dict_keys_it_cannot_hash_are_refused(tmp_path):
+@pytest.mark.parametrize("edit, kind", [(lambda key: key + P.TUPLE1, "Tuple"), (lambda key: P.NONE, "None")])
+def test_torchscript_dict_keys_it_cannot_hash_are_refused(edit, kind, tmp_path):
     """TorchScript hashes dict keys as IValues and refuses tuples (torch.jit.load: "Can't hash IValues
     with tag 'Tuple'"); a key made a tuple, directly or through the memo, is refused the same way."""
     class WithDict(torch.nn.Module):
@@ -872,15 +873,31 @@ def test_torchscript_dict_keys_it_cannot_hash_are_refused(tmp_path):
         if not name.endswith("/data.pkl"):
             return data
         key = _str("a")
-        at = data.index(key) + len(key)
-        return data[:at] + P.TUPLE1 + data[at:]
+        at = data.index(key)
+        return data[:at] + edit(key) + data[at + len(key):]
 
     bad = rewrite_zip(src, tmp_path / "bad.pt", tuple_key)
     with pytest.raises(RuntimeError, match="hash"):
         torch.jit.load(str(bad))
-    with pytest.raises(cv.CorruptCheckpointError, match="is a Tuple, which TorchScript cannot hash") as err:
+    with pytest.raises(cv.CorruptCheckpointError, match=f"is a {kind}, which TorchScript cannot hash") as err:
         cv.open_checkpoint(bad)
     assert_clean_error(err.value, bad)
+
+
+def test_records_of_tensor_kinds_ckptviz_does_not_read_take_torchs_arguments(tmp_path):
+    """A quantized/sparse/nested tensor is listed as an opaque record without calling torch's builder;
+    the record still has to take the builder's arguments (torch.load refuses a wrong count: control)."""
+    data = (HEAD + P.EMPTY_DICT + _str("q") + _global("torch._utils", "_rebuild_qtensor") + P.EMPTY_TUPLE + P.REDUCE
+            + P.SETITEM + P.STOP)
+    path = _in_container(data, "torch-zip", tmp_path)
+    with pytest.raises(Exception, match="missing"):  # noqa: B017  (a TypeError inside torch's unpickler)
+        torch.load(path, weights_only=True)
+    with pytest.raises(cv.CorruptCheckpointError, match="_rebuild_qtensor record with 0 arguments") as err:
+        cv.open_checkpoint(path)
+    assert_clean_error(err.value, path)
+    real = tmp_path / "quantized.pt"
+    torch.save({"q": torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8), "w": torch.ones(2)}, real)
+    assert "w" in cv.open_checkpoint(real).tensors().index  # the real record still opens
 
 
 def test_scan_accepts_only_streams_the_grammar_reads_the_same_way():

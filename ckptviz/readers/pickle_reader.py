@@ -337,7 +337,22 @@ _OPAQUE_BUILDERS = (
 
 
 def _opaque_builder(full: str):
+    """A record of a tensor kind ckptviz lists but does not read, with the arguments torch's builder takes
+    (checked against its signature, never called: torch.load refuses other argument counts too)."""
+    import inspect
+
+    real = getattr(torch._utils, full.rpartition(".")[2], None)
+    try:
+        signature = inspect.signature(real) if real is not None else None
+    except (TypeError, ValueError):
+        signature = None
+
     def build(*args):
+        if signature is not None:
+            try:
+                signature.bind(*args)
+            except TypeError as e:
+                raise pickle.UnpicklingError(f"{full} record with {len(args)} arguments: {e}") from None
         return OpaqueTensor(full, args)
 
     return build
@@ -674,8 +689,9 @@ _JIT_OPCODES = frozenset({"PROTO", "EMPTY_LIST", "EMPTY_TUPLE", "BINPUT", "LONG_
                           "BINPERSID", "SETITEM"})
 
 
-_UNHASHABLE = {"EMPTY_TUPLE": "Tuple", "TUPLE": "Tuple", "TUPLE1": "Tuple", "TUPLE2": "Tuple", "TUPLE3": "Tuple",
-               "EMPTY_LIST": "GenericList", "LIST": "GenericList", "EMPTY_DICT": "GenericDict", "DICT": "GenericDict"}
+_UNHASHABLE = {  # opcode -> the IValue kind it makes, for the kinds TorchScript cannot hash as a dict key
+    "NONE": "None", "EMPTY_TUPLE": "Tuple", "TUPLE": "Tuple", "TUPLE1": "Tuple", "TUPLE2": "Tuple", "TUPLE3": "Tuple",
+    "EMPTY_LIST": "GenericList", "LIST": "GenericList", "EMPTY_DICT": "GenericDict", "DICT": "GenericDict"}
 
 
 def check_jit_opcodes(data: bytes) -> None:

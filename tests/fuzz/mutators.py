@@ -326,7 +326,7 @@ def json_edit(rng: random.Random, data: bytes) -> tuple[bytes, str]:
     if what == "file":
         wm[k] = rng.choice(["missing.safetensors", "", "../x", wm[rng.choice(list(wm))], "/etc/passwd", "."])
     elif what == "spell":  # the same shard under another spelling
-        wm[k] = rng.choice(["./", ".//", "././", "x/../"]) + wm[k]
+        wm[k] = rng.choice(["./", ".//", "././", "x/../"]) + str(wm[k])
     elif what == "deep":  # nesting past the JSON depth limit, or just under it
         n = rng.choice([100, 129, 10_000])
         return (json.dumps(obj)[:-1] + ', "deep": ' + "[" * n + "]" * n + "}").encode(), f"index nested {n} deep"
