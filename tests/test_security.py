@@ -405,7 +405,7 @@ def test_build_on_records_changes_nothing(tmp_path):
     a tensor record (slot state: setattr) is ignored, so a file cannot point a tensor at other bytes."""
     redirect = P.EMPTY_DICT + _str("key") + _str("1") + P.SETITEM + _str("numel") + _int(3) + P.SETITEM + P.BUILD
     reshape = _slotstate("shape", _int(2) + P.TUPLE1)
-    opaque = (_global("torch._utils", "_rebuild_qtensor") + P.EMPTY_TUPLE + P.REDUCE
+    opaque = (_global("torch._utils", "_rebuild_qtensor") + P.MARK + P.NONE * 7 + P.TUPLE + P.REDUCE  # its 7 arguments
               + P.EMPTY_DICT + _str("builder") + _int(5) + P.SETITEM + P.BUILD)
     data = (HEAD + P.EMPTY_DICT + _str("w") + _tensor(_storage("0", 6) + redirect, 6) + P.SETITEM
             + _str("b") + _tensor(_storage("1", 3), 3) + reshape + P.SETITEM
