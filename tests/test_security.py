@@ -884,6 +884,27 @@ def test_torchscript_dict_keys_it_cannot_hash_are_refused(edit, kind, tmp_path):
     assert_clean_error(err.value, bad)
 
 
+def test_torchscript_tensor_records_are_read_as_torchscript_reads_them(tmp_path):
+    """TorchScript's unpickler takes a tensor record's seventh field as a metadata dict (an internal
+    assert otherwise): a record given a tuple there is refused; the real archive opens."""
+    src = tmp_path / "script.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(src))
+    assert len(cv.open_checkpoint(src).tensors()) == 2
+
+    def tuple_metadata(name: str, data: bytes) -> bytes:
+        if not name.endswith("/data.pkl"):
+            return data
+        assert P.EMPTY_TUPLE + P.REDUCE + P.TUPLE in data  # the hooks: OrderedDict(), then the record closes
+        return data.replace(P.EMPTY_TUPLE + P.REDUCE + P.TUPLE, P.EMPTY_TUPLE + P.REDUCE + P.EMPTY_TUPLE + P.TUPLE, 1)
+
+    bad = rewrite_zip(src, tmp_path / "bad.pt", tuple_metadata)
+    with pytest.raises(RuntimeError):
+        torch.jit.load(str(bad))
+    with pytest.raises(cv.CorruptCheckpointError, match="metadata that is no dict") as err:
+        cv.open_checkpoint(bad)
+    assert_clean_error(err.value, bad)
+
+
 def test_records_of_tensor_kinds_ckptviz_does_not_read_take_torchs_arguments(tmp_path):
     """A quantized/sparse/nested tensor is listed as an opaque record without calling torch's builder;
     the record still has to take the builder's arguments (torch.load refuses a wrong count: control)."""

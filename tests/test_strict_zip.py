@@ -477,3 +477,18 @@ def test_zip64_locator_pointing_past_the_end(saved, tmp_path):
     path = tmp_path / "z.pt"
     path.write_bytes(bytes(raw))
     _both_refuse(path, "zip64 locator")
+
+
+def test_a_damaged_format_version_record(saved, tmp_path):
+    """torch.load reads .format_version (miniz checks its local header, not its CRC); so does ckptviz."""
+    raw = bytearray(saved.read_bytes())
+    name = b"saved/.format_version"
+    at = next(i for i in range(len(raw)) if raw.startswith(b"PK\x03\x04", i) and raw[i + 30:i + 30 + len(name)] == name)
+    data_at = at + 30 + int.from_bytes(raw[at + 26:at + 28], "little") + int.from_bytes(raw[at + 28:at + 30], "little")
+    crc = tmp_path / "crc.pt"
+    crc.write_bytes(bytes(raw[:data_at]) + bytes([raw[data_at] ^ 1]) + bytes(raw[data_at + 1:]))
+    _both_read(crc)  # a wrong CRC there: both read the file
+    raw[at + 3] ^= 0x80
+    path = tmp_path / "damaged.pt"
+    path.write_bytes(bytes(raw))
+    _both_refuse(path, match="local header")

@@ -190,6 +190,18 @@ def _rebuild_v2(storage, offset, size, stride, requires_grad=False, hooks=None, 
     return ref
 
 
+def _rebuild_v2_jit(*args):
+    """``_rebuild_tensor_v2`` as TorchScript's unpickler reads it: six fields, then a metadata dict if any."""
+    if len(args) < 6 or (len(args) > 6 and not isinstance(args[6], dict)):
+        raise pickle.UnpicklingError(f"a TorchScript tensor record has {len(args)} fields"
+                                     f"{'' if len(args) < 6 else ' and metadata that is no dict'}; torch.jit.load "
+                                     "refuses it")
+    return _rebuild_v2(*args[:7])
+
+
+_JIT_BUILDERS = {"torch._utils._rebuild_tensor_v2": _rebuild_v2_jit}
+
+
 def _rebuild_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
     if dtype is None:  # v3 always names the dtype
         raise pickle.UnpicklingError("tensor record has an invalid dtype: None")
@@ -433,8 +445,9 @@ class Unpickled:
     allowlist), ``storages`` (key -> StorageRef) and ``end`` (bytes the pickle took)."""
 
     def __init__(self, trusted_prefixes: tuple[str, ...] = (), source: Any = None,
-                 storage_ids: tuple[int, ...] = (5, 6)):
+                 storage_ids: tuple[int, ...] = (5, 6), jit: bool = False):
         self.source = source  # the MappedFile that storages' bytes come from
+        self.jit = jit  # a TorchScript archive's pickle: tensor records as TorchScript reads them
         self.storage_ids = storage_ids  # lengths a storage's persistent id may have (zip: 5, legacy: 6)
         self.unsafe: set[str] = set()
         self.storages: dict[str, StorageRef] = {}
@@ -466,7 +479,7 @@ class Unpickled:
         if kind == "value":
             obj = what
         elif kind == "call":
-            obj = _callable(full, what)
+            obj = _callable(full, _JIT_BUILDERS.get(full, what) if self.jit else what)
         elif kind == "marker":
             obj = _marker(full)
         else:
@@ -691,7 +704,9 @@ _JIT_OPCODES = frozenset({"PROTO", "EMPTY_LIST", "EMPTY_TUPLE", "BINPUT", "LONG_
 
 _UNHASHABLE = {  # opcode -> the IValue kind it makes, for the kinds TorchScript cannot hash as a dict key
     "NONE": "None", "EMPTY_TUPLE": "Tuple", "TUPLE": "Tuple", "TUPLE1": "Tuple", "TUPLE2": "Tuple", "TUPLE3": "Tuple",
-    "EMPTY_LIST": "GenericList", "LIST": "GenericList", "EMPTY_DICT": "GenericDict", "DICT": "GenericDict"}
+    "EMPTY_LIST": "GenericList", "LIST": "GenericList", "EMPTY_DICT": "GenericDict", "DICT": "GenericDict",
+    "GLOBAL": "Global"}
+_JIT_TARGETS = {"SETITEM": "GenericDict", "SETITEMS": "GenericDict", "APPEND": "GenericList", "APPENDS": "GenericList"}
 
 
 def check_jit_opcodes(data: bytes) -> None:
@@ -723,6 +738,11 @@ def check_jit_opcodes(data: bytes) -> None:
             raise pickle.UnpicklingError(f"{name} at byte {pos} pops more than the stack holds")
         if name == "SETITEM":
             _check_jit_keys(stack[-2:-1], pos)
+        if name in _JIT_TARGETS:  # what SETITEM(S) / APPEND(S) change must be a dict / list
+            target = stack[-3 if name == "SETITEM" else -2 if name == "APPEND" else -1]
+            if target is not None and target not in _JIT_TARGETS[name]:
+                raise pickle.UnpicklingError(f"{name} at byte {pos} changes a {target}, not a "
+                                             f"{_JIT_TARGETS[name]}; torch.jit.load refuses the file")
         elif name in ("BINPUT", "LONG_BINPUT"):
             memo[arg] = stack[-1] if stack else None
         if before:
@@ -765,7 +785,7 @@ def unpickle(data: bytes | bytearray | memoryview | BinaryIO, *, trusted_prefixe
         if jit:
             check_jit_opcodes(data)
         return unpickle_from(data, 0, trusted_prefixes=trusted_prefixes, source=source, first_window=len(data),
-                             storage_ids=storage_ids)
+                             storage_ids=storage_ids, jit=jit)
     start = data.tell()
     buf = data.read()
     obj, found = unpickle_from(buf, 0, trusted_prefixes=trusted_prefixes, source=source, first_window=len(buf),
@@ -775,7 +795,8 @@ def unpickle(data: bytes | bytearray | memoryview | BinaryIO, *, trusted_prefixe
 
 
 def unpickle_from(buf, start: int, *, trusted_prefixes: tuple[str, ...] = (), source: Any = None,
-                  first_window: int = 1 << 20, storage_ids: tuple[int, ...] = (5, 6)) -> tuple[Any, Unpickled]:
+                  first_window: int = 1 << 20, storage_ids: tuple[int, ...] = (5, 6),
+                  jit: bool = False) -> tuple[Any, Unpickled]:
     """Unpickle the pickle at ``buf[start:]`` (bytes, or a map of a file whose pickles are followed
     by other data), scanning a growing window so that memo indices stay bounded by the pickle's own
     size; ``found.end`` is the pickle's length."""
@@ -789,7 +810,7 @@ def unpickle_from(buf, start: int, *, trusted_prefixes: tuple[str, ...] = (), so
                 raise
             stop, resume = min(len(buf), start + (stop - start) * 16), cut.at
     data = buf if start == 0 and end == len(buf) and type(buf) is bytes else bytes(buf[start:end])
-    found = Unpickled(trusted_prefixes, source, storage_ids)
+    found = Unpickled(trusted_prefixes, source, storage_ids, jit)
     found.end = end - start
     return load_checked(data, found), found
 

@@ -283,6 +283,8 @@ def _check_records(path: str, zd: ZipDirectory, root: str) -> None:
             f"{MIN_FILE_FORMAT_VERSION} to {MAX_FILE_FORMAT_VERSION} "
             "(ckptviz.readers.torch_zip.MAX_FILE_FORMAT_VERSION). If a newer torch wrote it, update ckptviz; "
             "otherwise the file is damaged: re-save it.")
+    if root + ".format_version" in zd.index:  # torch.load reads it (miniz checks its local header, not its CRC)
+        _data_offsets(zd.mm, [int(zd.header[zd.index[root + ".format_version"]])])
     if root + ".data/serialization_id" in zd.index:  # torch.load hands it to Python as a UTF-8 string
         raw = zd.read(root + ".data/serialization_id")
         if not _is_utf8(raw.split(b"\0", 1)[0]):
