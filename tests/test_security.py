@@ -879,7 +879,7 @@ def test_torchscript_dict_keys_it_cannot_hash_are_refused(edit, kind, tmp_path):
     bad = rewrite_zip(src, tmp_path / "bad.pt", tuple_key)
     with pytest.raises(RuntimeError, match="hash"):
         torch.jit.load(str(bad))
-    with pytest.raises(cv.CorruptCheckpointError, match=f"is a {kind}, which TorchScript cannot hash") as err:
+    with pytest.raises(cv.CorruptCheckpointError, match=f"is of type {kind}, which TorchScript cannot hash") as err:
         cv.open_checkpoint(bad)
     assert_clean_error(err.value, bad)
 
@@ -901,6 +901,19 @@ def test_torchscript_tensor_records_are_read_as_torchscript_reads_them(tmp_path)
     with pytest.raises(RuntimeError):
         torch.jit.load(str(bad))
     with pytest.raises(cv.CorruptCheckpointError, match="metadata that is no dict") as err:
+        cv.open_checkpoint(bad)
+    assert_clean_error(err.value, bad)
+
+
+def test_torchscript_constants_that_are_not_a_tuple_are_refused(tmp_path):
+    """constants.pkl is a tuple for TorchScript (an internal assert otherwise); ckptviz checks it too."""
+    src = tmp_path / "script.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(src))
+    bad = rewrite_zip(src, tmp_path / "bad.pt", lambda n, d: HEAD + P.BININT1 + b"\x00" + P.STOP
+                      if n.endswith("/constants.pkl") else d)
+    with pytest.raises(RuntimeError):
+        torch.jit.load(str(bad))
+    with pytest.raises(cv.CorruptCheckpointError, match="value of type Int where TorchScript reads a Tuple") as err:
         cv.open_checkpoint(bad)
     assert_clean_error(err.value, bad)
 

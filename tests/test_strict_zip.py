@@ -488,6 +488,10 @@ def test_a_damaged_format_version_record(saved, tmp_path):
     crc = tmp_path / "crc.pt"
     crc.write_bytes(bytes(raw[:data_at]) + bytes([raw[data_at] ^ 1]) + bytes(raw[data_at + 1:]))
     _both_read(crc)  # a wrong CRC there: both read the file
+    far = bytearray(raw)
+    far[at + 28:at + 30] = (32767).to_bytes(2, "little")  # an extra field running past the end of the file
+    (tmp_path / "far.pt").write_bytes(bytes(far))
+    _both_refuse(tmp_path / "far.pt", match="local header puts its data past the end")
     raw[at + 3] ^= 0x80
     path = tmp_path / "damaged.pt"
     path.write_bytes(bytes(raw))

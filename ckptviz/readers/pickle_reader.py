@@ -702,17 +702,20 @@ _JIT_OPCODES = frozenset({"PROTO", "EMPTY_LIST", "EMPTY_TUPLE", "BINPUT", "LONG_
                           "BINPERSID", "SETITEM"})
 
 
-_UNHASHABLE = {  # opcode -> the IValue kind it makes, for the kinds TorchScript cannot hash as a dict key
+_KINDS = {  # opcode -> the IValue kind it makes (None: not known from the opcode alone)
     "NONE": "None", "EMPTY_TUPLE": "Tuple", "TUPLE": "Tuple", "TUPLE1": "Tuple", "TUPLE2": "Tuple", "TUPLE3": "Tuple",
     "EMPTY_LIST": "GenericList", "LIST": "GenericList", "EMPTY_DICT": "GenericDict", "DICT": "GenericDict",
-    "GLOBAL": "Global"}
+    "GLOBAL": "Global", "BININT": "Int", "BININT1": "Int", "BININT2": "Int", "LONG1": "Int", "BINFLOAT": "Double",
+    "BINUNICODE": "String", "NEWTRUE": "Bool", "NEWFALSE": "Bool"}
+_UNHASHABLE = frozenset({"None", "Tuple", "GenericList", "GenericDict", "Global"})  # as TorchScript dict keys
 _JIT_TARGETS = {"SETITEM": "GenericDict", "SETITEMS": "GenericDict", "APPEND": "GenericList", "APPENDS": "GenericList"}
 
 
-def check_jit_opcodes(data: bytes) -> None:
+def check_jit_opcodes(data: bytes, result: str | None = None) -> None:
     """Refuse a TorchScript pickle that torch.jit.load's unpickler refuses: opcodes outside its set,
     LONG1 not 8 bytes long, strings that are not UTF-8, no PROTO first, dict keys it cannot hash
-    (tuples, lists, dicts: followed through the memo). Raises UnpicklingError."""
+    (tuples, lists, dicts: followed through the memo), a result other than ``result`` (e.g. "Tuple" for
+    constants.pkl) where that is known from the opcodes. Raises UnpicklingError."""
     import pickletools
 
     first, stack, marks, memo = True, [], [], {}  # stack: what each item is, when it is a container
@@ -736,12 +739,13 @@ def check_jit_opcodes(data: bytes) -> None:
             before = [b for b in before if b is not mark and b is not rest]
         if len(stack) < len(before):
             raise pickle.UnpicklingError(f"{name} at byte {pos} pops more than the stack holds")
+        top = stack[-1] if stack else None
         if name == "SETITEM":
             _check_jit_keys(stack[-2:-1], pos)
         if name in _JIT_TARGETS:  # what SETITEM(S) / APPEND(S) change must be a dict / list
             target = stack[-3 if name == "SETITEM" else -2 if name == "APPEND" else -1]
-            if target is not None and target not in _JIT_TARGETS[name]:
-                raise pickle.UnpicklingError(f"{name} at byte {pos} changes a {target}, not a "
+            if target is not None and target != _JIT_TARGETS[name]:
+                raise pickle.UnpicklingError(f"{name} at byte {pos} changes a value of type {target}, not a "
                                              f"{_JIT_TARGETS[name]}; torch.jit.load refuses the file")
         elif name in ("BINPUT", "LONG_BINPUT"):
             memo[arg] = stack[-1] if stack else None
@@ -752,7 +756,7 @@ def check_jit_opcodes(data: bytes) -> None:
         elif name in ("BINGET", "LONG_BINGET"):
             stack.append(memo.get(arg))
         else:
-            stack.extend([_UNHASHABLE.get(name)] * len(op.stack_after))
+            stack.extend([_KINDS.get(name)] * len(op.stack_after))
         if name == "LONG1" and data[pos + 1] != 8:
             raise pickle.UnpicklingError(f"LONG1 at byte {pos} is {data[pos + 1]} bytes long; TorchScript "
                                          "reads only 8-byte LONG1")
@@ -762,15 +766,18 @@ def check_jit_opcodes(data: bytes) -> None:
             except UnicodeEncodeError:
                 raise pickle.UnpicklingError(f"the string at byte {pos} is not valid UTF-8") from None
         if name == "STOP":
+            if result is not None and top not in (None, result):  # a known other kind
+                raise pickle.UnpicklingError(f"the TorchScript pickle holds a value of type {top} where TorchScript "
+                                             f"reads a {result}; torch.jit.load refuses the file")
             if stack or marks:  # TorchScript's unpickler wants exactly the result on the stack
                 raise pickle.UnpicklingError("the TorchScript pickle leaves more than its result on the stack")
             break
 
 
 def _check_jit_keys(kinds: list, pos: int) -> None:
-    bad = next((k for k in kinds if k is not None), None)
+    bad = next((k for k in kinds if k in _UNHASHABLE), None)
     if bad is not None:
-        raise pickle.UnpicklingError(f"a dict key set at byte {pos} is a {bad}, which TorchScript cannot hash; "
+        raise pickle.UnpicklingError(f"a dict key set at byte {pos} is of type {bad}, which TorchScript cannot hash; "
                                      "torch.jit.load refuses the file")
 
 

@@ -283,8 +283,11 @@ def _check_records(path: str, zd: ZipDirectory, root: str) -> None:
             f"{MIN_FILE_FORMAT_VERSION} to {MAX_FILE_FORMAT_VERSION} "
             "(ckptviz.readers.torch_zip.MAX_FILE_FORMAT_VERSION). If a newer torch wrote it, update ckptviz; "
             "otherwise the file is damaged: re-save it.")
-    if root + ".format_version" in zd.index:  # torch.load reads it (miniz checks its local header, not its CRC)
-        _data_offsets(zd.mm, [int(zd.header[zd.index[root + ".format_version"]])])
+    if root + ".format_version" in zd.index:  # torch.load reads it: miniz checks its local header (not its CRC)
+        i = zd.index[root + ".format_version"]
+        (start,) = _data_offsets(zd.mm, [int(zd.header[i])])
+        if start + int(zd.compressed[i]) > len(zd.mm):
+            raise zipfile.BadZipFile(f"{root}.format_version: its local header puts its data past the end of the file")
     if root + ".data/serialization_id" in zd.index:  # torch.load hands it to Python as a UTF-8 string
         raw = zd.read(root + ".data/serialization_id")
         if not _is_utf8(raw.split(b"\0", 1)[0]):
@@ -305,7 +308,7 @@ def _check_script_records(zd: ZipDirectory, root: str) -> None:
     """What torch.jit.load reads of a TorchScript archive besides data.pkl, which ckptviz does not use:
     constants.pkl an unpickler-valid TorchScript pickle, every code/ entry intact (CRC), its sources UTF-8."""
     if f"{root}constants.pkl" in zd.index:
-        check_jit_opcodes(zd.read(f"{root}constants.pkl"))
+        check_jit_opcodes(zd.read(f"{root}constants.pkl"), result="Tuple")
     for name in zd.names:
         if name.startswith(f"{root}code/") and not name.endswith("/"):
             data = zd.read(name)  # inflated (capped) and CRC-checked: a damaged entry is a BadZipFile
