@@ -271,9 +271,22 @@ def test_storage_alignment_not_a_number(saved, tmp_path):
     _both_read(_rezip(_replace(_entries(saved), "/.storage_alignment", b" 64 "), tmp_path / "b.pt"))
 
 
-def test_serialization_id_not_utf8(saved, tmp_path):
-    path = _rezip(_replace(_entries(saved), "/.data/serialization_id", b"\xff" * 40), tmp_path / "s.pt")
+@pytest.mark.parametrize("value", [b"\xff" * 40, b"abc\x00\xff"])
+def test_serialization_id_not_utf8(saved, tmp_path, value):
+    path = _rezip(_replace(_entries(saved), "/.data/serialization_id", value), tmp_path / "s.pt")
     _both_refuse(path, "serialization_id")
+
+
+def test_serialization_id_with_a_nul_in_utf8_text_opens(saved, tmp_path):
+    _both_read(_rezip(_replace(_entries(saved), "/.data/serialization_id", b"abc\x00def"), tmp_path / "s.pt"))
+
+
+@pytest.mark.parametrize("metadata", [bytearray, (1,), "x"])
+def test_tensor_metadata_that_is_no_dict(saved, tmp_path, metadata):
+    """torch.load sets a record's metadata only from a dict (an assert otherwise); empty ones are skipped."""
+    path = _with_records(saved, tmp_path / "m.pt", {"w": _Tensor(W, 0, (3, 4), (4, 1), False, OrderedDict(), metadata)})
+    _both_refuse(path, "metadata that is no dict")
+    _both_read(_with_records(saved, tmp_path / "e.pt", {"w": _Tensor(W, 0, (3, 4), (4, 1), False, OrderedDict(), ())}))
 
 
 def test_optional_records_may_be_missing(saved, tmp_path):

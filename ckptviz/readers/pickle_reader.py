@@ -185,6 +185,9 @@ def _rebuild_v2(storage, offset, size, stride, requires_grad=False, hooks=None, 
             raise pickle.UnpicklingError(
                 f"a tensor record (size {_short(size)}, stride {_short(stride)}, offset {offset}) claims more bytes "
                 f"than its storage holds (storage {storage.key!r}: {storage.numel:_} elements); torch.load refuses it")
+    if metadata and type(metadata) not in (dict, OrderedDict):  # torch: set_tensor_metadata asserts a dict
+        raise pickle.UnpicklingError(f"tensor record with metadata that is no dict: {_short(metadata)}; torch.load "
+                                     "refuses it")
     ref.requires_grad = False if requires_grad is False else _grad(requires_grad, ref.dtype)
     ref.is_param = False
     return ref
@@ -205,7 +208,7 @@ _JIT_BUILDERS = {"torch._utils._rebuild_tensor_v2": _rebuild_v2_jit}
 def _rebuild_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
     if dtype is None:  # v3 always names the dtype
         raise pickle.UnpicklingError("tensor record has an invalid dtype: None")
-    return _rebuild_v2(storage, offset, size, stride, requires_grad, dtype=dtype)
+    return _rebuild_v2(storage, offset, size, stride, requires_grad, None, metadata, dtype=dtype)
 
 
 def _rebuild_v1(storage, offset, size, stride):

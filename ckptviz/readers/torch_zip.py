@@ -290,7 +290,7 @@ def _check_records(path: str, zd: ZipDirectory, root: str) -> None:
             raise zipfile.BadZipFile(f"{root}.format_version: its local header puts its data past the end of the file")
     if root + ".data/serialization_id" in zd.index:  # torch.load hands it to Python as a UTF-8 string
         raw = zd.read(root + ".data/serialization_id")
-        if not _is_utf8(raw.split(b"\0", 1)[0]):
+        if not _is_utf8(raw):  # the whole record (torch decodes all of it, NULs included)
             raise CorruptCheckpointError(
                 f"{path}: the record {root}.data/serialization_id is not UTF-8 text; torch.load refuses the file. "
                 "Re-save it with torch.save, or re-download it.")
