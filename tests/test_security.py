@@ -852,70 +852,52 @@ def test_storage_records_have_exactly_their_formats_field_count(tmp_path):
         assert_clean_error(err.value, path)
 
 
-@pytest.mark.parametrize("edit, kind", [(lambda key: key + P.TUPLE1, "Tuple"), (lambda key: P.NONE, "None")])
-def test_torchscript_dict_keys_it_cannot_hash_are_refused(edit, kind, tmp_path):
-    """TorchScript hashes dict keys as IValues and refuses tuples (torch.jit.load: "Can't hash IValues
-    with tag 'Tuple'"); a key made a tuple, directly or through the memo, is refused the same way."""
-    class WithDict(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.table = {"a": 1, "b": 2}
-            self.lin = torch.nn.Linear(2, 2)
-
-        def forward(self, x):
-            return self.lin(x) * self.table["a"]
-
+def _jit_edit_refused(model: torch.nn.Module, tmp_path, entry: str, edit, match: str) -> None:
+    """``model`` scripted and saved (it opens), then its ``entry`` pickle edited: torch.jit.load refuses
+    the edited archive (control) and ckptviz does too, cleanly, with ``match`` in its message."""
     src = tmp_path / "script.pt"
-    torch.jit.save(torch.jit.script(WithDict()), str(src))
-    assert "lin.weight" in cv.open_checkpoint(src).tensors().index
-
-    def tuple_key(name: str, data: bytes) -> bytes:
-        if not name.endswith("/data.pkl"):
-            return data
-        key = _str("a")
-        at = data.index(key)
-        return data[:at] + edit(key) + data[at + len(key):]
-
-    bad = rewrite_zip(src, tmp_path / "bad.pt", tuple_key)
-    with pytest.raises(RuntimeError, match="hash"):
+    torch.jit.save(torch.jit.script(model), str(src))
+    assert len(cv.open_checkpoint(src).tensors()) >= 2
+    bad = rewrite_zip(src, tmp_path / "bad.pt", lambda n, d: edit(d) if n.endswith(f"/{entry}") else d)
+    with pytest.raises(RuntimeError):
         torch.jit.load(str(bad))
-    with pytest.raises(cv.CorruptCheckpointError, match=f"is of type {kind}, which TorchScript cannot hash") as err:
+    with pytest.raises(cv.CorruptCheckpointError, match=match) as err:
         cv.open_checkpoint(bad)
     assert_clean_error(err.value, bad)
+
+
+class _WithDict(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = {"a": 1, "b": 2}
+        self.lin = torch.nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.lin(x) * self.table["a"]
+
+
+@pytest.mark.parametrize("edit, kind", [(lambda key: key + P.TUPLE1, "Tuple"), (lambda key: P.NONE, "None")])
+def test_torchscript_dict_keys_it_cannot_hash_are_refused(edit, kind, tmp_path):
+    """TorchScript hashes dict keys as IValues and refuses tuples and None (torch.jit.load: "Can't hash
+    IValues with tag 'Tuple'"); a key made one, directly or through the memo, is refused the same way."""
+    key = _str("a")
+    _jit_edit_refused(_WithDict(), tmp_path, "data.pkl", lambda d: d.replace(key, edit(key), 1),
+                      f"is of type {kind}, which TorchScript cannot hash")
 
 
 def test_torchscript_tensor_records_are_read_as_torchscript_reads_them(tmp_path):
     """TorchScript's unpickler takes a tensor record's seventh field as a metadata dict (an internal
-    assert otherwise): a record given a tuple there is refused; the real archive opens."""
-    src = tmp_path / "script.pt"
-    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(src))
-    assert len(cv.open_checkpoint(src).tensors()) == 2
-
-    def tuple_metadata(name: str, data: bytes) -> bytes:
-        if not name.endswith("/data.pkl"):
-            return data
-        assert P.EMPTY_TUPLE + P.REDUCE + P.TUPLE in data  # the hooks: OrderedDict(), then the record closes
-        return data.replace(P.EMPTY_TUPLE + P.REDUCE + P.TUPLE, P.EMPTY_TUPLE + P.REDUCE + P.EMPTY_TUPLE + P.TUPLE, 1)
-
-    bad = rewrite_zip(src, tmp_path / "bad.pt", tuple_metadata)
-    with pytest.raises(RuntimeError):
-        torch.jit.load(str(bad))
-    with pytest.raises(cv.CorruptCheckpointError, match="metadata that is no dict") as err:
-        cv.open_checkpoint(bad)
-    assert_clean_error(err.value, bad)
+    assert otherwise): a record given a tuple there is refused."""
+    hooks_then_close = P.EMPTY_TUPLE + P.REDUCE + P.TUPLE  # the hooks, OrderedDict(), then the record closes
+    _jit_edit_refused(torch.nn.Linear(2, 2), tmp_path, "data.pkl",
+                      lambda d: d.replace(hooks_then_close, P.EMPTY_TUPLE + P.REDUCE + P.EMPTY_TUPLE + P.TUPLE, 1),
+                      "metadata that is no dict")
 
 
 def test_torchscript_constants_that_are_not_a_tuple_are_refused(tmp_path):
     """constants.pkl is a tuple for TorchScript (an internal assert otherwise); ckptviz checks it too."""
-    src = tmp_path / "script.pt"
-    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(src))
-    bad = rewrite_zip(src, tmp_path / "bad.pt", lambda n, d: HEAD + P.BININT1 + b"\x00" + P.STOP
-                      if n.endswith("/constants.pkl") else d)
-    with pytest.raises(RuntimeError):
-        torch.jit.load(str(bad))
-    with pytest.raises(cv.CorruptCheckpointError, match="value of type Int where TorchScript reads a Tuple") as err:
-        cv.open_checkpoint(bad)
-    assert_clean_error(err.value, bad)
+    _jit_edit_refused(torch.nn.Linear(2, 2), tmp_path, "constants.pkl", lambda d: HEAD + P.BININT1 + b"\x00" + P.STOP,
+                      "value of type Int where TorchScript reads a Tuple")
 
 
 def test_records_of_tensor_kinds_ckptviz_does_not_read_take_torchs_arguments(tmp_path):
