@@ -518,7 +518,7 @@ def _fold_block(pa: torch.Tensor, pb: torch.Tensor, buffers: list[torch.Tensor],
     if math.isfinite(aa) and math.isfinite(bb):  # no NaN or Inf in the block: the plain sums are right
         sums.add(aa, bb, ab, dd)
         if pa.dtype in _EXACT_INTS or pb.dtype in _EXACT_INTS:  # distinct values may round to one float64
-            sums.changed += int(torch.ne(pa.cpu(), pb.cpu()).sum())
+            sums.changed += int(_ne(pa.cpu(), pb.cpu()).sum())
         elif dd == 0:  # an unchanged block (common in a fine-tune): nothing more to find
             return
         else:  # finite x, y: b - a == 0 exactly when a == b. sign(d)·sign(d) counts the nonzeros, branch-free
@@ -532,6 +532,17 @@ def _fold_block(pa: torch.Tensor, pb: torch.Tensor, buffers: list[torch.Tensor],
     sums.changed += n - int(same.sum())
     _fold_nonfinite(x, y, both_nan, same, sums)
     sums.add_max(float(torch.where(same, 0.0, y - x).abs().max()))
+
+
+def _ne(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a != b`` exactly for integer blocks of any two dtypes (torch promotes no uint16/32/64 mix)."""
+    if a.dtype != b.dtype:
+        a, b = (x.to(torch.int64) if x.dtype in (torch.uint16, torch.uint32) else x for x in (a, b))
+    if a.dtype != b.dtype and torch.uint64 in (a.dtype, b.dtype):
+        u, other = (a, b) if a.dtype == torch.uint64 else (b, a)
+        bits = u.view(torch.int64)  # the value where below 2**63; above, equal to no other dtype's value
+        return torch.ne(bits, other) | (bits < 0)
+    return torch.ne(a, b)
 
 
 def _fold_nonfinite(x: torch.Tensor, y: torch.Tensor, both_nan: torch.Tensor, same: torch.Tensor,

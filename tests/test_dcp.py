@@ -602,6 +602,7 @@ DAMAGES = {
     "a length that is text": lambda md: setattr(_first_info(md), "length", "many"),
     "transform_descriptors is a number": lambda md: setattr(_first_info(md), "transform_descriptors", 5),
     "the dtype is a string": lambda md: setattr(_first_tensor(md).properties, "dtype", "float32"),
+    "the dtype is a list": lambda md: setattr(_first_tensor(md).properties, "dtype", [torch.float32]),
 }
 
 

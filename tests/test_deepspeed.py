@@ -378,6 +378,17 @@ def test_partition_from_another_model(tmp_path):
         ck.tensor("emb.weight", "fp32")
 
 
+def test_a_parameter_shape_past_the_numel_limit_is_a_limit_error(tmp_path):
+    write_deepspeed_checkpoint(tmp_path, tiny(), 2, 1)
+    states = tmp_path / "global_step2" / "mp_rank_00_model_states.pt"
+    state = torch.load(states, weights_only=False)
+    name = next(iter(state["param_shapes"][0]))
+    state["param_shapes"][0][name] = torch.Size([2**40, 2**40])
+    torch.save(state, states)
+    with pytest.raises(cv.CheckpointLimitError, match=rf"{states}.*param_shapes.*MAX_NUMEL"):
+        cv.open_checkpoint(tmp_path)
+
+
 def test_latest_naming_a_missing_tag(tmp_path):
     write_deepspeed_checkpoint(tmp_path, tiny(), 2, 1, steps=4)
     (tmp_path / "latest").write_text("global_step9")

@@ -211,6 +211,12 @@ def test_special_cases_read_as_documented():
     z, _ = pairs["complex64"]
     got = diff_tensors(z, z + 3 + 4j)
     assert got["max_abs_diff"] == pytest.approx(5.0) and got["changed_frac"] == 1.0
+    big = torch.tensor([2**63 + 5, 3, 7, 2**64 - 1], dtype=torch.uint64)  # bits of -(2**63) + 5, 3, 7, -1
+    signed = torch.tensor([-(2**63) + 5, 3, 8, -1])
+    assert diff_tensors(big, signed)["changed_frac"] == 0.75  # equal bits are not equal values
+    assert diff_tensors(signed, big)["changed_frac"] == 0.75
+    small = torch.tensor([70000, 3, 2**32 - 1], dtype=torch.uint32)  # no dtype of torch's promotes with int16
+    assert diff_tensors(small, torch.tensor([4464, 3, -1], dtype=torch.int16))["changed_frac"] == 2 / 3
     meta = torch.empty(3, device="meta")
     assert all(math.isnan(v) for v in diff_tensors(meta, meta).values())
     with pytest.raises(ValueError, match="equal shapes"):

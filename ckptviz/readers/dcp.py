@@ -253,7 +253,7 @@ class DcpFolder:
             raise self._corrupt(f"tensor record {self._first_bad(rows, values)!r} is malformed") from None
         dims = itertools.chain.from_iterable(self.shapes)
         ok = (set(map(type, dims)) <= {int} and min(itertools.chain.from_iterable(self.shapes), default=0) >= 0
-              and all(isinstance(d, torch.dtype) for d in set(self.dtypes))
+              and set(map(type, self.dtypes)) <= {torch.dtype}
               and set(map(type, self.chunk_lists)) <= {list})
         if not ok:
             raise self._corrupt(f"tensor record {self._first_bad(rows, values)!r} is malformed")

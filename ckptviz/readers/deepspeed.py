@@ -10,6 +10,7 @@ is imported or called."""
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -30,6 +31,7 @@ from .deepspeed_zero import (
     view_of,
 )
 from .layout import HUB_FILES, INDEX_SUFFIXES
+from .limits import LimitExceeded, check_numel, limit_error
 from .raw import RawCheckpoint
 from .records import TensorRef, TensorTable, dtype_name
 
@@ -198,6 +200,11 @@ def _shapes(path: str, obj: Any, what: str) -> list[tuple[str, tuple[int, ...]]]
         for k, s in obj.items())
     if not ok:
         raise CorruptCheckpointError(f"{path}: '{what}' is not a dict of parameter name -> shape.")
+    try:
+        for name, shape in obj.items():
+            check_numel(shape, math.prod(shape), f"{what}[{name!r}]")
+    except LimitExceeded as e:
+        raise limit_error(path, e) from None
     return list(obj.items())
 
 
