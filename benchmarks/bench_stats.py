@@ -14,7 +14,8 @@ Measures, in one run (page cache warm, every case opens its checkpoint afresh, m
   c. ``ckptviz.diff(path_a, path_b)`` of the checkpoint and a perturbed, ``module.``-prefixed copy of it
      vs  the floor pass over both files
 
-and, for reference, ``Checkpoint.stats()`` (statistics only) and the naive per-tensor loop
+and, for reference, (a2) against the barest read of every byte (``os.preadv`` of the file into one reused
+8 MiB buffer, no arithmetic), ``Checkpoint.stats()`` (statistics only) and the naive per-tensor loop
 (``t.float()``, then mean/std/min/max/histc). The checkpoint comes from ``bench_core.build_checkpoint``;
 the perturbed copy is written once beside it, in ``$CKPTVIZ_BENCH_DIR`` (default ``~/.cache/ckptviz-bench``).
 """
@@ -93,6 +94,20 @@ def tensors_of(path: Path) -> list[torch.Tensor]:
 
 def floor(*paths: Path) -> list:
     return [t.sum(dtype=torch.float32) for p in paths for t in tensors_of(p)]
+
+
+def pread_copy(path: Path, block: int = 8 * 2**20) -> int:
+    """The barest read of every byte: ``os.preadv`` of the whole file into one reused 8 MiB buffer
+    (no arithmetic; one thread)."""
+    buf = memoryview(bytearray(block))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        at = 0
+        while (n := os.preadv(fd, [buf], at)) > 0:
+            at += n
+        return at
+    finally:
+        os.close(fd)
 
 
 def full_stats(path: Path) -> list:
@@ -183,6 +198,7 @@ def main() -> None:
     times = core.interleaved(
         {
             "floor": lambda: floor(a),
+            "pread": lambda: pread_copy(a),
             "stats": lambda: full_stats(a),
             "ck.stats": lambda: checkpoint_stats(a),
             "public": lambda: public_path(a),
@@ -202,6 +218,8 @@ def main() -> None:
          "stats", "floor", TARGETS["stats"]),
         ("a2. ck.stats() + ck.histogram(k), every k", "`ck.stats()` then `ck.histogram(key)` for every key",
          "public", "floor", TARGETS["public"]),
+        ("   (info) a2. vs a bare pread copy", "`ck.stats()` + every `ck.histogram(key)` vs a bare `pread` "
+         "copy of every byte (info)", "public", "pread", None),
         ("   (info) Checkpoint.stats(), stats only", "`Checkpoint.stats()`, statistics only (info)",
          "ck.stats", "floor", None),
         ("   (info) naive t.float() + mean/std/...", "naive `t.float()` + mean/std/min/max/histc loop (info)",
@@ -229,7 +247,7 @@ def main() -> None:
     print(f"{'   (info) peak RSS growth (anon) of c.':<42} {rss['diff']:>8.1f}MB {'':>10} {'':>7} {'-':>8}  info")
     print()
     print("floors: a = open_checkpoint(path) + t.sum(dtype=torch.float32) over every tensor; "
-          "c = the same over both files")
+          "c = the same over both files; pread = os.preadv of the file into one 8 MiB buffer")
     gbs = 2 * size / 1e9 / med["diff"]
     print(f"diff reads {2 * size / 1e9:.2f} GB in {med['diff']:.3f} s ({gbs:.2f} GB/s); "
           f"summarize reads {size / 1e9:.2f} GB in {med['stats']:.3f} s ({size / 1e9 / med['stats']:.2f} GB/s)")

@@ -322,6 +322,29 @@ def test_encrypted_or_unknown_method_on_a_record_torch_reads(saved, tmp_path):
     _both_refuse(_patch_central(rezipped, tmp_path / "m.pt", "/.data/serialization_id", 10, "<H", 12), "method 12")
 
 
+def test_entry_marked_as_a_directory(saved, tmp_path):
+    """miniz takes an entry with the DOS directory attribute for a directory and extracts nothing, so torch.load
+    returns uninitialised memory as that record (a storage's "weights", .storage_alignment): ckptviz refuses."""
+    for name in ("/data/0", "/.storage_alignment"):
+        path = _patch_central(saved, tmp_path / "d.pt", name, 38, "<L", 0x10)
+        with pytest.raises(cv.CheckpointError, match=f"{name[1:]} is marked as a directory") as err:
+            cv.open_checkpoint(path).state_dict(copy=True)
+        assert_clean_error(err.value, path)
+
+
+def test_entry_pointing_at_another_entrys_local_header(saved, tmp_path):
+    """Storage 0 pointed at storage 1's local header (same size): torch.load reads the other tensor's bytes as
+    its values; zipfile and ckptviz refuse the disagreeing names."""
+    with zipfile.ZipFile(saved) as z:
+        other = z.getinfo("saved/data/1").header_offset
+    path = _patch_central(saved, tmp_path / "o.pt", "/data/0", 42, "<L", other)
+    got = torch.load(path, weights_only=True)["w"]
+    assert torch.equal(got.view(torch.int64).reshape(-1), WEIGHTS["i"])  # the wrong value torch accepts
+    with pytest.raises(cv.CheckpointError, match="saved/data/0 points at a local header of another name") as err:
+        cv.open_checkpoint(path)
+    assert_clean_error(err.value, path)
+
+
 def test_rewritten_archive_opens(saved, tmp_path):
     """Python's zipfile rewriting a torch file (no alignment padding, another writer) is no false alarm."""
     _both_read(_rezip(_entries(saved), tmp_path / "r.pt"))
@@ -405,6 +428,17 @@ def test_torchscript_leftover_stack(script_file, tmp_path):
     pkl = dict(entries)["script/data.pkl"]
     path = _rezip(_replace(entries, "/data.pkl", pkl[:2] + b"N" + pkl[2:]), tmp_path / "n.pt")
     _both_refuse(path, "stack", jit=True)
+
+
+def test_torchscript_tensor_metadata_from_an_ordered_dict(script_file, tmp_path):
+    """A seventh field after the hooks' OrderedDict(): TorchScript's unpickler makes OrderedDict() None, and
+    asserts that metadata is a dict."""
+    entries = _entries(script_file)
+    pkl = dict(entries)["script/data.pkl"]
+    hooks = b"\x88ccollections\nOrderedDict\n"
+    assert hooks in pkl
+    path = _rezip(_replace(entries, "/data.pkl", pkl.replace(hooks, b"\x88" + hooks, 1)), tmp_path / "m.pt")
+    _both_refuse(path, "metadata that is no dict", jit=True)
 
 
 # ---- legacy (non-zip) torch.save files -----------------------------------------------------------

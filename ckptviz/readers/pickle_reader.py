@@ -195,7 +195,8 @@ def _rebuild_v2(storage, offset, size, stride, requires_grad=False, hooks=None, 
 
 def _rebuild_v2_jit(*args):
     """``_rebuild_tensor_v2`` as TorchScript's unpickler reads it: six fields, then a metadata dict if any."""
-    if len(args) < 6 or (len(args) > 6 and not isinstance(args[6], dict)):
+    # (its unpickler makes OrderedDict() None: only a plain dict passes as metadata)
+    if len(args) < 6 or (len(args) > 6 and type(args[6]) is not dict):
         raise pickle.UnpicklingError(f"a TorchScript tensor record has {len(args)} fields"
                                      f"{'' if len(args) < 6 else ' and metadata that is no dict'}; torch.jit.load "
                                      "refuses it")

@@ -10,6 +10,7 @@ import re
 import struct
 import zipfile
 import zlib
+from collections.abc import Sequence
 from itertools import repeat
 from operator import methodcaller
 
@@ -24,22 +25,6 @@ from .raw import RawCheckpoint
 from .records import dtype_name, element_size
 
 _HEADER_FIELDS = np.array([0, 1, 2, 3, 26, 27, 28, 29])  # signature; name and extra field lengths
-
-
-def _data_offsets(mm: FileBytes, header_offsets: list[int]) -> list[int]:
-    """Where the data of each zip entry starts: past its local header (30 bytes), name and extra field
-    (torch pads the local extra field for alignment, so the central directory's does not tell)."""
-    if not header_offsets:
-        return []
-    at = np.array(header_offsets, dtype=np.int64)
-    if at.min() < 0 or at.max() + 30 > len(mm):
-        raise zipfile.BadZipFile("a local header lies past the end of the file")
-    picked = mm.gather(at, 30)[:, _HEADER_FIELDS]  # (n, 8) bytes of every header
-    if (picked[:, :4].copy().view("<u4") != 0x04034B50).any():
-        raise zipfile.BadZipFile("bad local header signature")
-    lengths = picked[:, 4:].copy().view("<u2").astype(np.int64)  # file name length, extra field length
-    name_len, extra_len = lengths[:, 0], lengths[:, 1]
-    return (at + 30 + name_len + extra_len).tolist()
 
 
 class ZipDirectory:
@@ -57,11 +42,14 @@ class ZipDirectory:
         u16 = lambda at: fixed[:, at : at + 2].copy().view("<u2")[:, 0].astype(np.int64)  # noqa: E731
         u32 = lambda at: fixed[:, at : at + 4].copy().view("<u4")[:, 0].astype(np.int64)  # noqa: E731
         flags, name_len, extra_len = u16(8), u16(28), u16(30)
-        self.flags = flags
+        self.flags, self.name_len = flags, name_len
+        # miniz treats an entry with the DOS directory attribute as a directory and "extracts" nothing:
+        # torch.load then hands back uninitialised memory as the record
+        self.directory = (u32(38) & 0x10) != 0
         self.method, self.crc = u16(10), u32(16)
         self.compressed, self.size, self.header = u32(20), u32(24), u32(42)
         _miniz_entry_checks(fixed, u16, u32, len(mm) - concat, self.disk)
-        names = [cd[a : a + n] for a, n in zip((starts + 46).tolist(), name_len.tolist())]
+        names = self.raw_names = [cd[a : a + n] for a, n in zip((starts + 46).tolist(), name_len.tolist())]
         try:  # torch hands every name to Python as UTF-8 (whatever the flag says): others fail torch.load
             self.names = [name.decode("utf-8") for name in names]
         except UnicodeDecodeError:
@@ -75,6 +63,40 @@ class ZipDirectory:
             self._zip64(i, cd[extra_at : extra_at + int(extra_len[i])])
         self.header = self.header + concat
         self.index = dict(zip(self.names, range(len(self.names))))
+
+    def data_starts(self, rows: Sequence[int] | np.ndarray) -> list[int]:
+        """Where the data of entries ``rows`` starts: past each local header (30 bytes), name and extra field
+        (torch pads the local extra field for alignment, so the central directory's does not tell). Each
+        local header must be the entry's own (same name, as ``zipfile`` checks) and not a directory's."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return []
+        at, mm = self.header[rows], self.mm
+        if at.min() < 0 or at.max() + 30 > len(mm):
+            raise zipfile.BadZipFile("a local header lies past the end of the file")
+        if self.directory[rows].any():
+            name = self.names[int(rows[np.argmax(self.directory[rows])])]
+            raise zipfile.BadZipFile(f"the entry {name} is marked as a directory (torch.load would read "
+                                     "uninitialised memory for it)")
+        picked = mm.gather(at, 30)[:, _HEADER_FIELDS]  # (n, 8) bytes of every header
+        if (picked[:, :4].copy().view("<u4") != 0x04034B50).any():
+            raise zipfile.BadZipFile("bad local header signature")
+        lengths = picked[:, 4:].copy().view("<u2").astype(np.int64)  # file name length, extra field length
+        name_len, extra_len = lengths[:, 0], lengths[:, 1]
+        if (name_len != self.name_len[rows]).any() or (at + 30 + name_len > len(mm)).any():
+            self._name_mismatch(rows[np.argmax((name_len != self.name_len[rows]) | (at + 30 + name_len > len(mm)))])
+        for n in np.unique(name_len).tolist():  # compare the names, one gather per name length
+            pick = np.flatnonzero(name_len == n)
+            local = mm.gather(at[pick] + 30, n)
+            central = np.frombuffer(b"".join(self.raw_names[r] for r in rows[pick].tolist()), np.uint8)
+            bad = (local != central.reshape(len(pick), n)).any(axis=1)
+            if bad.any():
+                self._name_mismatch(rows[pick[np.argmax(bad)]])
+        return (at + 30 + name_len + extra_len).tolist()
+
+    def _name_mismatch(self, i: int) -> None:
+        raise zipfile.BadZipFile(f"the entry {self.names[int(i)]} points at a local header of another name "
+                                 "(the central directory and the local headers disagree)")
 
     def _zip64(self, i: int, extra: bytes) -> None:
         at = 0
@@ -92,7 +114,7 @@ class ZipDirectory:
     def read(self, name: str) -> bytes:
         """The bytes of entry ``name`` (CRC checked)."""
         i = self.index[name]
-        (start,) = _data_offsets(self.mm, [int(self.header[i])])
+        (start,) = self.data_starts([i])
         data = bytes(self.mm[start : start + int(self.compressed[i])])
         if len(data) != self.compressed[i]:
             raise zipfile.BadZipFile(f"{name} is cut off")
@@ -285,7 +307,7 @@ def _check_records(path: str, zd: ZipDirectory, root: str) -> None:
             "otherwise the file is damaged: re-save it.")
     if root + ".format_version" in zd.index:  # torch.load reads it: miniz checks its local header (not its CRC)
         i = zd.index[root + ".format_version"]
-        (start,) = _data_offsets(zd.mm, [int(zd.header[i])])
+        (start,) = zd.data_starts([i])
         if start + int(zd.compressed[i]) > len(zd.mm):
             raise zipfile.BadZipFile(f"{root}.format_version: its local header puts its data past the end of the file")
     if root + ".data/serialization_id" in zd.index:  # torch.load hands it to Python as a UTF-8 string
@@ -380,7 +402,7 @@ def read_torch_zip(path: str) -> RawCheckpoint:
         _check_storage_sizes(path, zd, root, up.storages, keys, rows)
         if is_script:
             _check_devices(path, up.storages.values())
-        starts = _data_offsets(mm, zd.header[rows].tolist())
+        starts = zd.data_starts(rows)
         source.offsets.update(zip(keys, starts))
         limits = dict(zip(keys, (np.array(starts, dtype=np.int64) + zd.size[rows]).tolist()))
     except CorruptCheckpointError:

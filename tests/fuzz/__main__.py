@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['cls']:>32} #{r.get('i', r.get('bomb'))} {r.get('seed_name', '')} {o.get('verb')} "
               f"{o.get('type', '')}: {str(o.get('msg', ''))[:150]}")
     if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)  # a clean run saved no case, so made no folder
         (args.out / "summary.json").write_text(json.dumps({"classes": counts, "wall_s": wall}, indent=1))
     return 1 if defects else 0
 
