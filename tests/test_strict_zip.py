@@ -289,6 +289,27 @@ def test_tensor_metadata_that_is_no_dict(saved, tmp_path, metadata):
     _both_read(_with_records(saved, tmp_path / "e.pt", {"w": _Tensor(W, 0, (3, 4), (4, 1), False, OrderedDict(), ())}))
 
 
+class _Param:
+    def __init__(self, *args):
+        self.args = args
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_parameter, self.args)
+
+
+@pytest.mark.parametrize("args", [(W, 0, (3, 4), (4, 1)), (W, 0, (3, 4), (4, 1), False),
+                                  (W, 0, (3, 4), (4, 1), False, OrderedDict(), {}, 1)])
+def test_tensor_record_with_a_field_count_torch_does_not_take(saved, tmp_path, args):
+    """torch's _rebuild_tensor_v2 takes six fields and optional metadata: no defaults for the others."""
+    _both_refuse(_with_records(saved, tmp_path / "f.pt", {"w": _Tensor(*args)}), "has \\d fields")
+
+
+def test_parameter_record_with_a_state_it_does_not_take(saved, tmp_path):
+    w = _Tensor(W, 0, (3, 4), (4, 1), False, OrderedDict())
+    _both_refuse(_with_records(saved, tmp_path / "p.pt", {"w": _Param(w, True, OrderedDict(), {})}))
+    _both_read(_with_records(saved, tmp_path / "ok.pt", {"w": _Param(w, True, OrderedDict())}))
+
+
 def test_optional_records_may_be_missing(saved, tmp_path):
     entries = [(n, d) for n, d in _entries(saved)
                if not n.endswith(("/byteorder", "/.format_version", "/.storage_alignment", "/serialization_id"))]

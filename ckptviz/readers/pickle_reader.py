@@ -153,7 +153,7 @@ def _grad(requires_grad: Any, dtype: torch.dtype) -> bool:
     return requires_grad
 
 
-def _rebuild_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None, dtype=None):
+def _rebuild_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None, *, dtype=None):
     if type(storage) is not StorageRef:
         if isinstance(storage, Stub):  # e.g. pickle.dump's torch.storage._load_from_bytes: not unpacked
             return OpaqueTensor("torch._utils._rebuild_tensor_v2", (storage, offset, size, stride))
@@ -193,6 +193,14 @@ def _rebuild_v2(storage, offset, size, stride, requires_grad=False, hooks=None, 
     return ref
 
 
+def _rebuild_v2_record(*args):
+    """``torch._utils._rebuild_tensor_v2`` as torch.load calls it: six or seven fields, no defaults."""
+    if not 6 <= len(args) <= 7:
+        raise pickle.UnpicklingError(f"a tensor record (_rebuild_tensor_v2) has {len(args)} fields where torch reads "
+                                     "6 or 7; torch.load refuses it")
+    return _rebuild_v2(*args)
+
+
 def _rebuild_v2_jit(*args):
     """``_rebuild_tensor_v2`` as TorchScript's unpickler reads it: six fields, then a metadata dict if any."""
     # (its unpickler makes OrderedDict() None: only a plain dict passes as metadata)
@@ -216,10 +224,14 @@ def _rebuild_v1(storage, offset, size, stride):
     return _rebuild_v2(storage, offset, size, stride)
 
 
-def _rebuild_parameter(data, requires_grad, hooks, state=None):
+def _rebuild_parameter(data, requires_grad, hooks):
     if type(data) is TensorRef:
         data.is_param, data.requires_grad = True, _grad(requires_grad, data.dtype)
     return data
+
+
+def _rebuild_parameter_with_state(data, requires_grad, hooks, state):
+    return _rebuild_parameter(data, requires_grad, hooks)
 
 
 def _rebuild_from_type(func, new_type, args, state):
@@ -331,11 +343,11 @@ _PLAIN_CALLS = {"collections.OrderedDict": _ordered_dict, "collections.Counter":
                 "builtins.bytearray": _bytearray, "builtins.complex": _complex, "_codecs.encode": _encode}
 
 _INTERCEPTED = {
-    "torch._utils._rebuild_tensor_v2": _rebuild_v2,
+    "torch._utils._rebuild_tensor_v2": _rebuild_v2_record,
     "torch._utils._rebuild_tensor_v3": _rebuild_v3,
     "torch._utils._rebuild_tensor": _rebuild_v1,
     "torch._utils._rebuild_parameter": _rebuild_parameter,
-    "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
+    "torch._utils._rebuild_parameter_with_state": _rebuild_parameter_with_state,
     "torch._tensor._rebuild_from_type_v2": _rebuild_from_type,
     "torch._utils._rebuild_meta_tensor_no_storage": _rebuild_meta,
     "torch.nn.parameter.Parameter": _parameter,
