@@ -26,6 +26,7 @@ from .errors import (
     SectionError,
     UnsafeCheckpointError,
 )
+from .fold import group_frame, layer_of
 from .readers import RawCheckpoint, read
 from .readers._gc import paused_gc
 from .readers.mapped import Reads, file_stamp, is_dense, read_elements, read_into, read_shared, read_tensor
@@ -140,10 +141,38 @@ class Checkpoint:
         return section if section is not None else self.sections[0]
 
     # ---- tensors ---------------------------------------------------------------------------
-    def tensors(self, section: str | None = None) -> pd.DataFrame:
+    def tensors(self, section: str | None = None, *, grouped: bool = False) -> pd.DataFrame:
         """One row per tensor: shape, dtype, device (where it was saved), numel, nbytes, and the file
-        that holds it. Reads no tensor data."""
-        return self._section(section).frame()
+        that holds it. Reads no tensor data. ``grouped=True``: one row per layer pattern instead
+        (keys that differ only in numeric indices), with every distinct shape, dtype and file in it."""
+        table = self._section(section)
+        if not grouped:
+            return table.frame()
+        frame = table.frame()
+        return group_frame(frame, table.folding(), distinct=["shape", "dtype", "device", "file"],
+                           sums=["numel", "nbytes"])
+
+    def sizes(self, section: str | None = None, *, by: str = "layer") -> pd.DataFrame:
+        """What the bytes are made of: tensors, numel, nbytes and share of the total per ``by`` group,
+        largest first. ``by``: "layer" (the key up to its first numeric index, as ``model.layers.3``),
+        "pattern" (the folded layer pattern), "dtype", "device" or "file"."""
+        table = self._section(section)
+        frame = table.frame()
+        if by == "layer":
+            labels = layer_of(frame.index.to_series())
+        elif by == "pattern":
+            f = table.folding()
+            labels = pd.Series(np.asarray(f.patterns, dtype=object)[f.codes], index=frame.index)
+        elif by in ("dtype", "device", "file"):
+            labels = frame[by].fillna("")
+        else:
+            raise ValueError(f"by must be 'layer', 'pattern', 'dtype', 'device' or 'file', not {by!r}")
+        out = frame.groupby(labels.to_numpy(), sort=False).agg(tensors=("numel", "size"), numel=("numel", "sum"),
+                                                               nbytes=("nbytes", "sum"))
+        out.index.name = by
+        total = max(int(out["nbytes"].sum()), 1)
+        out["share"] = out["nbytes"] / total
+        return out.sort_values("nbytes", ascending=False, kind="stable")
 
     def tensor(self, key: str, section: str | None = None, *, copy: bool = True) -> torch.Tensor:
         """The value of one tensor, on the CPU: read into memory of its own (``copy=True``), or a view of

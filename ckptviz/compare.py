@@ -17,6 +17,7 @@ from torch import nn
 from .align import Alignment, KeyIndex, Rule, align
 from .checkpoint import Checkpoint, as_checkpoint, dtype_name, tensor_info
 from .errors import ModelError
+from .fold import FOLD_THRESHOLD, Folding, fold_keys, group_frame
 from .readers._gc import paused_gc
 
 STATUSES = ("match", "shape_mismatch", "dtype_mismatch", "missing", "unexpected")
@@ -117,6 +118,20 @@ class Report:
         """The rows that are not a clean match."""
         return self.frame[self.frame["status"] != "match"]
 
+    @property
+    def folding(self) -> Folding:
+        """How the rows fold into layer patterns (by model key, or checkpoint key where there is none)."""
+        if getattr(self, "_folding", None) is None:
+            self._folding = fold_keys(self.frame["key"].fillna(self.frame["ckpt_key"]).tolist())
+        return self._folding
+
+    def grouped(self) -> pd.DataFrame:
+        """One row per layer pattern (keys that differ only in numeric indices): pattern, keys, how many
+        rows of each status, every distinct shape and dtype on both sides, grid and note."""
+        status = self.frame["status"].to_numpy()
+        return group_frame(self.frame, self.folding, counts={s: status == s for s in STATUSES},
+                           distinct=["model_shape", "ckpt_shape", "model_dtype", "ckpt_dtype"])
+
     def styled(self, frame: pd.DataFrame | None = None):
         """A pandas Styler of ``frame`` (default: the whole report) coloured by status."""
         frame = self.frame if frame is None else frame
@@ -141,12 +156,25 @@ class Report:
         return f"<p><b>{html.escape(str(self.checkpoint.path))}</b> [{section}]</p><p>{badges}</p>{rules}"
 
     def _repr_html_(self) -> str:
+        if len(self.frame) > FOLD_THRESHOLD:
+            return self._grouped_html()
         frame = pd.concat([self.problems(), self.frame[self.frame["status"] == "match"]])
         note = ""
         if len(frame) > HTML_ROW_LIMIT:
             note = f"<p>showing {HTML_ROW_LIMIT} of {len(frame)} rows, problems first; see <code>.frame</code></p>"
             frame = frame.head(HTML_ROW_LIMIT)
         return f"<div class='ckptviz-report'>{self._summary_html()}{note}{self.styled(frame).to_html()}</div>"
+
+
+    def _grouped_html(self) -> str:
+        groups = self.grouped()
+        bad = groups["keys"] != groups["match"]
+        groups = pd.concat([groups[bad], groups[~bad]])
+        note = (f"<p>{len(self.frame)} rows folded into {len(groups)} layer patterns, problems first"
+                + (f"; showing {HTML_ROW_LIMIT}" if len(groups) > HTML_ROW_LIMIT else "")
+                + "; see <code>.grouped()</code> and <code>.frame</code></p>")
+        table = groups.head(HTML_ROW_LIMIT).style.format(na_rep="—").hide(axis="index").to_html()
+        return f"<div class='ckptviz-report ckptviz-folded'>{self._summary_html()}{note}{table}</div>"
 
 
 def _row_style(row: pd.Series) -> str:

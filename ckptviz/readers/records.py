@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..fold import Folding, fold_keys
+
 TENSOR_COLUMNS = ["shape", "dtype", "device", "numel", "nbytes", "file"]
 
 
@@ -254,6 +256,12 @@ class TensorTable(Mapping):
     def nbytes(self) -> np.ndarray:
         sizes = {d: element_size(d) for d in set(self.dtype)}
         return self.numel() * np.array(list(map(sizes.__getitem__, self.dtype)), dtype=np.int64)
+
+    def folding(self) -> Folding:
+        """How the keys fold into layer patterns (built once)."""
+        if getattr(self, "_folding", None) is None:
+            self._folding = fold_keys(self.keys_list)
+        return self._folding
 
     def frame(self) -> pd.DataFrame:
         """One row per tensor: shape, dtype, device, numel, nbytes, file (built once, then copied)."""
