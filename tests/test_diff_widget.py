@@ -91,7 +91,7 @@ def test_pick_two_files_and_compare(ckpts):
     assert "18 keys compared" in widget.message.value and "values changed in 10" in widget.message.value
     assert "values changed in 10 of 18 compared tensors" in widget.table.counts.value
 
-    shown = widget.table.table.df
+    shown = widget.table.shown()
     assert len(shown) == 18
     assert list(shown["key"]) == list(rep.by_change()["key"])  # most changed first
     assert list(shown["rel_l2"]) == sorted(shown["rel_l2"], reverse=True)
@@ -111,15 +111,15 @@ def test_filter_and_search(ckpts):
     widget = CheckpointDiff(folder / "base.pt", folder / "finetuned.pt")  # paths given: compared at once
     table = widget.table
     table.filter.value = "unchanged"
-    assert sorted(table.table.df["key"]) == sorted(FROZEN)
+    assert sorted(table.shown()["key"]) == sorted(FROZEN)
     table.filter.value = "changed"
-    assert len(table.table.df) == 10 and not set(table.table.df["key"]) & set(FROZEN)
-    table.search.value = "head"
-    assert sorted(table.table.df["key"]) == ["head.bias", "head.weight"]
-    table.search.value = "running_(mean|var)$"
-    assert len(table.table.df) == 4
-    table.filter.value, table.search.value = "all", ""
-    assert len(table.table.df) == 18
+    assert len(table.shown()) == 10 and not set(table.shown()["key"]) & set(FROZEN)
+    table.view.search = "head"
+    assert sorted(table.shown()["key"]) == ["head.bias", "head.weight"]
+    table.view.search = "running_(mean|var)$"
+    assert len(table.shown()) == 4
+    table.filter.value, table.view.search = "all", ""
+    assert len(table.shown()) == 18
 
     widget.set_source("b", folder / "surgery.pt")
     assert "press Compare" in widget.message.value and widget.report.section_b == "model"  # the old one, until
@@ -128,13 +128,13 @@ def test_filter_and_search(ckpts):
     for status, key in [("only_a", "head.bias"), ("only_b", ""), ("shape_differs", "head.weight"),
                         ("dtype_differs", "classifier.1.bias")]:
         table.filter.value = status
-        assert list(table.table.df["key"]) == [key], status
-    assert list(table.table.df["dtype_b"]) == ["float64"]
+        assert list(table.shown()["key"]) == [key], status
+    assert list(table.shown()["dtype_b"]) == ["float64"]
     table.filter.value = "only_b"
-    assert list(table.table.df["key_b"]) == ["extra.scale"]
+    assert list(table.shown()["key_b"]) == ["extra.scale"]
     table.filter.value = "all"
-    last = table.table.df.iloc[-3:]  # rows with nothing to measure come last, in model order
-    assert last["rel_l2"].isna().all()
+    last = table.shown().iloc[-3:]  # rows with nothing to measure come last, in model order
+    assert (last["rel_l2"] == "").all()  # shown as blank cells
     assert list(last["status"].str.extract(r">(\w+)</span>")[0]) == ["shape_differs", "only_a", "only_b"]
 
 
@@ -258,23 +258,23 @@ def nan_file(tmp_path):
 def test_inspector_scan_marks_rows_with_nan_or_inf(nan_file):
     model = SmallCNN(num_classes=10)
     insp = cv.CheckpointInspector(model=model, path=nan_file)
-    df = insp.table.table.df
+    df = insp.table.shown()
     assert (df["nan/inf"] == "").all()  # nothing is read before asked
     insp.scan_panel.scan_button.click()
     assert insp.scan_panel.progress.value == 1.0 and insp.scan_panel.progress.layout.visibility == "hidden"
     stats = insp.scan_panel.stats
     assert len(stats) == len(model.state_dict()) and stats.loc["features.3.weight", "nan"] == 2
     assert f"2 of {len(stats)} tensors hold NaN or Inf" in insp.scan_panel.message.value
-    marked = insp.table.table.df.set_index("key")["nan/inf"]
+    marked = insp.table.shown().set_index("key")["nan/inf"]
     assert "NaN 2" in marked["features.3.weight"] and "ckptviz-nonfinite" in marked["features.3.weight"]
     assert "Inf 1" in marked["head.bias"]
     assert (marked.drop(["features.3.weight", "head.bias"]) == "").all()
 
     insp.load_all_button.click()  # the same report: the marks stay
-    assert "NaN 2" in insp.table.table.df.set_index("key").loc["features.3.weight", "nan/inf"]
+    assert "NaN 2" in insp.table.shown().set_index("key").loc["features.3.weight", "nan/inf"]
     insp.section.value = "ema"  # another section: the scan no longer applies
     assert insp.scan_panel.stats is None and insp.scan_panel.message.value == ""
-    assert (insp.table.table.df["nan/inf"] == "").all()
+    assert (insp.table.shown()["nan/inf"] == "").all()
     insp.scan_panel.scan_button.click()
     assert "no NaN or Inf" in insp.scan_panel.message.value
 
@@ -306,7 +306,7 @@ def test_inspector_layer_overview(nan_file, tmp_path):
     assert [t.get_text() for t in std_ax.get_yticklabels()][0] == "features.0.weight"
     assert "nan.pt [model_state_dict]" in panel.figure._suptitle.get_text()
     assert "NaN" in panel.message.value  # the overview scanned the section, so the table is marked too
-    assert "NaN 2" in insp.table.table.df.set_index("key").loc["features.3.weight", "nan/inf"]
+    assert "NaN 2" in insp.table.shown().set_index("key").loc["features.3.weight", "nan/inf"]
     panel.overview.value = False
     assert panel.output.layout.display == "none"
 

@@ -47,13 +47,13 @@ def test_pick_file_then_model_load_and_undo(folder):
     assert insp.report.summary["match"] == len(before) - 2 and insp.report.summary["shape_mismatch"] == 2
     assert insp.section.value == "model_state_dict" and "epoch" in insp.meta.value
     assert "match</span> " in insp.table.counts.value
-    assert len(insp.table.table.df) == len(before)
+    assert len(insp.table.shown()) == len(before)
     insp.table.filter.value = "shape_mismatch"
-    assert sorted(insp.table.table.df["key"]) == ["head.bias", "head.weight"]
+    assert sorted(insp.table.shown()["key"]) == ["head.bias", "head.weight"]
     insp.table.filter.value = "all"
-    insp.table.search.value = "features\\.0"
-    assert set(insp.table.table.df["key"]) == {"features.0.weight", "features.0.bias"}
-    insp.table.search.value = ""
+    insp.table.view.search = "features\\.0"
+    assert set(insp.table.shown()["key"]) == {"features.0.weight", "features.0.bias"}
+    insp.table.view.search = ""
 
     assert not insp.load_all_button.disabled
     insp.load_all_button.click()
@@ -62,7 +62,7 @@ def test_pick_file_then_model_load_and_undo(folder):
     assert torch.equal(model.head.weight, before["head.weight"])
     assert "2 skipped" in insp.result_panel.summary.value
     assert "strict=False" in insp.result_panel.code.value and "module" in insp.result_panel.code.value
-    assert set(insp.table.table.df.loc[insp.table.table.df["loaded"] == "✓", "key"]) == set(insp.last_result.loaded)
+    assert set(insp.table.shown().loc[insp.table.shown()["loaded"] == "✓", "key"]) == set(insp.last_result.loaded)
 
     insp.undo_button.click()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

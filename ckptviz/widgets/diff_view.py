@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import ipywidgets as w
+import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
@@ -25,8 +26,9 @@ from ..errors import CheckpointError, UnsafeCheckpointError
 from ..plots import diff_bar_figure, figure_to_png, overlay_and_difference_figure, shorten_key
 from ..stats import summarize
 from .files import FilePicker, human_size
+from .pager import TableSource
 from .panels import STAT_ROWS, _fmt, show_png, tensor_comparison
-from .table import KeyTable, _shape, search_keys
+from .table import KeyTable, _shape
 
 FILTERS = ("all", "changed", "unchanged", *[s for s in STATUSES if s != "both"])
 DISPLAY_COLUMNS = ["key", "key_b", "status", "rel_l2", "max_abs_diff", "cosine", "changed_frac", "shape_a", "shape_b",
@@ -70,15 +72,62 @@ def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
     return out[DISPLAY_COLUMNS].reset_index(drop=True)
 
 
+class DiffSource(TableSource):
+    """A DiffReport's rows, most changed first, with its filters (and changed / unchanged)."""
+
+    COLUMNS = DISPLAY_COLUMNS
+    FILTERS = FILTERS
+    SEARCH = ["key", "key_b"]
+    COUNTED = ("status",)
+
+    def __init__(self, report: DiffReport):
+        super().__init__(report.by_change())
+        self.report = report
+
+    def group_keys(self) -> list[str]:
+        return self.frame["key"].fillna(self.frame["key_b"]).tolist()
+
+    def passes(self, choice: str) -> np.ndarray | None:
+        frame = self.frame
+        if choice == "changed":
+            return (frame["changed_frac"] > 0).to_numpy()
+        if choice == "unchanged":
+            return (frame["changed_frac"] == 0).to_numpy()
+        if choice != "all":
+            return (frame["status"] == choice).to_numpy()
+        return None
+
+    def display(self, rows: pd.DataFrame) -> pd.DataFrame:
+        out = display_frame(rows)
+        for k in DIFF_KEYS:
+            out[k] = out[k].map(lambda v: "" if v != v else number(v))
+        out["numel"] = out["numel"].map(lambda v: "" if v != v else f"{int(v):,}")
+        return out
+
+    def group_cells(self, members: np.ndarray) -> dict[str, str]:
+        cells = {"key_b": ""}
+        for k in DIFF_KEYS:  # the range of each measure over the group
+            v = self.frame[k].to_numpy(dtype=float)[members]
+            v = v[~np.isnan(v)]
+            cells[k] = "" if not len(v) else (number(v.min()) if v.min() == v.max()
+                                              else f"{number(v.min())} … {number(v.max())}")
+        cells["numel"] = f"{int(np.nansum(self.frame['numel'].to_numpy(dtype=float)[members])):,}"
+        return cells
+
+    def counts_html(self) -> str:
+        badges = " ".join(f"{_badge(s)} {n}" for s, n in self.report.summary.items())
+        frame = self.report.frame
+        changed, compared = int((frame["changed_frac"] > 0).sum()), int(frame["changed_frac"].notna().sum())
+        return (f"<div>{badges} <span style='color:#666'>({len(frame)} rows; values changed in {changed} of "
+                f"{compared} compared tensors)</span></div>")
+
+
 class DiffTable(KeyTable):
     """A DiffReport's rows, most changed first (largest ``rel_l2``), with a status filter (and changed /
     unchanged), key search and row selection; ``selected`` gives the report rows (frame index labels)."""
 
-    FILTERS = FILTERS
-    COLUMNS = DISPLAY_COLUMNS
     CSS = {"root": "ckptviz-diff-report-table", "counts": "ckptviz-diff-counts", "filter": "ckptviz-diff-filter",
            "search": "ckptviz-diff-search", "table": "ckptviz-diff-table"}
-    FLOAT_FORMAT = staticmethod(number)
 
     def __init__(self):
         self.report: DiffReport | None = None
@@ -86,33 +135,10 @@ class DiffTable(KeyTable):
 
     def show(self, report: DiffReport | None) -> None:
         self.report = report
-        self.refresh()
+        self.use(DiffSource(report) if report is not None else None)
 
-    def visible(self) -> pd.DataFrame:
-        """The report rows that pass the filter and the search, most changed first."""
-        if self.report is None:
-            return pd.DataFrame(columns=DISPLAY_COLUMNS)
-        frame = self.report.by_change()
-        choice = self.filter.value
-        if choice == "changed":
-            frame = frame[frame["changed_frac"] > 0]
-        elif choice == "unchanged":
-            frame = frame[frame["changed_frac"] == 0]
-        elif choice != "all":
-            frame = frame[frame["status"] == choice]
-        return search_keys(frame, self.search.value, ["key", "key_b"])
-
-    def display(self, frame: pd.DataFrame) -> pd.DataFrame:
-        return display_frame(frame)
-
-    def _counts_html(self) -> str:
-        if self.report is None:
-            return "<i>choose two checkpoints and press Compare</i>"
-        badges = " ".join(f"{_badge(s)} {n}" for s, n in self.report.summary.items())
-        frame = self.report.frame
-        changed, compared = int((frame["changed_frac"] > 0).sum()), int(frame["changed_frac"].notna().sum())
-        return (f"<div>{badges} <span style='color:#666'>({len(frame)} rows; values changed in {changed} of "
-                f"{compared} compared tensors)</span></div>")
+    def _empty_html(self) -> str:
+        return "<i>choose two checkpoints and press Compare</i>"
 
 
 def difference(ta: torch.Tensor, tb: torch.Tensor) -> torch.Tensor | None:
@@ -391,7 +417,7 @@ class CheckpointDiff(w.VBox):
             self.row_panel.clear()
             return
         with self._work("reading the two tensors…"):
-            self.row_panel.show(self.report, labels[-1])
+            self.row_panel.show(self.report, self.table.focus if self.table.focus is not None else labels[-1])
 
     def _repr_mimebundle_(self, **kwargs):
         bundle = super()._repr_mimebundle_(**kwargs)

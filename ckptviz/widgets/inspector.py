@@ -33,6 +33,10 @@ def _user_namespace() -> Mapping[str, Any]:
     return shell.user_ns if shell is not None else {}
 
 
+def _could_not_open(path: str, error: str) -> str:
+    return f"Could not open: {error}" if path in error else f"Could not open {path}: {error}"
+
+
 def _card(title: str, *children: w.Widget, css: str = "") -> w.VBox:
     box = w.VBox([w.HTML(f"<b>{title}</b>"), *children],
                  layout=w.Layout(border="1px solid #ddd", padding="6px", margin="2px", width="100%"))
@@ -128,8 +132,13 @@ class CheckpointInspector(w.VBox):
         self.trust.value = trust
         self._quiet = False
         self.checkpoint, self.report, self.last_result = None, None, None
+        self._show_sections()  # nothing of the previous file stays on screen under this file's name
+        self.table.show(None)
+        self.tensor_panel.clear()
+        self.devices.show(None, self.model)
+        self.result_panel.show(None)
         started = time.perf_counter()
-        with self._work(f"opening <code>{html.escape(path)}</code>…"):
+        with self._work(f"opening <code>{html.escape(path)}</code>…", opening=path):
             try:
                 self.checkpoint = open_checkpoint(path, trust=trust)
             except UnsafeCheckpointError as e:
@@ -141,8 +150,8 @@ class CheckpointInspector(w.VBox):
         self.timings["open_to_table"] = time.perf_counter() - started
         return self.checkpoint
 
-    def set_model(self, model: nn.Module) -> None:
-        """Use ``model`` (the very object) for comparisons and loads."""
+    def set_model(self, model: nn.Module | None) -> None:
+        """Use ``model`` (the very object) for comparisons and loads; None shows the checkpoint alone."""
         self.model_picker.set_model(model)
 
     def load_all(self) -> LoadResult | None:
@@ -178,8 +187,9 @@ class CheckpointInspector(w.VBox):
 
     # ---- internals -----------------------------------------------------------------------
     @contextmanager
-    def _work(self, message: str):
-        """Say what the kernel is doing; turn errors into a message instead of a traceback."""
+    def _work(self, message: str, opening: str | None = None):
+        """Say what the kernel is doing; turn errors into a message instead of a traceback (an error
+        while ``opening`` a path starts "Could not open <path>")."""
         self._say(f"Working: {message}")
         for b in (self.load_all_button, self.load_selected_button, self.undo_button):
             b.disabled = True
@@ -189,12 +199,13 @@ class CheckpointInspector(w.VBox):
             if self.message.value.startswith("Working: "):
                 self._say("")
         except CheckpointError as e:
-            self.error = str(e)
+            self.error = str(e) if opening is None else _could_not_open(opening, str(e))
             if not isinstance(e, UnsafeCheckpointError):
-                self._say(str(e), error=True)
+                self._say(self.error, error=True)
         except Exception as e:  # noqa: BLE001 - the widget must never show a raw traceback
             self.error = f"{type(e).__name__}: {e}"
-            self._say(f"Unexpected error ({type(e).__name__}): {e}", error=True)
+            self.error = self.error if opening is None else _could_not_open(opening, self.error)
+            self._say(f"Unexpected error ({self.error})", error=True)
         finally:
             self._update_buttons()
             self.scan_panel.sync()  # a scan describes one checkpoint section: forget it when that changed
@@ -260,10 +271,15 @@ class CheckpointInspector(w.VBox):
         self.tensor_panel.clear()
         if self.checkpoint is None or self.model is None:
             self.report = None
-            self.table.show(None)
             self.devices.show(None, self.model)
-            if self.checkpoint is not None:
-                self._say("Now pick a model (right) to compare the checkpoint with.")
+            if self.checkpoint is None or not self.checkpoint.sections:
+                self.table.show(None)
+                return
+            self.table.show_checkpoint(self.checkpoint, section)
+            self._quiet = True
+            self.section.value = self.table.checkpoint_source.section
+            self._quiet = False
+            self._say("Showing the checkpoint alone; pick a model (right) to compare it with.")
             return
         self.report = compare(self.model, self.checkpoint, section=section)
         self._quiet = True
@@ -275,11 +291,16 @@ class CheckpointInspector(w.VBox):
 
     def _on_select(self) -> None:
         labels = self.table.selected
-        if not labels or self.report is None or self.model is None:
+        focus = self.table.focus if self.table.focus is not None else (labels[-1] if labels else None)
+        if focus is None:
             self.tensor_panel.clear()
             return
         with self._work("reading the tensor…"):
-            self.tensor_panel.show(self.report, self.model, labels[-1])
+            if self.report is not None and self.model is not None:
+                self.tensor_panel.show(self.report, self.model, focus)
+            elif self.table.checkpoint_source is not None:
+                src = self.table.checkpoint_source
+                self.tensor_panel.show_checkpoint(src.checkpoint, src.section, src.frame.loc[focus, "key"])
 
     def _load(self, keys, message: str) -> LoadResult | None:
         if self.report is None or self.model is None:

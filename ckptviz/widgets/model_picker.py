@@ -66,8 +66,13 @@ class ModelPicker(w.VBox):
         self.build_button.add_class("ckptviz-build-model")
         self.status = w.HTML()
         self.status.add_class("ckptviz-model-status")
+        self.remove_button = w.Button(description="No model", icon="times",
+                                      layout=w.Layout(width="auto", display="none"),
+                                      tooltip="forget the model: show the checkpoint alone")
+        self.remove_button.add_class("ckptviz-remove-model")
         self.build_button.on_click(lambda _: self.build())
-        super().__init__([w.HBox([self.spec, self.kwargs, self.build_button]), self.status])
+        self.remove_button.on_click(lambda _: self.set_model(None))
+        super().__init__([w.HBox([self.spec, self.kwargs, self.build_button, self.remove_button]), self.status])
         self.add_class("ckptviz-model-picker")
         self.refresh_options()
         if model is not None:
@@ -117,9 +122,11 @@ class ModelPicker(w.VBox):
             self.status.value += "".join(f"<div class='ckptviz-model-note'>⚠ {_escape(n)}</div>" for n in notes)
         return model
 
-    def set_model(self, model: nn.Module) -> None:
+    def set_model(self, model: nn.Module | None) -> None:
+        """Use ``model`` (None: no model, the checkpoint is shown alone)."""
         self.model = model
-        self.status.value = describe_model(model)
+        self.status.value = describe_model(model) if model is not None else ""
+        self.remove_button.layout.display = "" if model is not None else "none"
         for cb in self._callbacks:
             cb(self)
 

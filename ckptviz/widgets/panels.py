@@ -87,6 +87,22 @@ class TensorPanel(w.VBox):
                 display(Image(figure_to_png(fig)))
 
 
+    def show_checkpoint(self, ck: Checkpoint, section: str | None, key: str) -> None:
+        """One checkpoint tensor alone (no model): what it is, its statistics and histogram."""
+        info = ck.tensors(section).loc[key]
+        shape = tuple(info["shape"]) if isinstance(info["shape"], tuple) else info["shape"]
+        self.header.value = (f"<b title='{html.escape(key)}'>{html.escape(shorten_key(key, 60))}</b><br>"
+                             f"checkpoint: {shape} {info['dtype']} saved on {info['device']}")
+        table, hists = tensor_comparison(ck.tensor(key, section), None)
+        self.header.value += nonfinite_warning(table)
+        self.output.clear_output(wait=True)
+        with self.output:
+            if len(table.columns):
+                display(table.map(_fmt))
+            if hists:
+                display(Image(figure_to_png(histogram_figure(hists, title=shorten_key(key, 50)))))
+
+
 def _desc(row, side: str) -> str:
     shape = row[f"{side}_shape"]
     if not isinstance(shape, tuple):
