@@ -2,6 +2,8 @@
 messages drive it: pages, search, sort, fold, expand, group selection; and the inspector's
 checkpoint-only view, a model picked later and removed, and a failed open after a good one."""
 
+import json
+
 import numpy as np
 import torch
 from models import SmallCNN, randomized
@@ -33,6 +35,7 @@ def moe_report(mismatch: str = "layers.2.experts.5.weight"):
 
 def send(table, **msg):
     table._on_msg(table.view, msg, [])
+    json.dumps(table.view.rows)  # what the browser gets is plain JSON (numpy scalars are not)
 
 
 def test_the_browser_gets_one_page_and_paging_walks_the_rest():
@@ -107,6 +110,7 @@ def test_folded_groups_count_statuses_expand_and_select_as_a_whole():
     status = weight["cells"][2]
     assert "match</span> 31" in status and "shape_mismatch</span> 1" in status
     assert weight["cells"][4] == "(2, 2) | (3, 2)"  # every distinct checkpoint shape
+    json.dumps(rows)
     send(table, type="expand", id=weight["id"])
     assert [r["kind"] for r in table.view.rows[:3]] == ["group", "row", "row"] and table.view.rows[0]["open"]
     assert len(table.view.rows) == 15 and table.view.pages == 3
@@ -151,6 +155,9 @@ def test_checkpoint_only_view_then_model_then_back(tmp_path):
     assert insp.table.view.rows[0]["cells"][:3] == ["features.0.weight", "(8, 1, 3, 3)", "float32"]
     insp.table.view.search = ""
     assert f"{len(sd)} tensors" in insp.table.counts.value and "checkpoint only" in insp.table.counts.value
+    assert "<td title='head'>head</td>" in insp.sizes.table.value  # what the bytes are made of
+    insp.sizes.by.value = "dtype"
+    assert "float32" in insp.sizes.table.value and "int64" in insp.sizes.table.value
     insp.table.select([frame.index[frame["key"] == "head.weight"][0]])
     assert "head.weight" in insp.tensor_panel.header.value and "(10, 16)" in insp.tensor_panel.header.value
     insp.scan_panel.scan()

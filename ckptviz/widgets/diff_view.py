@@ -10,7 +10,6 @@ import html
 import os
 import time
 from collections.abc import Mapping
-from contextlib import contextmanager
 from typing import Any
 
 import ipywidgets as w
@@ -29,13 +28,13 @@ from .files import FilePicker, human_size
 from .pager import TableSource
 from .panels import STAT_ROWS, _fmt, show_png, tensor_comparison
 from .table import KeyTable, _shape
+from .working import Working
 
 FILTERS = ("all", "changed", "unchanged", *[s for s in STATUSES if s != "both"])
 DISPLAY_COLUMNS = ["key", "key_b", "status", "rel_l2", "max_abs_diff", "cosine", "changed_frac", "shape_a", "shape_b",
                    "dtype_a", "dtype_b", "numel", "rule"]
 COUNT_ROWS = ("numel", "nan", "inf")  # statistics that are counts, shown as integers
 DIFF_LABEL = "b − a"
-ERROR_STYLE = "color:#b00020;white-space:normal"
 BEST_MATCH = ("best match", "")  # a Dropdown cannot select the value None; any section name may be ""
 
 
@@ -282,7 +281,7 @@ class _Side(w.VBox):
         self.source = source
 
 
-class CheckpointDiff(w.VBox):
+class CheckpointDiff(Working, w.VBox):
     """Compare two checkpoints key by key: which tensors changed and by how much, and how.
 
     ``a`` and ``b`` may be paths, Checkpoints, ``nn.Module`` objects or state dicts; given both, they
@@ -375,32 +374,14 @@ class CheckpointDiff(w.VBox):
         return self.report
 
     # ---- internals -----------------------------------------------------------------------
-    @contextmanager
-    def _work(self, message: str):
-        """Say what the kernel is doing; turn errors into a message instead of a traceback."""
-        self._say(f"Working: {message}")
-        self.compare_button.disabled = True
-        try:
-            yield
-            self.error = None
-            if self.message.value.startswith("Working: "):
-                self._say("")
-        except UnsafeCheckpointError as e:
-            self.error = str(e)
-            self._say(f"{e}\nTick “Trust this file” only if you know where it comes from; ckptviz will then read "
-                      "its tensors without running any of the above.", error=True)
-        except Exception as e:  # noqa: BLE001 - the widget must never show a raw traceback
-            self.error = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
-            self._say(self.error, error=True)
-        finally:
-            self.compare_button.disabled = False
+    def _busy_buttons(self) -> list[w.Button]:
+        return [self.compare_button]
 
-    def _say(self, text: str, error: bool = False) -> None:
-        if error:
-            body = html.escape(text).replace("\n", "<br>")
-            self.message.value = f"<div class='ckptviz-error' style='{ERROR_STYLE}'>{body}</div>"
-        else:
-            self.message.value = text
+    def _error_message(self, error: Exception, text: str) -> str | None:
+        if isinstance(error, UnsafeCheckpointError):
+            return (f"{text}\nTick “Trust this file” only if you know where it comes from; ckptviz will then "
+                    "read its tensors without running any of the above.")
+        return text
 
     def _on_trust(self, side: _Side, trusted: bool) -> None:
         if not self._quiet and trusted and side.path:

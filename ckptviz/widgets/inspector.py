@@ -7,7 +7,6 @@ import html
 import os
 import time
 from collections.abc import Mapping
-from contextlib import contextmanager
 from typing import Any
 
 import ipywidgets as w
@@ -15,12 +14,13 @@ from torch import nn
 
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..compare import Report, compare, model_tensors
-from ..errors import CheckpointError, UnsafeCheckpointError
+from ..errors import UnsafeCheckpointError
 from ..load import LoadResult, load_partial
 from .files import FilePicker, human_size
 from .model_picker import ModelPicker, describe_model
-from .panels import DevicePanel, ResultPanel, ScanPanel, TensorPanel
+from .panels import DevicePanel, ResultPanel, ScanPanel, SizePanel, TensorPanel
 from .table import ReportTable
+from .working import Working
 
 
 def _user_namespace() -> Mapping[str, Any]:
@@ -33,10 +33,6 @@ def _user_namespace() -> Mapping[str, Any]:
     return shell.user_ns if shell is not None else {}
 
 
-def _could_not_open(path: str, error: str) -> str:
-    return f"Could not open: {error}" if path in error else f"Could not open {path}: {error}"
-
-
 def _card(title: str, *children: w.Widget, css: str = "") -> w.VBox:
     box = w.VBox([w.HTML(f"<b>{title}</b>"), *children],
                  layout=w.Layout(border="1px solid #ddd", padding="6px", margin="2px", width="100%"))
@@ -45,7 +41,7 @@ def _card(title: str, *children: w.Widget, css: str = "") -> w.VBox:
     return box
 
 
-class CheckpointInspector(w.VBox):
+class CheckpointInspector(Working, w.VBox):
     """Open a checkpoint, compare it with a live model, look at tensors, load what fits, undo.
 
     ``model`` is used as is (loads go into that very object); otherwise pick one in the widget.
@@ -74,6 +70,7 @@ class CheckpointInspector(w.VBox):
         self.section.add_class("ckptviz-section")
         self.meta = w.HTML()
         self.meta.add_class("ckptviz-metadata")
+        self.sizes = SizePanel()
         self.model_picker = ModelPicker(namespace if namespace is not None else _user_namespace())
         self.devices = DevicePanel()
         self.table = ReportTable()
@@ -102,7 +99,8 @@ class CheckpointInspector(w.VBox):
         self._quiet = False
 
         top = w.HBox([
-            _card("Checkpoint", self.files, self.trust, w.HBox([self.section]), self.meta, css="ckptviz-file-card"),
+            _card("Checkpoint", self.files, self.trust, w.HBox([self.section]), self.meta, self.sizes,
+                  css="ckptviz-file-card"),
             _card("Model", self.model_picker, self.devices, css="ckptviz-model-card"),
         ], layout=w.Layout(width="100%"))
         actions = w.HBox([self.load_all_button, self.load_selected_button, self.undo_button])
@@ -147,6 +145,7 @@ class CheckpointInspector(w.VBox):
             self.trust.layout.display = "" if self.checkpoint.unsafe_globals else "none"
             self._show_sections()
             self._recompare()
+            self.sizes.show(self.checkpoint, self.section.value)
         self.timings["open_to_table"] = time.perf_counter() - started
         return self.checkpoint
 
@@ -186,36 +185,17 @@ class CheckpointInspector(w.VBox):
         self._update_buttons()
 
     # ---- internals -----------------------------------------------------------------------
-    @contextmanager
-    def _work(self, message: str, opening: str | None = None):
-        """Say what the kernel is doing; turn errors into a message instead of a traceback (an error
-        while ``opening`` a path starts "Could not open <path>")."""
-        self._say(f"Working: {message}")
-        for b in (self.load_all_button, self.load_selected_button, self.undo_button):
-            b.disabled = True
-        try:
-            yield
-            self.error = None
-            if self.message.value.startswith("Working: "):
-                self._say("")
-        except CheckpointError as e:
-            self.error = str(e) if opening is None else _could_not_open(opening, str(e))
-            if not isinstance(e, UnsafeCheckpointError):
-                self._say(self.error, error=True)
-        except Exception as e:  # noqa: BLE001 - the widget must never show a raw traceback
-            self.error = f"{type(e).__name__}: {e}"
-            self.error = self.error if opening is None else _could_not_open(opening, self.error)
-            self._say(f"Unexpected error ({self.error})", error=True)
-        finally:
-            self._update_buttons()
-            self.scan_panel.sync()  # a scan describes one checkpoint section: forget it when that changed
+    def _busy_buttons(self) -> list[w.Button]:
+        return [self.load_all_button, self.load_selected_button, self.undo_button]
 
-    def _say(self, text: str, error: bool = False) -> None:
-        if error:
-            body = html.escape(text).replace("\n", "<br>")
-            self.message.value = f"<div class='ckptviz-error' style='color:#b00020;white-space:normal'>{body}</div>"
-        else:
-            self.message.value = text
+    def _done_working(self) -> None:
+        self._update_buttons()
+        self.scan_panel.sync()  # a scan describes one checkpoint section: forget it when that changed
+
+    def _error_message(self, error: Exception, text: str) -> str | None:
+        if isinstance(error, UnsafeCheckpointError):
+            return None  # _show_untrusted explains it, with the trust box
+        return super()._error_message(error, text)
 
     def _show_untrusted(self, e: UnsafeCheckpointError) -> None:
         items = "".join(f"<li><code>{html.escape(g)}</code></li>" for g in e.globals)
@@ -239,6 +219,7 @@ class CheckpointInspector(w.VBox):
         self._quiet = True
         if ck is None:
             self.section.options, self.meta.value = [], ""
+            self.sizes.show(None)
         else:
             self.section.options = [(f"{s or '(top level)'} — {len(ck._section(s))} tensors", s)
                                     for s in ck.sections]
@@ -259,6 +240,7 @@ class CheckpointInspector(w.VBox):
 
     def _on_section(self, change) -> None:
         if not self._quiet and change["new"] is not None:
+            self.sizes.show(self.checkpoint, change["new"])
             with self._work("comparing…"):
                 self._recompare(section=change["new"])
 
@@ -334,7 +316,8 @@ class CheckpointInspector(w.VBox):
     def _repr_mimebundle_(self, **kwargs):
         bundle = super()._repr_mimebundle_(**kwargs)
         if isinstance(bundle, dict):  # static exports (nbconvert) show the styled report instead
-            bundle["text/html"] = self.report._repr_html_() if self.report is not None else (
-                "<p class='ckptviz-inspector'>CheckpointInspector: no comparison yet; "
+            shown = self.report if self.report is not None else self.checkpoint
+            bundle["text/html"] = shown._repr_html_() if shown is not None else (
+                "<p class='ckptviz-inspector'>CheckpointInspector: nothing opened yet; "
                 "run the notebook in Jupyter to use the widget.</p>")
         return bundle

@@ -196,7 +196,8 @@ class Pager:
         else:
             f = self.source.folding
             groups = pd.unique(f.codes[rows])
-            single = f.sizes[groups] == 1
+            passing = np.bincount(f.codes[rows], minlength=len(f))
+            single = passing[groups] == 1  # a group with one passing row shows that row
             kinds = np.where(single, ROW, GROUP).astype(np.int8)
             first = np.full(len(f), -1, dtype=np.int64)
             present, at = np.unique(f.codes[rows], return_index=True)
@@ -274,7 +275,7 @@ class Pager:
                 if k == ROW:
                     rows.append({"id": i, "kind": "row", "cells": [str(c) for c in cells.iloc[at].tolist()],
                                  "sel": 1 if i in self.selected else 0, "open": False,
-                                 "member": self.is_folded and src.folding.sizes[src.folding.codes[i]] > 1})
+                                 "member": bool(self.is_folded and src.folding.sizes[src.folding.codes[i]] > 1)})
                     at += 1
                 else:
                     rows.append(self._group_row(i))
@@ -283,6 +284,7 @@ class Pager:
         what = "lines" if self.is_folded else "rows"
         filtered = "" if (self.mask() is None or src is None) else f" (filtered from {n:,} rows)"
         folded = f"; {len(src.folding):,} layer patterns" if (src is not None and self.is_folded) else ""
+        # plain JSON types only: this goes to the browser
         return {"columns": columns, "rows": rows, "info": f"{shown} {what}{filtered}{folded}",
                 "page": self.page, "pages": self.pages, "sort": [self.sort[0] or "", self.sort[1]]}
 

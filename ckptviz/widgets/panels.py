@@ -17,7 +17,7 @@ from IPython.display import Image, display
 from matplotlib.figure import Figure
 from torch import nn
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, human_size
 from ..compare import Report, model_tensors
 from ..errors import CheckpointError
 from ..load import LoadResult
@@ -319,3 +319,40 @@ class ScanPanel(w.VBox):
         self._quiet = True
         self.overview.value = False
         self._quiet = False
+
+
+class SizePanel(w.VBox):
+    """What makes the checkpoint section this big: its bytes by layer, layer pattern, dtype or file
+    (``Checkpoint.sizes``), the ten largest groups."""
+
+    CHOICES = (("size by layer", "layer"), ("by layer pattern", "pattern"), ("by dtype", "dtype"), ("by file", "file"))
+
+    def __init__(self):
+        self.by = w.Dropdown(options=self.CHOICES, value="layer", layout=w.Layout(width="auto"))
+        self.by.add_class("ckptviz-size-by")
+        self.table = w.HTML()
+        self.table.add_class("ckptviz-sizes")
+        self._source: tuple[Checkpoint, str | None] | None = None
+        self.by.observe(lambda _: self._draw(), names="value")
+        super().__init__([self.by, self.table])
+        self.add_class("ckptviz-size-panel")
+
+    def show(self, ck: Checkpoint | None, section: str | None = None) -> None:
+        self._source = (ck, section) if ck is not None and ck.sections else None
+        self._draw()
+
+    def _draw(self) -> None:
+        if self._source is None:
+            self.table.value = ""
+            return
+        ck, section = self._source
+        sizes = ck.sizes(section, by=self.by.value)
+        rows = "".join(
+            f"<tr><td title='{html.escape(str(k))}'>{html.escape(shorten_key(str(k), 48))}</td>"
+            f"<td style='text-align:right'>{int(r['tensors']):,}</td>"
+            f"<td style='text-align:right'>{human_size(int(r['nbytes']))}</td>"
+            f"<td style='text-align:right'>{r['share']:.1%}</td></tr>"
+            for k, r in sizes.head(10).iterrows())
+        more = f"<div style='color:#666'>and {len(sizes) - 10:,} more</div>" if len(sizes) > 10 else ""
+        self.table.value = (f"<table style='font-size:85%'><tr><th>{html.escape(self.by.value)}</th><th>tensors</th>"
+                            f"<th>size</th><th>share</th></tr>{rows}</table>{more}")

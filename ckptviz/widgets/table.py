@@ -68,6 +68,7 @@ class KeyTable(w.VBox):
 
     def __init__(self):
         self.pager = Pager()
+        self.searches = 0
         self._callbacks: list[Callable[[KeyTable], None]] = []
         self._quiet = False
         self.counts = w.HTML()
@@ -179,6 +180,7 @@ class KeyTable(w.VBox):
             self.refresh()
 
     def _on_search(self, change) -> None:
+        self.searches += 1  # queries received (the browser debounces typing into one)
         self.pager.search, self.pager.page = change["new"], 0
         self.refresh()
 

@@ -23,8 +23,8 @@ ACTION_TIMEOUT_MS = 60_000  # a click reaches the kernel, which compares or rend
 PAGE_LENGTH = 15
 KEYS = 18
 UNCHANGED = 8  # the frozen backbone's weights and biases
-DATA_TABLE = ".ckptviz-diff-table table.dataTable:has(tbody)"
-TABLE_ROWS = ".ckptviz-diff-table table.dataTable tbody tr"
+DATA_TABLE = ".ckptviz-diff-table table.ckptviz-paged-table"
+TABLE_ROWS = ".ckptviz-diff-table table.ckptviz-paged-table tbody tr[data-id]"
 PNG_SRC = re.compile(r"^data:image/png;base64,")
 
 
@@ -56,7 +56,7 @@ def test_diff_user_journey(jupyter_lab, page, page_log):
     expect(widget.locator(DATA_TABLE)).to_be_visible()
     rows = widget.locator(TABLE_ROWS)
     expect(rows).to_have_count(PAGE_LENGTH, timeout=ACTION_TIMEOUT_MS)
-    expect(widget.locator(".ckptviz-diff-table")).to_contain_text(f"of {KEYS} entries")
+    expect(widget.locator(".ckptviz-diff-table .ckptviz-paged-info")).to_contain_text(f"of {KEYS} rows")
     counts = widget.locator(".ckptviz-diff-counts")
     expect(counts).to_contain_text(f"both {KEYS}")
     expect(counts).to_contain_text(f"values changed in {KEYS - UNCHANGED} of {KEYS} compared tensors")
@@ -64,7 +64,7 @@ def test_diff_user_journey(jupyter_lab, page, page_log):
     expect(first.nth(0)).to_have_text(most_changed)  # sorted by change, most changed first
     expect(first.nth(1)).to_have_text(f"module.{most_changed}")  # b's key, paired through the module. rule
     expect(first.nth(2).locator(".ckptviz-status"), "the status cell shows no HTML badge").to_have_text("both")
-    expect(widget.locator(".ckptviz-diff-table .dt-search"), "DataTables' own search box is back").to_have_count(0)
+    expect(widget.locator(".ckptviz-diff-search input"), "the table's search box").to_have_count(1)
     bars = widget.locator(".ckptviz-diff-bars img")
     expect(bars).to_have_attribute("src", PNG_SRC, timeout=ACTION_TIMEOUT_MS)
     assert bars.evaluate("(img) => img.decode().then(() => img.naturalWidth)") > 300

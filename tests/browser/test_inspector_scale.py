@@ -1,0 +1,237 @@
+"""The inspector without a model and at 100,000 keys, in JupyterLab + Chromium: a checkpoint opened alone
+(rows, a tensor's histogram, the NaN/Inf scan), a model picked afterwards in the widget (the same view
+compares), a failed open after a good one (nothing of the good file stays), and a 100,000-key MoE-shaped
+checkpoint, as one .safetensors file and as a sharded folder: first rows after Open, a search typed fast
+(one query reaches the kernel), sorting, expanding and selecting a folded group, loading it. Timings are
+printed (run with ``-s``), not asserted; screenshots go to ``test-artifacts/``."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from browser_helpers import open_notebook, run_all_cells, run_new_cell, save_screenshot
+from playwright.sync_api import Locator, Page, expect
+
+LAB_NOTEBOOKS_DIR = Path(__file__).parent / "scale_notebooks"
+NB = "scale.ipynb"
+TIMEOUT_MS = 120_000
+BIG_CELL_TIMEOUT_S = 400.0
+ROWS = ".ckptviz-table table.ckptviz-paged-table tbody tr[data-id]"
+PNG = re.compile(r"^data:image/png;base64,")
+
+# From `event` on `trigger` (capture phase) until the table's rows hold `text`.
+_TIMER_JS = r"""
+(root, [trigger, event, text]) => {
+  const timing = { t0: null, t1: null };
+  root.__ckptvizTiming = timing;
+  const target = root.querySelector(trigger);
+  if (!target) throw new Error('no ' + trigger);
+  target.addEventListener(event, () => { if (timing.t0 === null) timing.t0 = performance.now(); },
+                          { capture: true, once: true });
+  const done = () => {
+    const body = root.querySelector('.ckptviz-table tbody');
+    return body !== null && body.querySelector('tr[data-id]') !== null && body.textContent.includes(text);
+  };
+  const observer = new MutationObserver(() => {
+    if (timing.t0 !== null && timing.t1 === null && done()) { timing.t1 = performance.now(); observer.disconnect(); }
+  });
+  observer.observe(root, { childList: true, subtree: true, characterData: true });
+  return true;
+}
+"""
+
+
+def arm(widget: Locator, trigger: str, event: str, text: str) -> None:
+    widget.evaluate(_TIMER_JS, [trigger, event, text])
+
+
+def seconds(widget: Locator) -> float:
+    t = widget.evaluate("(root) => root.__ckptvizTiming")
+    assert t["t0"] is not None and t["t1"] is not None, t
+    return (t["t1"] - t["t0"]) / 1000.0
+
+
+def timing(label: str, s: float, target: float) -> None:
+    print(f"\n[timing] {label}: {s:.3f} s (target < {target} s: {'met' if s < target else 'NOT met'})", flush=True)
+
+
+def kernel(page: Page, expr: str, label: str, until=None) -> str:
+    out = run_new_cell(page, f"print({label!r}, {expr})", NB, until=until)
+    m = re.search(rf"^{re.escape(label)} (.*)$", out, re.MULTILINE)
+    assert m, out
+    return m.group(1).strip()
+
+
+def last_inspector(page: Page) -> Locator:
+    insp = page.locator(".ckptviz-inspector").last
+    expect(insp).to_be_visible()
+    insp.scroll_into_view_if_needed()
+    return insp
+
+
+def test_checkpoint_alone_then_a_model_then_a_failed_open(jupyter_lab, page, page_log):
+    open_notebook(page, jupyter_lab, NB)
+    run_all_cells(page, NB)
+    run_new_cell(page, (
+        "from safetensors.torch import save_file\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(3, 8, 3)\n"
+        "        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))\n"
+        "        self.head = nn.Linear(8, 5)\n"
+        "torch.manual_seed(0)\n"
+        "_sd = Net().state_dict()\n"
+        "_sd['blocks.2.weight'][0, 0] = float('nan')\n"
+        "save_file(_sd, 'alone.safetensors')\n"
+        "open('broken.pt', 'wb').write(b'PK\\x03\\x04 truncated')\n"
+        "insp = cv.CheckpointInspector(path='alone.safetensors')\n"
+        "display(insp)"), NB)
+    insp = last_inspector(page)
+    rows = insp.locator(ROWS)
+    # 1. the checkpoint alone: one row per tensor, with shape, dtype, device, size
+    expect(rows).to_have_count(12, timeout=TIMEOUT_MS)
+    expect(insp.locator(".ckptviz-counts")).to_contain_text("12 tensors")
+    expect(insp.locator(".ckptviz-counts")).to_contain_text("checkpoint only")
+    expect(insp.locator(".ckptviz-table thead th")).to_have_text(
+        ["key", "shape", "dtype", "device", "numel", "size", "file", "nan/inf"])
+    # 2. search, select: the tensor's statistics and histogram
+    insp.locator(".ckptviz-search input").fill("conv.weight")
+    expect(rows).to_have_count(1, timeout=TIMEOUT_MS)
+    expect(rows.first.locator("td").nth(1)).to_have_text("(8, 3, 3, 3)")
+    rows.first.locator("td").first.click()
+    expect(rows.first).to_have_class(re.compile(r"\bselected\b"))
+    panel = insp.locator(".ckptviz-tensor-panel")
+    expect(panel).to_contain_text("conv.weight", timeout=TIMEOUT_MS)
+    expect(insp.locator(".ckptviz-histogram img").first).to_have_attribute("src", PNG, timeout=TIMEOUT_MS)
+    expect(panel).to_contain_text("mean")
+    # 3. the NaN/Inf scan works without a model and badges the row
+    insp.locator(".ckptviz-search input").fill("")
+    expect(rows).to_have_count(12, timeout=TIMEOUT_MS)
+    insp.locator(".ckptviz-scan").click()
+    expect(insp.locator(".ckptviz-scan-message")).to_contain_text("1 of 12 tensors hold NaN or Inf", timeout=TIMEOUT_MS)
+    expect(insp.locator(".ckptviz-table .ckptviz-nonfinite")).to_have_count(1)
+    insp.scroll_into_view_if_needed()
+    save_screenshot(page, "inspector-checkpoint-only", full_page=False)
+    # 4. a model picked afterwards in the widget: the same view now compares
+    insp.locator(".ckptviz-model-spec input").fill("Net")
+    insp.locator(".ckptviz-build-model").click()
+    expect(insp.locator(".ckptviz-counts")).to_contain_text("match 12", timeout=TIMEOUT_MS)
+    expect(insp.locator(".ckptviz-table thead th").nth(2)).to_have_text("status")
+    insp.locator(".ckptviz-remove-model").click()  # and back to the checkpoint alone
+    expect(insp.locator(".ckptviz-counts")).to_contain_text("checkpoint only", timeout=TIMEOUT_MS)
+    # 5. a failed open after a good one: nothing of the good file stays, the error names the file
+    expect(insp.locator(".ckptviz-metadata")).to_contain_text("safetensors")
+    insp.locator(".ckptviz-path input").fill(str(jupyter_lab.root / "broken.pt"))
+    insp.locator(".ckptviz-open").click()
+    message = insp.locator(".ckptviz-message")
+    expect(message).to_contain_text("Could not open", timeout=TIMEOUT_MS)
+    expect(message).to_contain_text("broken.pt")
+    expect(rows).to_have_count(0)
+    expect(insp.locator(".ckptviz-metadata")).to_have_text("")
+    expect(insp.locator(".ckptviz-counts")).not_to_contain_text("12 tensors")
+    save_screenshot(page, "inspector-failed-open", full_page=False)
+    assert not page_log.errors, page_log.format()
+
+
+def test_hundred_thousand_keys(jupyter_lab, page, page_log):
+    open_notebook(page, jupyter_lab, NB)
+    run_all_cells(page, NB)
+    out = run_new_cell(page, (
+        "from huggingface_hub import save_torch_state_dict\n"
+        "from safetensors.torch import save_file\n"
+        "LAYERS, EXPERTS = 61, 546  # 61 x 546 x 3 = 99,918 expert weights, + 3 others\n"
+        "class MoE(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.embed = nn.Embedding(16, 4)\n"
+        "        self.layers = nn.ModuleList()\n"
+        "        for _ in range(LAYERS):\n"
+        "            layer = nn.Module()\n"
+        "            layer.experts = nn.ModuleList()\n"
+        "            for _ in range(EXPERTS):\n"
+        "                e = nn.Module()\n"
+        "                for w in ('gate', 'up', 'down'):\n"
+        "                    e.register_parameter(w, nn.Parameter(torch.zeros(2, 2)))\n"
+        "                layer.experts.append(e)\n"
+        "            self.layers.append(layer)\n"
+        "        self.norm = nn.LayerNorm(4)\n"
+        "moe = MoE()\n"
+        "_sd = {k: torch.randn(v.shape) for k, v in moe.state_dict().items()}\n"
+        "_sd['layers.7.experts.3.down'] = torch.randn(3, 2)\n"
+        "save_file(_sd, 'moe.safetensors')\n"
+        "os.makedirs('moe_sharded', exist_ok=True)\n"
+        "save_torch_state_dict(_sd, 'moe_sharded', max_shard_size='600KB')\n"
+        "big = cv.CheckpointInspector(model=moe)\n"
+        "display(big)\n"
+        "print('keys', len(_sd), 'shards', len(cv.open_checkpoint('moe_sharded').files) - 1)"),
+        NB, timeout=BIG_CELL_TIMEOUT_S)
+    keys = int(re.search(r"^keys (\d+)", out, re.MULTILINE).group(1))
+    assert keys > 100_000 - 100, out
+    big = last_inspector(page)
+    rows = big.locator(ROWS)
+    for label, rel in (("single .safetensors", "moe.safetensors"), ("sharded folder", "moe_sharded")):
+        big.locator(".ckptviz-path input").fill(str(jupyter_lab.root / rel))
+        arm(big, ".ckptviz-open", "click", "layers.{0-60}.experts.{0-545}")
+        big.locator(".ckptviz-open").click()
+        expect(rows.first).to_contain_text("layers.{0-60}.experts.{0-545}", timeout=TIMEOUT_MS)
+        timing(f"{keys:,} keys, {label}: Open -> first rows", seconds(big), 1.0)
+        expect(big.locator(".ckptviz-counts")).to_contain_text(f"({keys:,} rows)".replace(",", ""))
+    # folded by default: one line per pattern, with counts per status and every distinct shape
+    body = big.locator(".ckptviz-table tbody")
+    expect(big.locator(".ckptviz-table tr.ckptviz-group")).to_have_count(3)
+    expect(body).to_contain_text("match 33,306")  # gate and up
+    expect(body).to_contain_text("shape_mismatch 1")  # down
+    expect(body).to_contain_text("(2, 2) | (3, 2)")
+    big.scroll_into_view_if_needed()
+    save_screenshot(page, "inspector-moe-folded", full_page=False)
+
+    # a search typed fast: one query reaches the kernel, rows update
+    search = big.locator(".ckptviz-search input")
+    before = int(kernel(page, "big.table.searches", "searches"))
+    arm(big, ".ckptviz-search input", "keydown", "layers.7.experts.3.down")
+    search.press_sequentially("layers.7.experts.3.down", delay=15)
+    expect(rows).to_have_count(1, timeout=TIMEOUT_MS)
+    expect(rows.first.locator("td").first).to_have_text("layers.7.experts.3.down")
+    typed = seconds(big)
+    typing_s = len("layers.7.experts.3.down") * 0.015
+    timing("search typed (first key -> rows, minus typing time)", max(0.0, typed - typing_s), 0.3)
+    sent = int(kernel(page, "big.table.searches", "searches")) - before
+    print(f"\n[debounce] {sent} search query(ies) reached the kernel for 23 keystrokes", flush=True)
+    assert sent <= 2, sent
+    expect(rows.first.locator("td").nth(2)).to_contain_text("shape_mismatch")
+    search.fill("")
+    expect(rows.first).to_contain_text("layers.{0-60}", timeout=TIMEOUT_MS)
+
+    # sort by the checkpoint shape (descending): the one (3, 2) tensor's group first
+    header = big.locator(".ckptviz-table thead th").filter(has_text=re.compile(r"^ckpt_shape"))
+    t0 = time.monotonic()
+    header.click()
+    expect(big.locator(".ckptviz-table thead th.ckptviz-asc")).to_have_count(1, timeout=TIMEOUT_MS)
+    timing("sort by ckpt_shape (click -> rows, from Python)", time.monotonic() - t0, 0.5)
+    header.click()
+    expect(big.locator(".ckptviz-table thead th.ckptviz-desc")).to_have_count(1, timeout=TIMEOUT_MS)
+    expect(rows.first).to_contain_text("down", timeout=TIMEOUT_MS)
+
+    # expand the group, then select it as a whole and load it
+    group = rows.first
+    t0 = time.monotonic()
+    group.locator(".ckptviz-expand").click()
+    expect(big.locator(".ckptviz-table tr.ckptviz-member")).to_have_count(14, timeout=TIMEOUT_MS)
+    timing("expand a 33,306-key group (click -> rows, from Python)", time.monotonic() - t0, 0.5)
+    rows.first.locator("td").nth(3).click()
+    expect(rows.first).to_have_class(re.compile(r"\bselected\b"), timeout=TIMEOUT_MS)
+    picked = int(kernel(page, "len(big.table.selected)", "picked"))
+    assert picked == LAYERS_EXPERTS, picked
+    big.locator(".ckptviz-load-selected").click()
+    expect(big.locator(".ckptviz-result")).to_contain_text("33,305 tensors loaded".replace(",", ""),
+                                                           timeout=TIMEOUT_MS)
+    heap = page.evaluate("() => performance.memory ? performance.memory.usedJSHeapSize : null")
+    if heap:
+        print(f"\n[memory] browser JS heap after the 100,000-key journey: {heap / 2**20:.0f} MiB", flush=True)
+    assert not page_log.errors, page_log.format()
+
+
+LAYERS_EXPERTS = 61 * 546
