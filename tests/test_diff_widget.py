@@ -213,6 +213,7 @@ def test_errors_are_shown_not_raised(ckpts, tmp_path):
 
     (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 truncated")
     widget.side_a.picker.path.value = str(tmp_path / "broken.pt")
+    widget.side_a.picker.open_button.click()
     assert widget.side_a.source is None and "broken.pt" in widget.error
     assert "ckptviz-error" in widget.message.value and "Traceback" not in widget.message.value
 

@@ -155,6 +155,8 @@ def test_checkpoint_only_view_then_model_then_back(tmp_path):
     assert insp.table.view.rows[0]["cells"][:3] == ["features.0.weight", "(8, 1, 3, 3)", "float32"]
     insp.table.view.search = ""
     assert f"{len(sd)} tensors" in insp.table.counts.value and "checkpoint only" in insp.table.counts.value
+    assert insp.sizes.table.value == ""  # computed when asked for
+    insp.sizes.by.value = "layer"
     assert "<td title='head'>head</td>" in insp.sizes.table.value  # what the bytes are made of
     insp.sizes.by.value = "dtype"
     assert "float32" in insp.sizes.table.value and "int64" in insp.sizes.table.value

@@ -81,7 +81,6 @@ class FilePicker(w.VBox):
         self.folder = Path(start_dir or os.getcwd()).resolve()
         self.selected: str | None = None
         self._callbacks: list[Callable[[FilePicker], None]] = []
-        self._echo = False
         self.folder_label = w.HTML(layout=w.Layout(margin="0"))
         self.listing = w.Select(options=[], rows=8, layout=w.Layout(width="100%"))
         self.listing.add_class("ckptviz-file-list")
@@ -95,8 +94,11 @@ class FilePicker(w.VBox):
                                    description="Upload", layout=w.Layout(width="110px"))
         self.upload.add_class("ckptviz-upload")
         self.open_button.on_click(lambda _: self._choose(self.path.value.strip()))
-        self.path.continuous_update = False
-        self.path.observe(self._on_path, names="value")  # Enter in the box opens it too
+        # The box syncs as it is typed in, and Enter opens (the Text widget's "submit" message): so Open,
+        # clicked right after typing, opens the typed path once. Opening on the box's change event instead
+        # would open twice (the click's blur sends the value after the click itself).
+        self.path.continuous_update = True
+        self.path.on_msg(self._on_path_msg)
         self.listing.observe(self._on_listing, names="value")
         self.upload.observe(self._on_upload, names="value")
         super().__init__([
@@ -143,16 +145,14 @@ class FilePicker(w.VBox):
         target.write_bytes(bytes(item["content"]))
         self._choose(str(target))
 
-    def _on_path(self, change) -> None:
-        if not self._echo:
-            self._choose(change["new"].strip())
+    def _on_path_msg(self, _widget, content, _buffers) -> None:
+        if content.get("event") == "submit":
+            self._choose(self.path.value.strip())
 
     def _choose(self, path: str) -> None:
         if not path:
             return
         self.selected = os.path.expanduser(path)
-        self._echo = True
         self.path.value = self.selected
-        self._echo = False
         for cb in self._callbacks:
             cb(self)

@@ -56,6 +56,7 @@ class CheckpointInspector(Working, w.VBox):
         self.error: str | None = None
         self.path: str | None = None
         self.timings: dict[str, float] = {}
+        self.opens = 0  # files opened (or tried)
         if start_dir is None and path is not None:
             start_dir = os.path.dirname(os.path.abspath(os.fspath(path)))
         self.files = FilePicker(start_dir)
@@ -125,6 +126,7 @@ class CheckpointInspector(Working, w.VBox):
         """Open ``path`` (errors are shown in the widget and kept in ``.error``)."""
         path = os.fspath(path)
         self.path = path
+        self.opens += 1
         self.model_picker.set_checkpoint_path(path)  # offers the config.json beside or inside it
         self._quiet = True
         self.trust.value = trust

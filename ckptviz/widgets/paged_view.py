@@ -39,7 +39,7 @@ function render({ model, el: root }) {
   let timer = null;
   search.addEventListener("input", () => {
     clearTimeout(timer);
-    timer = setTimeout(() => { model.set("search", search.value); model.save_changes(); }, 200);
+    timer = setTimeout(() => { model.set("search", search.value); model.save_changes(); }, 150);
   });
   search.addEventListener("keydown", (ev) => { if (ev.key === "Enter") { clearTimeout(timer);
     model.set("search", search.value); model.save_changes(); } });

@@ -120,7 +120,7 @@ def device_summary(report: Report, model: nn.Module) -> str:
             continue
         verb = "stay on" if r.ckpt_device == r.model_device else "will be copied to"
         lines.append(f"{r.tensors} tensors saved on <b>{r.ckpt_device}</b> {verb} <b>{r.model_device}</b>")
-    held = Counter(str(t.device) for t in model_tensors(model).values())
+    held = Counter(report.frame["model_device"].dropna().value_counts().to_dict())  # the model's rows
     if len(held) > 1:
         parts = ", ".join(f"{d} ({n})" for d, n in held.most_common())
         lines.append(f"<span style='color:#b05a00'>⚠ the model is spread over several devices: {parts}</span>")
@@ -325,10 +325,13 @@ class SizePanel(w.VBox):
     """What makes the checkpoint section this big: its bytes by layer, layer pattern, dtype or file
     (``Checkpoint.sizes``), the ten largest groups."""
 
-    CHOICES = (("size by layer", "layer"), ("by layer pattern", "pattern"), ("by dtype", "dtype"), ("by file", "file"))
+    CHOICES = (("size by …", ""), ("size by layer", "layer"), ("by layer pattern", "pattern"), ("by dtype", "dtype"),
+               ("by file", "file"))
 
     def __init__(self):
-        self.by = w.Dropdown(options=self.CHOICES, value="layer", layout=w.Layout(width="auto"))
+        # nothing is computed until a grouping is chosen (a 500,000-key section takes a second)
+        self.by = w.Dropdown(options=self.CHOICES, value="", layout=w.Layout(width="auto"),
+                             tooltip="what makes this checkpoint this big")
         self.by.add_class("ckptviz-size-by")
         self.table = w.HTML()
         self.table.add_class("ckptviz-sizes")
@@ -342,7 +345,7 @@ class SizePanel(w.VBox):
         self._draw()
 
     def _draw(self) -> None:
-        if self._source is None:
+        if self._source is None or not self.by.value:
             self.table.value = ""
             return
         ck, section = self._source

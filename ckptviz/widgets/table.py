@@ -224,8 +224,9 @@ class ReportSource(TableSource):
         self.report, self.loaded, self.nonfinite = report, loaded, nonfinite
         self._status = report.frame["status"].to_numpy()
 
-    def group_keys(self) -> list[str]:
-        return self.frame["key"].fillna(self.frame["ckpt_key"]).tolist()
+    @property
+    def folding(self):
+        return self.report.folding  # the same keys: folded once per report
 
     def passes(self, choice: str) -> np.ndarray | None:
         if choice == "all":
