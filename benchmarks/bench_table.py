@@ -14,6 +14,7 @@ import argparse
 import os
 import tempfile
 import time
+import tracemalloc
 
 import torch
 from safetensors.torch import save_file
@@ -100,6 +101,35 @@ def checkpoint_only(path: str) -> list[tuple[str, float]]:
     return rows
 
 
+def kernel_memory(rep) -> tuple[int, int]:
+    """(the report frame's own size, what the table keeps beyond it): bytes the Pager and its source
+    still hold after every view has been drawn once (folded, flat, searched, sorted both ways,
+    a group expanded and selected), counted by ``tracemalloc`` (numpy and pandas report to it)."""
+    frame_bytes = int(rep.frame.memory_usage(deep=True).sum())
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    pager = Pager()
+    pager.set_source(ReportSource(rep, set(), {}))
+    pager.view()
+    pager.folded = False
+    pager.view()
+    for sort in (("ckpt_shape", False), ("key", True), ("status", False)):
+        pager.sort = sort
+        pager.view()
+    pager.search = "experts.1"
+    pager.view()
+    pager.folded, pager.sort, pager.search = True, (None, True), ""
+    pager.view()
+    group = int(pager.items()[1][0])
+    pager.toggle_group(group)
+    pager.click(GROUP, group)
+    pager.view()
+    held = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    del pager
+    return frame_bytes, held
+
+
 def report(title: str, rows: list[tuple[str, float]]) -> bool:
     """Print ``rows`` as ratios to the first (the baseline); True when a target failed. Targets: the
     folded first page (which folds every key once) <= 1x the baseline, any other first page and a
@@ -124,6 +154,11 @@ def main() -> None:
     for keys in args.keys:
         rows, sd = run(keys)
         failed |= report(f"{keys:,} keys: report table", rows)
+        frame_bytes, held = kernel_memory(cv.compare(*moe_state(keys)))
+        ratio = held / frame_bytes
+        failed |= ratio > 2
+        print(f"  {'kernel memory held by the table':<34} {held / 2**20:8.1f} MiB  {ratio:6.3f}x of the "
+              f"report frame ({frame_bytes / 2**20:.1f} MiB)  <= 2x {'PASS' if ratio <= 2 else 'FAIL'}")
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "moe.safetensors")
             save_file(sd, path)

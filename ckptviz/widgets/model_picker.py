@@ -58,16 +58,18 @@ class ModelPicker(w.VBox):
         self.config_options: dict[str, str] = {}  # combobox label -> build_model spec
         self._callbacks: list[Callable[[ModelPicker], None]] = []
         self.spec = w.Combobox(placeholder="model: a notebook name, resnet18, or package.module:Class",
-                               ensure_option=False, layout=w.Layout(flex="1"))
+                               ensure_option=False, layout=w.Layout(flex="1 1 auto", min_width="8em"))
         self.spec.add_class("ckptviz-model-spec")
-        self.kwargs = w.Text(placeholder="arguments: num_classes=10, ...", layout=w.Layout(width="34%"))
+        self.kwargs = w.Text(placeholder="arguments: num_classes=10, ...", layout=w.Layout(flex="1 1 auto", min_width="6em"))
         self.kwargs.add_class("ckptviz-model-kwargs")
-        self.build_button = w.Button(description="Use model", icon="cubes", layout=w.Layout(width="120px"))
+        self.build_button = w.Button(description="Use model", icon="cubes",
+                                     layout=w.Layout(flex="0 0 auto", width="auto", min_width="110px"))
         self.build_button.add_class("ckptviz-build-model")
         self.status = w.HTML()
         self.status.add_class("ckptviz-model-status")
         self.remove_button = w.Button(description="No model", icon="times",
-                                      layout=w.Layout(width="auto", display="none"),
+                                      layout=w.Layout(flex="0 0 auto", width="auto", min_width="100px",
+                                                      display="none"),
                                       tooltip="forget the model: show the checkpoint alone")
         self.remove_button.add_class("ckptviz-remove-model")
         self.build_button.on_click(lambda _: self.build())
