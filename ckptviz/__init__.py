@@ -5,6 +5,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .compare import STATUSES, Report, compare
 from .diff import DiffReport, diff, diff_tensors
 from .errors import (
+    AdaptError,
     AlignmentError,
     CheckpointError,
     CheckpointLimitError,
@@ -38,7 +39,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "STATUSES", "AlignmentError", "Checkpoint", "CheckpointDiff", "CheckpointInspector", "CheckpointError",
+    "STATUSES", "AdaptError", "AlignmentError", "Checkpoint", "CheckpointDiff", "CheckpointInspector",
+    "CheckpointError",
     "CheckpointLimitError", "CheckpointWarning", "CheckpointNotFoundError", "CorruptCheckpointError", "LoadError",
     "LoadResult", "ModelError",
     "NoTensorsError", "OptimizerMismatchError", "Report", "Rule", "SectionError", "UnknownFormatError",

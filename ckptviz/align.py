@@ -29,16 +29,19 @@ STRIP, DROP, ADD = 0, 1, 2  # kinds of inferred rule; a candidate is (kind, pref
 
 @dataclass(frozen=True)
 class Rule:
-    """A rename rule: ``re.sub(pattern, replacement, key)``."""
+    """A rename rule: ``re.sub(pattern, replacement, key)``; ``why`` names where an inferred one came
+    from (a family such as ``weight_norm``, or ``structure``)."""
 
     pattern: str
     replacement: str
+    why: str = ""
 
     def apply(self, key: str) -> str:
         return re.sub(self.pattern, self.replacement, key)
 
     def __str__(self) -> str:
-        return f"{self.pattern} -> {self.replacement!r}"
+        text = f"{self.pattern} -> {self.replacement!r}"
+        return f"{self.why}: {text}" if self.why else text
 
     def as_tuple(self) -> tuple[str, str]:
         return (self.pattern, self.replacement)

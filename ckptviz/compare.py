@@ -14,19 +14,23 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .adapt import Adaptation
 from .align import Alignment, KeyIndex, Rule, align
 from .checkpoint import Checkpoint, as_checkpoint, dtype_name, tensor_info
-from .errors import ModelError
+from .errors import AdaptError, ModelError
 from .fold import FOLD_THRESHOLD, Folding, fold_keys, group_frame
 from .readers._gc import paused_gc
+from .renames import Inferred, infer
 
-STATUSES = ("match", "shape_mismatch", "dtype_mismatch", "missing", "unexpected")
+STATUSES = ("match", "shape_mismatch", "dtype_mismatch", "adapted", "suggested", "missing", "unexpected")
 COLUMNS = ["key", "ckpt_key", "status", "model_shape", "ckpt_shape", "model_dtype", "ckpt_dtype",
            "model_device", "ckpt_device", "rule"]
 STATUS_COLOURS = {
     "match": "#e3f4e6", "shape_mismatch": "#fbd9d7", "dtype_mismatch": "#fff1c2",
-    "missing": "#ffe3cc", "unexpected": "#e2e6f7",
+    "adapted": "#d8eefa", "suggested": "#efe0f7", "missing": "#ffe3cc", "unexpected": "#e2e6f7",
 }
+SUGGESTION_COLUMNS = ["key", "ckpt_key", "reason", "confidence"]
+AMBIGUOUS_COLUMNS = ["side", "key", "candidates", "reason"]
 HTML_ROW_LIMIT = 200
 
 
@@ -89,13 +93,84 @@ def _walk_state(module: nn.Module, prefix: str, out: dict[str, torch.Tensor], pl
 
 
 class Report:
-    """The result of :func:`compare`: one row per model key and per unmatched checkpoint key."""
+    """The result of :func:`compare`: one row per model key and per unmatched checkpoint key.
 
-    def __init__(self, frame: pd.DataFrame, checkpoint: Checkpoint, section: str, rules: list[Rule]):
+    A report is never changed in place: :meth:`accept` returns a new one."""
+
+    def __init__(self, frame: pd.DataFrame, checkpoint: Checkpoint, section: str, rules: list[Rule],
+                 suggestions: pd.DataFrame | None = None, ambiguous: pd.DataFrame | None = None,
+                 adaptations: dict[str, Adaptation] | None = None):
         self.frame = frame
+        self.adaptations: dict[str, Adaptation] = dict(adaptations or {})  # model key -> what load writes
         self.checkpoint = checkpoint
         self.section = section
         self.rules = [r.as_tuple() for r in rules]
+        self._suggestions = suggestions if suggestions is not None else pd.DataFrame(columns=SUGGESTION_COLUMNS)
+        self._ambiguous = ambiguous if ambiguous is not None else pd.DataFrame(columns=AMBIGUOUS_COLUMNS)
+
+    @property
+    def suggestions(self) -> pd.DataFrame:
+        """Pairings ckptviz proposes but does not load until accepted (status ``suggested``): model
+        ``key``, ``ckpt_key``, ``reason`` and ``confidence`` (name similarity, 0 to 1)."""
+        return self._suggestions.copy()
+
+    @property
+    def ambiguous(self) -> pd.DataFrame:
+        """Keys with several equally plausible partners, left unpaired on purpose: ``side`` (model or
+        checkpoint), ``key``, ``candidates`` and ``reason``. Pair one with ``rules=`` if you know which."""
+        return self._ambiguous.copy()
+
+    def accept(self, keys: Iterable[str] | None = None) -> Report:
+        """A new report in which the suggestions for ``keys`` (model keys; default: all) are matches
+        (rule ``accepted: <reason>``), so that ``load_partial`` loads them."""
+        sugg = self._suggestions
+        wanted = sugg["key"].tolist() if keys is None else list(dict.fromkeys(keys))
+        unknown = sorted(set(wanted) - set(sugg["key"]))
+        if unknown:
+            raise ModelError(f"no suggestion for {unknown[:5]}; the suggested keys are in report.suggestions "
+                             f"({len(sugg)}: {sugg['key'].tolist()[:5]})")
+        reason = dict(zip(sugg["key"], sugg["reason"]))
+        frame = self.frame.copy()
+        rows = frame["key"].isin(wanted).to_numpy() & (frame["status"] == "suggested").to_numpy()
+        same = (frame["model_dtype"] == frame["ckpt_dtype"]).to_numpy()
+        frame.loc[rows, "status"] = np.where(same[rows], "match", "dtype_mismatch")
+        frame.loc[rows, "rule"] = ["accepted: " + reason[k] for k in frame.loc[rows, "key"]]
+        rest = sugg[~sugg["key"].isin(wanted)].reset_index(drop=True)
+        return self._with(frame, suggestions=rest)
+
+    def adapt(self, keys: str | Iterable[str], method: str, **options) -> Report:
+        """A new report in which the rows ``keys`` (model keys whose shapes differ) load through an
+        adaptation: ``"slice"``, ``"channels"``, ``"resample"`` or ``"reinit"`` (see :mod:`ckptviz.adapt`;
+        options such as ``prefix_tokens=1``, ``grid=(16, 16)``). Status ``adapted``, and the ``rule``
+        column says what will be written; ``load_partial`` loads them with the rest, atomically."""
+        from .adapt import plan
+
+        keys = [keys] if isinstance(keys, str) else list(dict.fromkeys(keys))
+        frame = self.frame.copy()
+        at = dict(zip(frame["key"], range(len(frame))))
+        unknown = [k for k in keys if k not in at]
+        if unknown:
+            raise ModelError(f"not model keys of this report: {unknown[:5]}; pass the report's 'key' column")
+        done = dict(self.adaptations)
+        status_at, rule_at = frame.columns.get_loc("status"), frame.columns.get_loc("rule")
+        for k in keys:
+            row = frame.iloc[at[k]]
+            if row["status"] not in ("shape_mismatch", "adapted"):
+                raise AdaptError(f"{k!r} is {row['status']}, not a shape mismatch: only rows whose shapes differ are "
+                                 "adapted")
+            try:
+                done[k] = plan(method, row["ckpt_shape"], row["model_shape"], **options)
+            except AdaptError as e:
+                raise AdaptError(f"{k!r} ({row['ckpt_key']} {tuple(row['ckpt_shape'])} -> "
+                                 f"{tuple(row['model_shape'])}): {e}") from None
+            frame.iat[at[k], status_at] = "adapted"
+            frame.iat[at[k], rule_at] = "adapted: " + done[k].text
+        return self._with(frame, adaptations=done)
+
+    def _with(self, frame: pd.DataFrame, **changes) -> Report:
+        parts = {"suggestions": self._suggestions, "ambiguous": self._ambiguous, "adaptations": self.adaptations}
+        parts.update(changes)
+        return Report(frame, self.checkpoint, self.section, [Rule(*r) for r in self.rules], **parts)
 
     @property
     def summary(self) -> dict[str, int]:
@@ -104,9 +179,11 @@ class Report:
 
     @property
     def loadable(self) -> list[str]:
-        """Model keys that ``load_partial`` loads by default (match and dtype_mismatch rows)."""
+        """Model keys that ``load_partial`` loads by default (match and dtype_mismatch rows, and adapted
+        rows whose adaptation writes something)."""
         ok = self.frame["status"].isin(["match", "dtype_mismatch"])
-        return self.frame.loc[ok, "key"].tolist()
+        keys = self.frame.loc[ok, "key"].tolist()
+        return keys + [k for k, a in self.adaptations.items() if a.loads]
 
     def device_moves(self) -> pd.DataFrame:
         """For the loadable rows: how many tensors go from each saved device to each model device."""
@@ -320,10 +397,52 @@ def _compare(model: nn.Module, source: Any, section: str | None, rules, auto_ali
         if best is None or al.paired > best[1].paired:
             best = (name, al)
     name, al = best
-    frame = _build_frame(_ModelColumns(live), _in_order(ck.tensors(name), ck._section(name)), al)
+    columns, tensors = _ModelColumns(live), _in_order(ck.tensors(name), ck._section(name))
+    inferred = None
+    if auto_align:
+        def norms() -> set[str]:
+            return {n for n, m in model.named_modules() if "norm" in type(m).__name__.lower()}
+
+        inferred = infer(al, columns.shape, tensors["shape"].to_numpy(dtype=object), columns.dtype,
+                         tensors["dtype"].to_numpy(dtype=object), norms)
+    frame = _build_frame(columns, tensors, al)
+    suggestions = ambiguous = None
+    if inferred is not None and (inferred.suggested or inferred.ambiguous):
+        frame, suggestions, ambiguous = _with_suggestions(frame, al, inferred)
     if stats:
         frame = _with_stats(frame, ck, name, model, live)
-    return Report(frame, ck, name, al.rules)
+    return Report(frame, ck, name, al.rules, suggestions, ambiguous)
+
+
+def _with_suggestions(frame: pd.DataFrame, al: Alignment, inferred: Inferred
+                      ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The frame with each suggestion's model row filled from its checkpoint key (status
+    ``suggested``, that key's unexpected row removed), ambiguous rows saying so in ``rule``."""
+    n_model = len(al.model_keys)
+    unexpected = np.ones(len(al.ckpt_keys), dtype=bool)
+    unexpected[al.ckpt_row[al.ckpt_row >= 0]] = False
+    frame_row = n_model + np.cumsum(unexpected) - 1  # checkpoint row -> its unexpected row in the frame
+    frame = frame.copy()
+    drop = []
+    for m, c, reason, _ in inferred.suggested:
+        src = frame_row[c]
+        for col in ("ckpt_key", "ckpt_shape", "ckpt_dtype", "ckpt_device"):
+            frame.iat[m, frame.columns.get_loc(col)] = frame.iat[src, frame.columns.get_loc(col)]
+        frame.iat[m, frame.columns.get_loc("status")] = "suggested"
+        frame.iat[m, frame.columns.get_loc("rule")] = "suggested: " + reason
+        drop.append(src)
+    rule_at = frame.columns.get_loc("rule")
+    model_at = dict(zip(al.model_keys.tolist(), range(n_model)))
+    ckpt_at = dict(zip(al.ckpt_keys.tolist(), range(len(al.ckpt_keys))))
+    for side, key, candidates, why in inferred.ambiguous:
+        row = model_at[key] if side == "model" else frame_row[ckpt_at[key]]
+        frame.iat[row, rule_at] = f"ambiguous: {why}: " + ", ".join(candidates)
+    frame = frame.drop(index=frame.index[drop]).reset_index(drop=True)
+    mk, ck = al.model_keys, al.ckpt_keys
+    suggestions = pd.DataFrame([(mk[m], ck[c], r, conf) for m, c, r, conf in inferred.suggested],
+                               columns=SUGGESTION_COLUMNS)
+    ambiguous = pd.DataFrame(inferred.ambiguous, columns=AMBIGUOUS_COLUMNS)
+    return frame, suggestions, ambiguous
 
 
 STAT_COLUMNS = ("mean", "std", "min", "max", "nan", "inf")

@@ -72,3 +72,7 @@ class OptimizerMismatchError(CheckpointError):
 class CheckpointLimitError(CorruptCheckpointError):
     """The file declares more than one of ckptviz's reader limits allows (nesting, element count,
     inflated size...); the message names the module constant, which may be raised for a trusted file."""
+
+
+class AdaptError(CheckpointError, ValueError):
+    """A shape adaptation does not fit the two tensors (or the row has nothing to adapt)."""

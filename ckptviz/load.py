@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .adapt import apply as adapt_apply
 from .compare import Report, is_lazy, model_tensors
-from .errors import LoadError
+from .errors import AdaptError, LoadError
 from .provenance import remember_initial
 
 PROGRESS_BYTES = 512 * 2**20  # show a progress bar when loading more than this
@@ -309,7 +310,8 @@ def _plan(report: Report, live: dict[str, torch.Tensor], keys: Iterable[str] | N
         raise LoadError(f"the report was made for a different model (keys differ, e.g. {extra}); "
                         "run ckptviz.compare(model, checkpoint) on this model first")
     if keys is None:
-        selected = [k for k, r in rows.items() if r.status in ("match", "dtype_mismatch", "shape_mismatch")]
+        tried = ("match", "dtype_mismatch", "shape_mismatch", "adapted", "suggested")  # suggested: skipped, saying why
+        selected = [k for k, r in rows.items() if r.status in tried]
     else:
         selected = list(dict.fromkeys(keys))
         unknown = [k for k in selected if k not in rows]
@@ -320,6 +322,11 @@ def _plan(report: Report, live: dict[str, torch.Tensor], keys: Iterable[str] | N
         r = rows[k]
         if r.status == "missing":
             skipped[k] = "not in the checkpoint"
+        elif r.status == "suggested":
+            skipped[k] = (f"only suggested ({r.ckpt_key!r}: {r.rule.removeprefix('suggested: ')}); "
+                          f"accept it first: report.accept([{k!r}])")
+        elif r.status == "adapted" and not report.adaptations[k].loads:
+            skipped[k] = report.adaptations[k].text
         elif r.status == "shape_mismatch":
             skipped[k] = f"shape {tuple(r.ckpt_shape)} in the checkpoint, {tuple(r.model_shape)} in the model"
         else:
@@ -332,6 +339,19 @@ def _sources(report: Report, plan: dict[str, str]) -> dict[str, torch.Tensor]:
     (no RAM up front; an assign load keeps them as the model's tensors)."""
     entries = report.checkpoint.values(set(plan.values()), report.section, copy=False)
     return {k: entries[c] for k, c in plan.items()}
+
+
+def _adapted(report: Report, live: dict[str, torch.Tensor], sources: dict[str, torch.Tensor],
+             plan: dict[str, str], skipped: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``sources`` with each adapted row's tensor computed (model-shaped, in memory) before anything is
+    written; a row whose adaptation cannot run is skipped with the reason."""
+    for k in [k for k in plan if k in report.adaptations]:
+        try:
+            sources[k] = adapt_apply(report.adaptations[k], sources[k], live[k])
+        except AdaptError as e:
+            skipped[k] = f"{report.adaptations[k].text}: {e}"
+            del sources[k], plan[k]
+    return sources
 
 
 def load_partial(model: nn.Module, report: Report, *, keys: Iterable[str] | None = None, undo: bool = True,
@@ -359,7 +379,7 @@ def load_partial(model: nn.Module, report: Report, *, keys: Iterable[str] | None
         raise LoadError("device= says where meta tensors go in an assign load; pass assign=True with it")
     live = model_tensors(model)
     plan, skipped = _plan(report, live, keys)
-    sources = _sources(report, plan)
+    sources = _adapted(report, live, _sources(report, plan), plan, skipped)
     target = _meta_target(device) if assign else None
     lazy = _materialize_lazy(live, sources, skipped)  # lazy tensors take the file's shape, as in torch
     try:
@@ -408,7 +428,9 @@ def _writer(report: Report, plan: dict[str, str], sources: dict[str, torch.Tenso
 
     def write(key: str, out: torch.Tensor) -> None:
         src = sources[key]
-        if type(src) is not torch.Tensor or type(out) not in (torch.Tensor, nn.Parameter):
+        if key in report.adaptations:  # computed already (in memory, model-shaped)
+            out.copy_(src)
+        elif type(src) is not torch.Tensor or type(out) not in (torch.Tensor, nn.Parameter):
             out.copy_(src)  # tensor subclasses keep their own copy semantics
         elif out.device.type == "cpu" and out.dtype == src.dtype and not out.is_inference():
             ck.read_into(plan[key], out, report.section)

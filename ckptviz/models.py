@@ -65,6 +65,24 @@ def torchvision_models() -> list[str]:
     return sorted(models.list_models())
 
 
+def timm_models() -> list[str]:
+    """Every architecture name timm knows, sorted; empty if timm (an optional extra) is not installed."""
+    try:
+        import timm
+    except ImportError:
+        return []
+    return sorted(timm.list_models())
+
+
+def _timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
+    if kwargs.get("pretrained") or kwargs.get("pretrained_cfg_overlay") or kwargs.get("checkpoint_path"):
+        raise ModelError(f"timm model {name!r}: ckptviz builds it with pretrained=False and never downloads or "
+                         "reads weights itself; drop that argument and load your checkpoint into the model instead.")
+    return _construct(f"timm:{name}", lambda **kw: timm.create_model(name, **kw), {**kwargs, "pretrained": False})
+
+
 def parse_kwargs(text: str) -> dict[str, Any]:
     """Parse constructor arguments typed as ``num_classes=10, name="x"``; literal values only, nothing is run."""
     if not text or not text.strip():
@@ -177,7 +195,8 @@ def build_model(
 
     ``spec`` is an ``nn.Module`` instance (returned as is), an ``nn.Module`` subclass or a function
     returning one, a name in ``namespace``, a torchvision registry name (``"resnet18"`` or
-    ``"torchvision:resnet18"``, built with ``weights=None``), ``"package.module:Class"``, or a Hugging
+    ``"torchvision:resnet18"``, built with ``weights=None``), a timm architecture (``"timm:vit_small_patch16_224"``,
+    built with ``pretrained=False``; timm is an optional extra), ``"package.module:Class"``, or a Hugging
     Face config as ``"config:/path/to/model_folder"`` or a path ending in ``.json`` (built by
     :func:`model_from_config`, on meta unless ``device=`` says otherwise).
     ``kwargs`` are constructor arguments, as a mapping or as text for :func:`parse_kwargs`.
@@ -196,6 +215,13 @@ def build_model(
             why = "torchvision is not installed" if not registry else "not in torchvision's registry"
             raise ModelError(f"no torchvision model {tv!r} ({why}).{_close(tv, registry)}")
         return _torchvision(tv, kw)
+    if name.startswith("timm:"):
+        arch = name.removeprefix("timm:").strip()
+        names = timm_models()
+        if arch not in names:
+            why = "timm is not installed: pip install timm" if not names else "not a timm architecture"
+            raise ModelError(f"no timm model {arch!r} ({why}).{_close(arch, names)}")
+        return _timm(arch, kw)
     if ":" in name:
         return _from_object(name, _import(name), kw)
     if name in namespace:

@@ -59,6 +59,10 @@ def _reason(row: Any) -> str | None:
     """Why ``load_partial`` would skip this row, or None if it loads."""
     if row.status == "missing":
         return "not in the checkpoint"
+    if row.status == "suggested":
+        return "only suggested: report.accept() it first"
+    if row.status == "adapted" and str(row.rule).startswith("adapted: reinit"):
+        return "reinit: kept as initialized"
     if row.status == "shape_mismatch":
         return f"shape {tuple(row.ckpt_shape)} in the checkpoint, {tuple(row.model_shape)} in the model"
     if row.model_device == "meta":
@@ -260,12 +264,28 @@ def torch_code(
         items = "".join(f"    {_q(c)}: {_q(m)},\n" for c, m in pairs.items())
         body.append(f"names = {{\n{items}}}\n" if items else "names = {}\n")
         body.append("sd = {names[k]: v for k, v in sd.items() if k in names}\n")
+    adapting = _adapt_lines(report, loaded)
+    if adapting:
+        imports += [i for i in ("import math", "import torch.nn.functional as F") if i not in imports]
+    body.extend(adapting)
     if isinstance(result_or_report, LoadResult) and result_or_report.assign:
         body.extend(_assign_lines(result_or_report, [r for r in rows if r.key in loaded]))
     else:
         body.extend(COPY_LINES)
     head = "\n".join(imports).rstrip("\n") + "\n\n"
     return head + code + "".join(body)
+
+
+def _adapt_lines(report: Report, loaded: set[str]) -> list[str]:
+    """The adaptations of the loaded rows (``report.adapt``), as plain PyTorch on ``sd``."""
+    from .adapt import code
+
+    adapted = [(k, a) for k, a in report.adaptations.items() if k in loaded and a.loads]
+    if not adapted:
+        return []
+    lines = ["# adapt the tensors whose shapes differ, as ckptviz's report.adapt() planned them\n",
+             "dst = model.state_dict()\n"]
+    return lines + [code(a, k) for k, a in adapted]
 
 
 def _attr(key: str) -> str:

@@ -97,7 +97,7 @@ def test_checkpoint_wrapper_tokens_align(tmp_path):
     assert rep.frame.set_index("key").loc["2.bias", "ckpt_key"] == "2._checkpoint_wrapped_module.bias"
 
 
-def test_renamed_layers_with_equal_shapes_stay_missing_and_unexpected(tmp_path):
+def test_renamed_layers_with_equal_shapes_are_only_suggested(tmp_path):
     class A(nn.Module):
         def __init__(self):
             super().__init__()
@@ -109,7 +109,10 @@ def test_renamed_layers_with_equal_shapes_stay_missing_and_unexpected(tmp_path):
             self.body = nn.Linear(4, 4)
 
     rep = cv.compare(B(), save(A().state_dict(), tmp_path / "a.pt"))
-    assert rep.summary["missing"] == 2 and rep.summary["unexpected"] == 2 and rep.summary["match"] == 0
+    assert rep.summary["suggested"] == 2 and rep.summary["match"] == 0 and rep.loadable == []
+    assert rep.suggestions.set_index("key")["ckpt_key"].to_dict() == {"body.weight": "encoder.weight",
+                                                                      "body.bias": "encoder.bias"}
+    assert rep.accept().summary["match"] == 2
 
 
 def test_best_section_is_chosen_by_matches(tmp_path):

@@ -59,7 +59,7 @@ def test_a_meta_model_compares_in_full(dp_file, src):
     model = meta(SmallCNN, num_classes=10)
     rep = cv.compare(model, dp_file)
     assert rep.summary == {"match": len(src.state_dict()), "shape_mismatch": 0, "dtype_mismatch": 0,
-                           "missing": 0, "unexpected": 0}
+                           "adapted": 0, "suggested": 0, "missing": 0, "unexpected": 0}
     assert set(rep.frame["model_device"]) == {"meta"} and set(rep.frame["ckpt_device"]) == {"cpu"}
     assert rep.rules == [("^module\\.", "")]
     small = cv.compare(meta(SmallCNN, num_classes=5), dp_file)
@@ -358,10 +358,12 @@ def test_tiny_llama_from_its_config_compares_and_loads_to_the_same_outputs(tmp_p
     n = len(src.state_dict())
     if tie:  # save_pretrained leaves the tied lm_head out of the file; the model ties it to the embeddings
         assert model.lm_head.weight is model.model.embed_tokens.weight
-        assert rep.summary == {"match": n - 1, "shape_mismatch": 0, "dtype_mismatch": 0, "missing": 1, "unexpected": 0}
+        assert rep.summary == {"match": n - 1, "shape_mismatch": 0, "dtype_mismatch": 0, "adapted": 0,
+                               "suggested": 0, "missing": 1, "unexpected": 0}
         assert rep.frame.loc[rep.frame["status"] == "missing", "key"].tolist() == ["lm_head.weight"]
     else:
-        assert rep.summary == {"match": n, "shape_mismatch": 0, "dtype_mismatch": 0, "missing": 0, "unexpected": 0}
+        assert rep.summary == {"match": n, "shape_mismatch": 0, "dtype_mismatch": 0, "adapted": 0,
+                               "suggested": 0, "missing": 0, "unexpected": 0}
     res = cv.load_partial(model, rep, assign=True)
     assert res.still_meta == [] and res.skipped == {}
     if tie:

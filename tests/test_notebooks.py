@@ -103,7 +103,8 @@ def test_quickstart_runs_cleanly(quickstart):
 
 def test_quickstart_report_strips_module_prefix_and_flags_the_new_head(quickstart):
     out = text(cell(quickstart, "report = cv.compare(model, path)"))
-    assert "'match': 16, 'shape_mismatch': 2, 'dtype_mismatch': 0, 'missing': 0, 'unexpected': 0" in out
+    assert ("'match': 16, 'shape_mismatch': 2, 'dtype_mismatch': 0,"
+            " 'adapted': 0, 'suggested': 0, 'missing': 0, 'unexpected': 0") in out
     assert "rules inferred: [('^module\\\\.', '')]" in out
     assert "Report('demo/digits_cnn.pth.tar', section='model_state_dict', match=16, shape_mismatch=2)" in out
     assert "text/html" in mimetypes(cell(quickstart, "report = cv.compare(model, path)"))
@@ -138,7 +139,8 @@ def test_transfer_runs_cleanly(transfer):
 
 def test_transfer_loads_the_backbone_only(transfer):
     out = text(cell(transfer, "report = cv.compare(model_b"))
-    assert "{'match': 16, 'shape_mismatch': 2, 'dtype_mismatch': 0, 'missing': 0, 'unexpected': 0}" in out
+    assert ("{'match': 16, 'shape_mismatch': 2, 'dtype_mismatch': 0,"
+            " 'adapted': 0, 'suggested': 0, 'missing': 0, 'unexpected': 0}") in out
     assert "LoadResult(loaded=16, skipped=2, missing=0, unexpected=0)" in out
     assert "'head.weight': 'shape (10, 64) in the checkpoint, (5, 64) in the model'" in out
     source = float(text(cell(transfer, "digits 0-4 accuracy")).split(":")[-1])
@@ -180,7 +182,8 @@ def test_debugging_a_dataparallel_prefix(debugging):
     assert 'Missing key(s) in state_dict: "features.0.weight"' in torch_out
     assert 'Unexpected key(s) in state_dict: "module.features.0.weight"' in torch_out
     out = text(cell(debugging, 'report = cv.compare(model, "debug_ckpts/dataparallel.pth")'))
-    assert "{'match': 18, 'shape_mismatch': 0, 'dtype_mismatch': 0, 'missing': 0, 'unexpected': 0}" in out
+    assert ("{'match': 18, 'shape_mismatch': 0, 'dtype_mismatch': 0,"
+            " 'adapted': 0, 'suggested': 0, 'missing': 0, 'unexpected': 0}") in out
     assert "rules: [('^module\\\\.', '')]" in out and "module.features.0.weight  match" in out
     out = text(cell(debugging, "result = cv.load_partial(model, report)\nprint(result)\nprint(\"head equals"))
     assert "LoadResult(loaded=18, skipped=0" in out and "head equals the saved head: True" in out
@@ -230,7 +233,7 @@ def test_debugging_e_missing_num_batches_tracked(debugging):
     assert ('Missing key(s) in state_dict: "features.1.num_batches_tracked", "features.4.num_batches_tracked".'
             in torch_out)
     out = text(cell(debugging, "print(\"missing keys:\", result.missing_keys)"))
-    assert "'match': 16, 'shape_mismatch': 0, 'dtype_mismatch': 0, 'missing': 2" in out
+    assert "'match': 16, 'shape_mismatch': 0, 'dtype_mismatch': 0, 'adapted': 0, 'suggested': 0, 'missing': 2" in out
     assert "LoadResult(loaded=16, skipped=0, missing=2, unexpected=0)" in out
     assert "missing keys: ['features.1.num_batches_tracked', 'features.4.num_batches_tracked']" in out
     problems = [line.split() for line in out.splitlines() if "num_batches_tracked  " in line]

@@ -16,6 +16,7 @@ from ..checkpoint import Checkpoint, open_checkpoint
 from ..compare import Report, compare, model_tensors
 from ..errors import UnsafeCheckpointError
 from ..load import LoadResult, load_partial
+from .conversions import AdaptPanel, SuggestionPanel
 from .files import FilePicker, human_size
 from .model_picker import ModelPicker, describe_model
 from .panels import DevicePanel, ResultPanel, ScanPanel, SizePanel, TensorPanel
@@ -87,6 +88,10 @@ class CheckpointInspector(Working, w.VBox):
                             (self.load_selected_button, "ckptviz-load-selected"), (self.undo_button, "ckptviz-undo")):
             button.add_class(css)
         self.result_panel = ResultPanel()
+        self.suggestion_panel = SuggestionPanel(lambda keys: self.accept(keys))
+        self.accepted: set[str] = set()  # model keys whose suggestion was accepted (kept across re-compares)
+        self.adapt_panel = AdaptPanel(lambda method: self.adapt(None, method))
+        self.adapted: dict[str, tuple[str, dict]] = {}  # model key -> (method, options), kept across re-compares
 
         self.files.register_callback(lambda picker: self.open_file(picker.selected))
         self.trust.observe(self._on_trust, names="value")
@@ -106,8 +111,8 @@ class CheckpointInspector(Working, w.VBox):
         ], layout=w.Layout(width="100%"))
         actions = w.HBox([self.load_all_button, self.load_selected_button, self.undo_button])
         bottom = w.HBox([
-            _card("Tensor", self.tensor_panel),
-            _card("Load", actions, self.result_panel, css="ckptviz-load-card"),
+            _card("Tensor", self.tensor_panel, self.adapt_panel),
+            _card("Load", actions, self.suggestion_panel, self.result_panel, css="ckptviz-load-card"),
         ], layout=w.Layout(width="100%"))
         super().__init__([top, self.message, self.progress, _card("Keys", self.table, self.scan_panel), bottom])
         self.add_class("ckptviz-inspector")
@@ -132,6 +137,7 @@ class CheckpointInspector(Working, w.VBox):
         self.trust.value = trust
         self._quiet = False
         self.checkpoint, self.report, self.last_result = None, None, None
+        self.suggestion_panel.show(None)
         self._show_sections()  # nothing of the previous file stays on screen under this file's name
         self.table.show(None)
         self.tensor_panel.clear()
@@ -170,6 +176,53 @@ class CheckpointInspector(Working, w.VBox):
             return None
         return self._load(keys, f"Loaded {len(keys)} selected row(s)")
 
+    def accept(self, keys: list[str] | None = None) -> Report | None:
+        """Accept suggested pairings: ``keys`` (model keys), None for all, ``[]`` for the suggested
+        rows selected in the table. The report becomes ``report.accept(keys)``."""
+        rep = self.report
+        if rep is None or not len(rep.suggestions):
+            self._say("There are no suggestions to accept.", error=True)
+            return None
+        if keys is not None and not keys:
+            picked = [rep.frame.loc[label, "key"] for label in self.table.selected]
+            keys = [k for k in picked if k in set(rep.suggestions["key"])]
+            if not keys:
+                self._say("Select one or more suggested rows (or a folded group) first.", error=True)
+                return None
+        with self._work("accepting…"):
+            self.report = rep.accept(keys)
+            self.accepted |= set(rep.suggestions["key"] if keys is None else keys)
+            self.table.show(self.report, loaded=self.table.loaded)
+            self.suggestion_panel.show(self.report)
+            n = len(rep.suggestions) - len(self.report.suggestions)
+            self._say(f"✓ {n} suggested pairing(s) accepted: <i>Load</i> now loads them.")
+            return self.report
+        return None
+
+    def adapt(self, keys: list[str] | None, method: str, **options) -> Report | None:
+        """Load ``keys`` (model keys; None: the selected rows whose shapes differ) through an
+        adaptation (``report.adapt``): ``"slice"``, ``"channels"``, ``"resample"`` or ``"reinit"``."""
+        rep = self.report
+        if rep is None:
+            self._say("Open a checkpoint and pick a model first.", error=True)
+            return None
+        if keys is None:
+            rows = rep.frame.loc[self.table.selected]
+            keys = rows.loc[rows["status"].isin(["shape_mismatch", "adapted"]), "key"].tolist()
+            if not keys:
+                self._say("Select one or more rows whose shapes differ (or a folded group) first.", error=True)
+                return None
+        with self._work(f"adapting {len(keys)} row(s)…"):
+            self.report = rep.adapt(keys, method, **options)
+            self.adapted.update({k: (method, options) for k in keys})
+            self.table.show(self.report, loaded=self.table.loaded)
+            self._on_select()  # the preview of the row as it now is
+            text = self.report.adaptations[keys[0]].text
+            more = f" (and {len(keys) - 1} more row(s))" if len(keys) > 1 else ""
+            self._say(f"✓ {html.escape(keys[0])}: {html.escape(text)}{more}. <i>Load</i> now writes it.")
+            return self.report
+        return None
+
     def undo(self) -> None:
         """Undo the last load."""
         if self.last_result is None or self.last_result.undone:
@@ -178,7 +231,7 @@ class CheckpointInspector(Working, w.VBox):
         with self._work("undoing the last load…"):
             self.last_result.undo()
             if self.last_result.assign and self.checkpoint is not None and self.model is not None:
-                self.report = compare(self.model, self.checkpoint, section=self.report.section)
+                self.report = self._compare_again(self.report.section)
                 self.devices.show(self.report, self.model)
                 self.model_picker.status.value = describe_model(self.model)
             self.result_panel.show(self.last_result, "Undone")
@@ -188,9 +241,12 @@ class CheckpointInspector(Working, w.VBox):
 
     # ---- internals -----------------------------------------------------------------------
     def _busy_buttons(self) -> list[w.Button]:
-        return [self.load_all_button, self.load_selected_button, self.undo_button]
+        return [self.load_all_button, self.load_selected_button, self.undo_button,
+                self.suggestion_panel.accept_selected_button, self.suggestion_panel.accept_all_button,
+                self.adapt_panel.apply_button]
 
     def _done_working(self) -> None:
+        super()._done_working()  # every busy button enabled again, then the load buttons as the state allows
         self._update_buttons()
         self.scan_panel.sync()  # a scan describes one checkpoint section: forget it when that changed
 
@@ -253,8 +309,10 @@ class CheckpointInspector(Working, w.VBox):
 
     def _recompare(self, section: str | None = None) -> None:
         self.tensor_panel.clear()
+        self.adapt_panel.show(None, None, None)
         if self.checkpoint is None or self.model is None:
             self.report = None
+            self.suggestion_panel.show(None)
             self.devices.show(None, self.model)
             if self.checkpoint is None or not self.checkpoint.sections:
                 self.table.show(None)
@@ -265,21 +323,36 @@ class CheckpointInspector(Working, w.VBox):
             self._quiet = False
             self._say("Showing the checkpoint alone; pick a model (right) to compare it with.")
             return
-        self.report = compare(self.model, self.checkpoint, section=section)
+        self.accepted, self.adapted = set(), {}  # a new model, file or section: nothing accepted or adapted yet
+        self.report = self._compare_again(section)
         self._quiet = True
         self.section.value = self.report.section
         self._quiet = False
         self.table.show(self.report)
+        self.suggestion_panel.show(self.report)
         self.devices.show(self.report, self.model)
         self.result_panel.show(None)
+
+    def _compare_again(self, section: str | None) -> Report:
+        """``compare`` of the model and checkpoint, with the suggestions accepted so far accepted again."""
+        rep = compare(self.model, self.checkpoint, section=section)
+        again = [k for k in rep.suggestions["key"] if k in self.accepted]
+        rep = rep.accept(again) if again else rep
+        mismatched = set(rep.frame.loc[rep.frame["status"] == "shape_mismatch", "key"])
+        for k, (method, options) in self.adapted.items():
+            if k in mismatched:
+                rep = rep.adapt(k, method, **options)
+        return rep
 
     def _on_select(self) -> None:
         labels = self.table.selected
         focus = self.table.focus if self.table.focus is not None else (labels[-1] if labels else None)
         if focus is None:
             self.tensor_panel.clear()
+            self.adapt_panel.show(None, None, None)
             return
         with self._work("reading the tensor…"):
+            self.adapt_panel.show(self.report, self.model, focus)
             if self.report is not None and self.model is not None:
                 self.tensor_panel.show(self.report, self.model, focus)
             elif self.table.checkpoint_source is not None:
@@ -297,7 +370,7 @@ class CheckpointInspector(Working, w.VBox):
             self.progress.clear_output()
             self.last_result = result
             if assign:  # the model's devices changed: compare again, so the table and devices say so
-                self.report = compare(self.model, self.checkpoint, section=self.report.section)
+                self.report = self._compare_again(self.report.section)
             self.result_panel.show(result, message)
             self.table.show(self.report, loaded=set(result.loaded))
             self.devices.show(self.report, self.model)

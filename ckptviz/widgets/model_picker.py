@@ -24,6 +24,7 @@ from ..models import (
     find_config,
     find_models,
     has_transformers,
+    timm_models,
     torchvision_models,
 )
 
@@ -60,7 +61,8 @@ class ModelPicker(w.VBox):
         self.spec = w.Combobox(placeholder="model: a notebook name, resnet18, or package.module:Class",
                                ensure_option=False, layout=w.Layout(flex="1 1 auto", min_width="8em"))
         self.spec.add_class("ckptviz-model-spec")
-        self.kwargs = w.Text(placeholder="arguments: num_classes=10, ...", layout=w.Layout(flex="1 1 auto", min_width="6em"))
+        self.kwargs = w.Text(placeholder="arguments: num_classes=10, ...",
+                             layout=w.Layout(flex="1 1 auto", min_width="6em"))
         self.kwargs.add_class("ckptviz-model-kwargs")
         self.build_button = w.Button(description="Use model", icon="cubes",
                                      layout=w.Layout(flex="0 0 auto", width="auto", min_width="110px"))
@@ -97,7 +99,8 @@ class ModelPicker(w.VBox):
             arch = config_architecture(config) or "base model (no architectures)"
             self.config_options[f"config.json: {arch} (on meta)"] = f"{CONFIG_PREFIX}{config}"
         local = list(find_models(self.namespace))
-        self.spec.options = tuple([*self.config_options, *local, *(f"torchvision:{n}" for n in torchvision_models())])
+        self.spec.options = tuple([*self.config_options, *local, *(f"torchvision:{n}" for n in torchvision_models()),
+                                   *(f"timm:{n}" for n in timm_models())])
         if self.config_options and self.model is None and (stale or not self.spec.value):
             self.spec.value = next(iter(self.config_options))  # one click on "Use model" builds it
         elif stale:

@@ -164,7 +164,7 @@ class Pager:
         key = (id(src), self.choice, self.search)
         if self._mask_cache is None or self._mask_cache[0] != key:
             m = src.passes(self.choice) if src is not None else None
-            s = search_mask(src.haystack(), self.search) if src is not None else None
+            s = search_mask(src.haystack(), self.search) if src is not None and self.search.strip() else None
             if s is not None:
                 m = s if m is None else (m & s)
             self._mask_cache = (key, m)

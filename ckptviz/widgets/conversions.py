@@ -1,0 +1,127 @@
+"""The inspector's conversion controls: suggested pairings (never loaded until accepted) accepted
+per row, per group (select a folded line) or all at once; and, on a row whose shapes differ, the
+adaptations that fit it with a preview of what they would write."""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Callable
+
+import ipywidgets as w
+from torch import nn
+
+from ..adapt import applicable, plan
+from ..adapt import apply as adapt_apply
+from ..compare import STATUS_COLOURS, Report, model_tensors
+from ..errors import AdaptError
+from ..plots import figure_to_png, histogram_figure, shorten_key
+from ..stats import histogram
+
+
+class SuggestionPanel(w.VBox):
+    """How many pairings are only suggested or ambiguous, with *Accept selected* and *Accept all*.
+    Hidden when the report has neither. The inspector gives the callbacks (``on_accept(keys)``, with
+    None for all)."""
+
+    def __init__(self, on_accept: Callable[[list[str] | None], None]):
+        self.info = w.HTML()
+        self.info.add_class("ckptviz-suggestion-info")
+        self.accept_selected_button = w.Button(description="Accept selected", icon="check",
+                                               tooltip="pair the selected suggested rows (a row, or a folded group)",
+                                               layout=w.Layout(width="auto"))
+        self.accept_selected_button.add_class("ckptviz-accept-selected")
+        self.accept_all_button = w.Button(description="Accept all suggestions", icon="check-double",
+                                          layout=w.Layout(width="auto"))
+        self.accept_all_button.add_class("ckptviz-accept-all")
+        self.accept_selected_button.on_click(lambda _: on_accept([]))  # []: the inspector reads the selection
+        self.accept_all_button.on_click(lambda _: on_accept(None))
+        self.buttons = w.HBox([self.accept_selected_button, self.accept_all_button])
+        super().__init__([self.info, self.buttons], layout=w.Layout(display="none"))
+        self.add_class("ckptviz-suggestions")
+
+    def show(self, report: Report | None) -> None:
+        n = len(report.suggestions) if report is not None else 0
+        amb = len(report.ambiguous) if report is not None else 0
+        self.layout.display = "" if (n or amb) else "none"
+        self.buttons.layout.display = "" if n else "none"
+        parts = []
+        if n:
+            parts.append(f"<span style='background:{STATUS_COLOURS['suggested']};padding:1px 5px;border-radius:3px'>"
+                         f"{n} suggested pairing(s)</span> (same shape, a likely rename): never loaded until you "
+                         "accept them; the <code>rule</code> column says why.")
+        if amb:
+            keys = ", ".join(html.escape(k) for k in report.ambiguous["key"].head(3))
+            parts.append(f"{amb} key(s) fit several tensors equally and stay unpaired ({keys}"
+                         f"{', …' if amb > 3 else ''}): pair them with a rename rule if you know which.")
+        self.info.value = "<div style='font-size:90%'>" + "<br>".join(parts) + "</div>"
+
+
+class AdaptPanel(w.VBox):
+    """For a row whose shapes differ: the adaptations that fit, a preview (shapes, and the histogram
+    of what would be written beside the model tensor now) and *Adapt*. ``on_adapt(method)`` applies
+    it to the selected rows (a row, or a folded group selected as a whole)."""
+
+    def __init__(self, on_adapt: Callable[[str], None]):
+        self.method = w.Dropdown(description="adapt", options=[], layout=w.Layout(width="auto"))
+        self.method.add_class("ckptviz-adapt-method")
+        self.apply_button = w.Button(description="Adapt", icon="magic", layout=w.Layout(width="auto"),
+                                     tooltip="load this row through the adaptation (it stays opt-in: undo works)")
+        self.apply_button.add_class("ckptviz-adapt-apply")
+        self.preview = w.HTML()
+        self.preview.add_class("ckptviz-adapt-preview")
+        self.plot = w.HTML()
+        self.plot.add_class("ckptviz-adapt-plot")
+        self._row: tuple | None = None  # (checkpoint tensor, model tensor, key)
+        self.method.observe(lambda _: self._draw(), names="value")
+        self.apply_button.on_click(lambda _: on_adapt(self.method.value) if self.method.value else None)
+        super().__init__([w.HBox([self.method, self.apply_button]), self.preview, self.plot],
+                         layout=w.Layout(display="none"))
+        self.add_class("ckptviz-adapt")
+
+    def show(self, report: Report | None, model: nn.Module | None, label: int | None) -> None:
+        """Offer the adaptations for the frame row ``label`` (hidden unless its shapes differ)."""
+        self._row = None
+        row = report.frame.loc[label] if report is not None and label is not None else None
+        if row is None or model is None or row["status"] not in ("shape_mismatch", "adapted"):
+            self.layout.display = "none"
+            return
+        live = model_tensors(model).get(row["key"])
+        if live is None:
+            self.layout.display = "none"
+            return
+        self._row = (report, row, live)
+        methods = applicable(row["ckpt_shape"], row["model_shape"], row["key"])
+        self.method.options = methods
+        self.method.value = methods[0]
+        self.layout.display = ""
+        self._draw()
+
+    def _draw(self) -> None:
+        if self._row is None or not self.method.value:
+            return
+        report, row, live = self._row
+        try:
+            a = plan(self.method.value, row["ckpt_shape"], row["model_shape"])
+        except AdaptError as e:
+            self.preview.value = f"<span style='color:#b00020'>{html.escape(str(e))}</span>"
+            self.plot.value = ""
+            return
+        self.preview.value = (f"<div style='font-size:90%'><b>{html.escape(a.text)}</b><br>checkpoint "
+                              f"{tuple(row['ckpt_shape'])} → model {tuple(row['model_shape'])}</div>")
+        self.plot.value = ""
+        if not a.loads or live.is_meta:
+            return
+        try:
+            src = report.checkpoint.tensor(row["ckpt_key"], report.section)
+            written = adapt_apply(a, src, live.detach())
+        except AdaptError as e:
+            self.preview.value += f"<span style='color:#b00020'>{html.escape(str(e))}</span>"
+            return
+        now = live.detach().float()
+        if not now.numel() or not written.numel():
+            return
+        lo, hi = (float(min(now.min(), written.float().min())), float(max(now.max(), written.float().max())))
+        hists = {"model now": histogram(now, range=(lo, hi)), "will be written": histogram(written, range=(lo, hi))}
+        png = figure_to_png(histogram_figure(hists, title=shorten_key(row["key"], 40)))
+        self.plot.value = f"<img style='max-width:100%' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
