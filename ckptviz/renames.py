@@ -35,23 +35,42 @@ MAX_SCORED_PAIRS = 50_000  # name similarity is scored for at most this many pai
 CLEAR_MARGIN = 0.01  # the best candidate by name must beat the second by this much to be suggested
 
 _W = r"(^|\.)"
-FAMILIES: list[tuple[Rule, bool]] = [  # (rule on a checkpoint key, only inside norm layers)
-    (Rule(_W + r"(\w+)_g$", r"\1parametrizations.\2.original0", "weight_norm, old -> parametrized"), False),
-    (Rule(_W + r"(\w+)_v$", r"\1parametrizations.\2.original1", "weight_norm, old -> parametrized"), False),
-    (Rule(_W + r"parametrizations\.(\w+)\.original0$", r"\1\2_g", "weight_norm, parametrized -> old"), False),
-    (Rule(_W + r"parametrizations\.(\w+)\.original1$", r"\1\2_v", "weight_norm, parametrized -> old"), False),
-    (Rule(_W + r"(\w+)_orig$", r"\1parametrizations.\2.original", "spectral_norm, old -> parametrized"), False),
-    (Rule(_W + r"(\w+)_u$", r"\1parametrizations.\2.0._u", "spectral_norm, old -> parametrized"), False),
-    (Rule(_W + r"(\w+)_v$", r"\1parametrizations.\2.0._v", "spectral_norm, old -> parametrized"), False),
-    (Rule(_W + r"parametrizations\.(\w+)\.original$", r"\1\2_orig", "spectral_norm, parametrized -> old"), False),
-    (Rule(_W + r"parametrizations\.(\w+)\.0\._u$", r"\1\2_u", "spectral_norm, parametrized -> old"), False),
-    (Rule(_W + r"parametrizations\.(\w+)\.0\._v$", r"\1\2_v", "spectral_norm, parametrized -> old"), False),
-    (Rule(_W + r"gamma$", r"\1weight", "norm layers: gamma -> weight"), True),
-    (Rule(_W + r"beta$", r"\1bias", "norm layers: beta -> bias"), True),
-    (Rule(_W + r"weight$", r"\1gamma", "norm layers: weight -> gamma"), True),
-    (Rule(_W + r"bias$", r"\1beta", "norm layers: bias -> beta"), True),
+_OLD, _NEW, _GB, _WB = 0, 1, 2, 3  # which keys a family rule applies to (see _kind)
+FAMILIES: list[tuple[Rule, int]] = [  # (rule on a checkpoint key, the kind of key it applies to)
+    (Rule(_W + r"(\w+)_g$", r"\1parametrizations.\2.original0", "weight_norm, old -> parametrized"), _OLD),
+    (Rule(_W + r"(\w+)_v$", r"\1parametrizations.\2.original1", "weight_norm, old -> parametrized"), _OLD),
+    (Rule(_W + r"parametrizations\.(\w+)\.original0$", r"\1\2_g", "weight_norm, parametrized -> old"), _NEW),
+    (Rule(_W + r"parametrizations\.(\w+)\.original1$", r"\1\2_v", "weight_norm, parametrized -> old"), _NEW),
+    (Rule(_W + r"(\w+)_orig$", r"\1parametrizations.\2.original", "spectral_norm, old -> parametrized"), _OLD),
+    (Rule(_W + r"(\w+)_u$", r"\1parametrizations.\2.0._u", "spectral_norm, old -> parametrized"), _OLD),
+    (Rule(_W + r"(\w+)_v$", r"\1parametrizations.\2.0._v", "spectral_norm, old -> parametrized"), _OLD),
+    (Rule(_W + r"parametrizations\.(\w+)\.original$", r"\1\2_orig", "spectral_norm, parametrized -> old"), _NEW),
+    (Rule(_W + r"parametrizations\.(\w+)\.0\._u$", r"\1\2_u", "spectral_norm, parametrized -> old"), _NEW),
+    (Rule(_W + r"parametrizations\.(\w+)\.0\._v$", r"\1\2_v", "spectral_norm, parametrized -> old"), _NEW),
+    (Rule(_W + r"gamma$", r"\1weight", "norm layers: gamma -> weight"), _GB),
+    (Rule(_W + r"beta$", r"\1bias", "norm layers: beta -> bias"), _GB),
+    (Rule(_W + r"weight$", r"\1gamma", "norm layers: weight -> gamma"), _WB),
+    (Rule(_W + r"bias$", r"\1beta", "norm layers: bias -> beta"), _WB),
 ]
-_MODEL_HINT = re.compile(r"_[gvu]$|_orig$|parametrizations\.|(^|\.)(gamma|beta|weight|bias)$")
+_RULES_BY_KIND = {kind: [r for r, k in FAMILIES if k == kind] for kind in (_OLD, _NEW, _GB, _WB)}
+_OLD_LEAF = re.compile(r"_[gvu]$|_orig$")
+
+
+def _kind(key: str) -> int | None:
+    """Which family rules can rename ``key``: old-style norm leaves, parametrized ones, gamma/beta,
+    weight/bias; None for any other key."""
+    if "parametrizations." in key:
+        return _NEW
+    leaf = key.rpartition(".")[2]
+    if leaf in ("weight", "bias"):
+        return _WB
+    if leaf in ("gamma", "beta"):
+        return _GB
+    return _OLD if _OLD_LEAF.search(leaf) else None
+
+
+# what a model key of each kind is renamed from (a checkpoint key of the paired kind)
+_FROM = {_NEW: _OLD, _OLD: _NEW, _WB: _GB, _GB: _WB}
 
 
 @dataclass
@@ -116,21 +135,27 @@ def _module(key: str) -> tuple[str, str]:
 def _families(al: Alignment, free_m: np.ndarray, free_c: np.ndarray, model_shape: np.ndarray,
               ckpt_shape: np.ndarray, norm_modules: Callable[[], set[str]]) -> None:
     model_keys, ckpt_keys = al.model_keys, al.ckpt_keys
-    free_model = {model_keys[j]: j for j in free_m.tolist() if _MODEL_HINT.search(model_keys[j])}
+    free_model, wanted = {}, set()  # model keys a family could rename to; the kinds of checkpoint key that could
+    for j in free_m.tolist():
+        kind = _kind(model_keys[j])
+        if kind is not None:
+            free_model[model_keys[j]] = j
+            wanted.add(_FROM[kind])
     if not free_model:
         return
     norms: set[str] | None = None
     pairs = []
     for c in free_c.tolist():
         key = ckpt_keys[c]
-        if not _MODEL_HINT.search(key):
+        kind = _kind(key)
+        if kind not in wanted:
             continue
-        for rule, scoped in FAMILIES:
+        for rule in _RULES_BY_KIND[kind]:
             name = rule.apply(key)
             j = free_model.get(name) if name != key else None
             if j is None or model_shape[j] is None or model_shape[j] != ckpt_shape[c]:
                 continue
-            if scoped:
+            if kind in (_GB, _WB):  # gamma/beta only inside the model's norm layers
                 norms = norm_modules() if norms is None else norms
                 if _module(name)[0] not in norms:
                     continue
@@ -151,27 +176,39 @@ def _indices(module: str) -> tuple[int, ...]:
     return tuple(int(p) for p in module.split(".") if _NUMBER.match(p))
 
 
-def _modules(keys: np.ndarray, rows: np.ndarray, shapes: np.ndarray) -> dict[tuple, list[tuple[str, list]]]:
-    """Free keys grouped by module, then modules grouped by (skeleton, signature): the signature is the
-    module's free leaves with their shapes, so equal classes pair leaf by leaf with equal shapes."""
+def _members(keys: np.ndarray, rows: np.ndarray) -> dict[str, list[tuple[str, int]]]:
+    """Free keys grouped by module: module -> [(leaf, row)]."""
     members: dict[str, list[tuple[str, int]]] = {}
     for r in rows.tolist():
-        module, leaf = _module(keys[r])
+        module, _, leaf = keys[r].rpartition(".")
         members.setdefault(module, []).append((leaf, r))
+    return members
+
+
+def _classes(members: dict[str, list[tuple[str, int]]], skeletons: dict[str, tuple], keep: set[tuple],
+             shapes: np.ndarray) -> dict[tuple, list[tuple[str, list]]]:
+    """Modules whose skeleton is in ``keep``, grouped by (skeleton, signature): the signature is the
+    module's free leaves with their shapes, so equal classes pair leaf by leaf with equal shapes."""
     classes: dict[tuple, list[tuple[str, list]]] = {}
     for module, leaves in members.items():
-        if any(shapes[r] is None for _, r in leaves):
-            continue  # a lazy tensor has no shape to agree on
+        sk = skeletons[module]
+        if sk not in keep or any(shapes[r] is None for _, r in leaves):
+            continue  # nothing like it on the other side, or a lazy tensor (no shape to agree on)
         leaves.sort()
-        signature = (skeleton(module), tuple((leaf, shapes[r]) for leaf, r in leaves))
-        classes.setdefault(signature, []).append((module, leaves))
+        classes.setdefault((sk, tuple((leaf, shapes[r]) for leaf, r in leaves)), []).append((module, leaves))
     return classes
 
 
 def _structure(al: Alignment, free_m: np.ndarray, free_c: np.ndarray, model_shape: np.ndarray,
                ckpt_shape: np.ndarray) -> None:
-    model = _modules(al.model_keys, free_m, model_shape)
-    ckpt = _modules(al.ckpt_keys, free_c, ckpt_shape)
+    m_members, c_members = _members(al.model_keys, free_m), _members(al.ckpt_keys, free_c)
+    m_sk = {m: skeleton(m) for m in m_members}
+    c_sk = {c: skeleton(c) for c in c_members}
+    both = set(m_sk.values()) & set(c_sk.values())
+    if not both:
+        return
+    model = _classes(m_members, m_sk, both, model_shape)
+    ckpt = _classes(c_members, c_sk, both, ckpt_shape)
     pairs = []
     for signature, ms in model.items():
         cs = ckpt.get(signature)
