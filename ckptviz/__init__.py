@@ -1,5 +1,6 @@
 """ckptviz: look inside PyTorch checkpoints and load them into live models, safely and lazily."""
 
+from .adapt import preview as preview_adaptation
 from .align import Rule
 from .checkpoint import Checkpoint, open_checkpoint
 from .compare import STATUSES, Report, compare
@@ -46,6 +47,6 @@ __all__ = [
     "NoTensorsError", "OptimizerMismatchError", "Report", "Rule", "SectionError", "UnknownFormatError",
     "UnsafeCheckpointError", "compare", "load_optimizer", "load_partial", "open_checkpoint", "build_model",
     "find_models", "model_from_config", "parse_kwargs", "torchvision_models", "torch_code", "DiffReport", "diff",
-    "diff_tensors",
+    "diff_tensors", "preview_adaptation",
     "Histogram", "StatsCache", "histogram", "stats_frame", "summarize", "tensor_stats",
 ]

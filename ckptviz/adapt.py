@@ -225,3 +225,20 @@ def code(a: Adaptation, key: str) -> str:
                 f"sd[{k}] = (w.double().reshape(-1, {old[0] * old[1]}) @ torch.linalg.pinv(R.T).T)"
                 f".reshape(*w.shape[:2], {new[0]}, {new[1]}).to(w.dtype)\n")
     return f"sd.pop({k}, None)  # {a.text}\n"
+
+
+def preview(report, model, key: str) -> dict[str, torch.Tensor]:
+    """For an adapted row of ``report``: ``{"checkpoint": saved tensor, "model now": the model's tensor,
+    "will be written": what ``load_partial`` would write}`` (nothing is written), to compare before loading."""
+    from .compare import model_tensors
+
+    a = report.adaptations.get(key)
+    if a is None:
+        raise AdaptError(f"{key!r} is not adapted in this report; call report.adapt({key!r}, method) first")
+    row = report.frame.loc[report.frame["key"] == key].iloc[0]
+    src = report.checkpoint.tensor(row["ckpt_key"], report.section)
+    live = model_tensors(model)[key].detach()
+    out = {"checkpoint": src, "model now": live}
+    if a.loads:
+        out["will be written"] = apply(a, src, live).to(live.dtype)
+    return out

@@ -69,6 +69,11 @@ def debugging(kernel_dir, tmp_path_factory) -> nbformat.NotebookNode:
     return execute("03_debugging_failures.ipynb", kernel_dir, tmp_path_factory.mktemp("nb03"))
 
 
+@pytest.fixture(scope="module")
+def adapting(kernel_dir, tmp_path_factory) -> nbformat.NotebookNode:
+    return execute("05_adapting_checkpoints.ipynb", kernel_dir, tmp_path_factory.mktemp("nb05"))
+
+
 # ---- reading outputs ---------------------------------------------------------------------------------------
 def cell(nb: nbformat.NotebookNode, snippet: str) -> nbformat.NotebookNode:
     """The one code cell whose source contains ``snippet``."""
@@ -266,6 +271,31 @@ def test_debugging_g_strict_false_half_loads_but_load_partial_does_not(debugging
     assert "loaded: ['0.weight', '0.bias']" in out
     assert "'2.weight': 'shape (5, 8) in the checkpoint, (3, 8) in the model'" in out
     assert "after undo, first layer as before: True" in out
+
+
+# ---- 05 adapting checkpoints ---------------------------------------------------------------------------------
+def test_adapting_runs_cleanly(adapting):
+    assert_ran_cleanly(adapting)
+
+
+def test_adapting_each_case_is_shown_previewed_loaded_and_undone(adapting):
+    a = text(cell(adapting, 'rep_a = rep.adapt("conv1.weight", "channels")'))
+    assert "adapted: channels 3→1 (sum over the 3 saved channels)" in a and "written = sum over RGB: True" in a
+    a = text(cell(adapting, "res = cv.load_partial(gray, rep_a)"))
+    assert "conv1 is the RGB sum: True" in a and "a grayscale batch runs: (2, 10)" in a
+    assert "back to its initialization: True" in a
+    b = text(cell(adapting, 'rep_b = rep.adapt("encoder.pos_embedding", "resample")'))
+    assert "adapted: resample 4×4→6×6 grid, bicubic (1 prefix token kept)" in b
+    b = text(cell(adapting, "res = cv.load_partial(big, rep_b)"))
+    assert "class token kept: True" in b and "48x48 images run: (1, 10)" in b and "undone: True" in b
+    c = text(cell(adapting, 'sliced = rep.adapt(["head.weight", "head.bias"], "slice")'))
+    assert "first 5 rows of the saved head: True" in c and "reinit: head untouched: True" in c
+    assert "t[:5, :64] = sd['head.weight'][:5, :64]" in text(cell(adapting, "print(cv.torch_code(sliced))"))
+    assert WIDGET_VIEW in mimetypes(cell(adapting, "cv.CheckpointInspector(model=five"))
+    d = text(cell(adapting, "rep = cv.compare(modern"))
+    assert "conv.weight_g" in d and "LayerNorm.gamma" in d and "'match': 7" in d
+    d = text(cell(adapting, "res = cv.load_partial(modern, rep)"))
+    assert "7 tensors loaded; same outputs as the old model: True" in d and "undone: True" in d
 
 
 def test_notebooks_are_stored_without_outputs():
