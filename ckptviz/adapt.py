@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from .errors import AdaptError
 
-METHODS = ("slice", "channels", "resample", "reinit")
+METHODS = ("slice", "channels", "resample", "reinit")  # the per-row ones; layouts adds stack, concat, split
+MULTI = ("stack", "concat")  # adaptations that read several checkpoint tensors
 MAX_PREFIX_TOKENS = 16
 _DIM_NAMES = ("rows", "columns")
 
@@ -155,11 +156,22 @@ def apply(a: Adaptation, src: torch.Tensor, current: torch.Tensor | None) -> tor
             reps[1] = math.ceil(n / w.shape[1])
             w = w.repeat(*reps)[:, :n] * (w.shape[1] / n)
         return w.to(src.dtype)
+    if a.method == "split":
+        return src.narrow(a.options["dim"], a.options["offset"], a.model_shape[a.options["dim"]]).clone()
     if a.method == "resample":
         if a.options["kind"] == "kernel":
             return _resample_kernel(src, a.model_shape[2:])
         return _resample_grid(src, a.options["prefix_tokens"], a.options["old_grid"], a.options["grid"])
     raise AdaptError(f"{a.method} writes nothing")
+
+
+def apply_many(a: Adaptation, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A ``stack`` or ``concat`` adaptation (see :mod:`ckptviz.layouts`) of the checkpoint tensors in order."""
+    if any(tuple(t.shape) != a.ckpt_shape for t in tensors):
+        got = [tuple(t.shape) for t in tensors][:3]
+        raise AdaptError(f"the checkpoint tensors' shapes changed since the report: {got}")
+    join = torch.stack if a.method == "stack" else torch.cat
+    return join(list(tensors), dim=a.options["dim"])
 
 
 def _resample_grid(src: torch.Tensor, prefix: int, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
@@ -194,6 +206,12 @@ def code(a: Adaptation, key: str) -> str:
     """The same adaptation as plain PyTorch, on ``sd`` (keyed by model names) and ``dst`` (the model's
     state dict); imports: ``math``, ``torch``, ``torch.nn.functional as F``."""
     k = repr(key)
+    if a.method in ("stack", "concat"):
+        fn = "torch.stack" if a.method == "stack" else "torch.cat"
+        return f"sd[{k}] = {fn}([raw[c] for c in {list(a.options['keys'])!r}], dim={a.options['dim']})  # {a.text}\n"
+    if a.method == "split":
+        d, o = a.options["dim"], a.options["offset"]
+        return f"sd[{k}] = raw[{a.options['source']!r}].narrow({d}, {o}, {a.model_shape[d]}).clone()  # {a.text}\n"
     if a.method == "slice":
         block = ", ".join(f":{min(c, m)}" for c, m in zip(a.ckpt_shape, a.model_shape))
         return (f"t = dst[{k}].detach().clone().to(sd[{k}].dtype)  # {a.text}\n"

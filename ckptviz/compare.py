@@ -167,6 +167,28 @@ class Report:
             frame.iat[at[k], rule_at] = "adapted: " + done[k].text
         return self._with(frame, adaptations=done)
 
+    def combine(self, key: str, ckpt_keys: Iterable[str], how: str = "stack", dim: int = 0) -> Report:
+        """A new report in which model tensor ``key`` loads from the unexpected checkpoint tensors
+        ``ckpt_keys`` stacked (``how="stack"``, a new dimension ``dim``) or concatenated (``"concat"``),
+        in the order given: per-expert MoE weights into one stacked tensor. Checked exactly first."""
+        from .layouts import combine
+
+        return combine(self, key, list(ckpt_keys), how, dim)
+
+    def split(self, ckpt_key: str, keys: Iterable[str], dim: int = 0) -> Report:
+        """A new report in which the model tensors ``keys`` load from consecutive pieces of the one
+        unexpected checkpoint tensor ``ckpt_key`` along ``dim`` (a fused qkv into q, k, v)."""
+        from .layouts import split
+
+        return split(self, ckpt_key, list(keys), dim)
+
+    def stack_suggestions(self) -> pd.DataFrame:
+        """Missing model tensors that a group of unexpected checkpoint tensors stacks into exactly
+        (see :func:`ckptviz.layouts.stack_suggestions`); apply one with :meth:`combine`."""
+        from .layouts import stack_suggestions
+
+        return stack_suggestions(self)
+
     def _with(self, frame: pd.DataFrame, **changes) -> Report:
         parts = {"suggestions": self._suggestions, "ambiguous": self._ambiguous, "adaptations": self.adaptations}
         parts.update(changes)

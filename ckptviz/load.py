@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .adapt import MULTI, apply_many
 from .adapt import apply as adapt_apply
 from .compare import Report, is_lazy, model_tensors
 from .errors import AdaptError, LoadError
@@ -346,8 +347,13 @@ def _adapted(report: Report, live: dict[str, torch.Tensor], sources: dict[str, t
     """``sources`` with each adapted row's tensor computed (model-shaped, in memory) before anything is
     written; a row whose adaptation cannot run is skipped with the reason."""
     for k in [k for k in plan if k in report.adaptations]:
+        a = report.adaptations[k]
         try:
-            sources[k] = adapt_apply(report.adaptations[k], sources[k], live[k])
+            if a.method in MULTI:
+                parts = report.checkpoint.values(list(a.options["keys"]), report.section, copy=False)
+                sources[k] = apply_many(a, [parts[c] for c in a.options["keys"]])
+            else:
+                sources[k] = adapt_apply(a, sources[k], live[k])
         except AdaptError as e:
             skipped[k] = f"{report.adaptations[k].text}: {e}"
             del sources[k], plan[k]

@@ -267,6 +267,8 @@ def torch_code(
     adapting = _adapt_lines(report, loaded)
     if adapting:
         imports += [i for i in ("import math", "import torch.nn.functional as F") if i not in imports]
+        if any(a.method in ("stack", "concat", "split") for k, a in report.adaptations.items() if k in loaded):
+            body.insert(0, "raw = dict(sd)  # the checkpoint's own names: some tensors are combined or split below\n")
     body.extend(adapting)
     if isinstance(result_or_report, LoadResult) and result_or_report.assign:
         body.extend(_assign_lines(result_or_report, [r for r in rows if r.key in loaded]))

@@ -53,3 +53,20 @@ def bit_identical(model: nn.Module, snap: dict[str, torch.Tensor]) -> bool:
         now[k].dtype == snap[k].dtype and now[k].shape == snap[k].shape and torch.equal(_bits(now[k]), _bits(snap[k]))
         for k in now
     )
+
+
+class InterruptOnCopy(torch.Tensor):
+    """A checkpoint tensor whose copy into the model raises KeyboardInterrupt on the Nth copy (set
+    ``InterruptOnCopy.countdown = N``): the interrupt comes from inside the load's own ``dst.copy_(src)``,
+    through torch's dispatch."""
+
+    countdown = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.copy_:
+            cls.countdown -= 1
+            if cls.countdown == 0:
+                raise KeyboardInterrupt
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))

@@ -6,6 +6,7 @@ resample_patch_embed); reinit; atomic failure and undo; the same adaptations as 
 import pytest
 import torch
 import torchvision
+from models import InterruptOnCopy
 from torch import nn
 
 import ckptviz as cv
@@ -128,19 +129,6 @@ def test_adaptations_that_do_not_fit_are_refused_with_the_key():
         rep.adapt("weight", "stretch")
 
 
-class _InterruptOnCopy(torch.Tensor):
-    countdown = 0
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.copy_:
-            cls.countdown -= 1
-            if cls.countdown == 0:
-                raise KeyboardInterrupt
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **(kwargs or {}))
-
-
 def test_a_failed_load_restores_adapted_rows_too(tmp_path):
     src = nn.Sequential(nn.Linear(4, 3), *[nn.Linear(4, 4) for _ in range(4)])
     dst = nn.Sequential(nn.Linear(4, 5), *[nn.Linear(4, 4) for _ in range(4)])
@@ -152,10 +140,10 @@ def test_a_failed_load_restores_adapted_rows_too(tmp_path):
     values = ck.values
 
     def interrupting(keys, section, **kw):  # the checkpoint's tensors interrupt the 4th copy into the model
-        return {k: t.as_subclass(_InterruptOnCopy) for k, t in values(keys, section, **kw).items()}
+        return {k: t.as_subclass(InterruptOnCopy) for k, t in values(keys, section, **kw).items()}
 
     ck.values = interrupting
-    _InterruptOnCopy.countdown = 4
+    InterruptOnCopy.countdown = 4
     try:
         with pytest.raises(KeyboardInterrupt):
             cv.load_partial(dst, rep)

@@ -5,7 +5,7 @@ load_state_dict (they take the checkpoint's shapes) and undo makes them lazy aga
 
 import pytest
 import torch
-from models import bit_identical, randomized, snapshot
+from models import InterruptOnCopy, bit_identical, randomized, snapshot
 from torch import nn
 
 import ckptviz
@@ -13,34 +13,18 @@ import ckptviz as cv
 
 
 # ---- interrupts from the checkpoint side (a wrapped Checkpoint) -----------------------------------
-class _InterruptOnCopy(torch.Tensor):
-    """A checkpoint tensor whose copy into the model raises KeyboardInterrupt on the Nth copy: the
-    interrupt comes from inside the load's own ``dst.copy_(src)``, through torch's dispatch."""
-
-    countdown = 0
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.copy_:
-            cls.countdown -= 1
-            if cls.countdown == 0:
-                raise KeyboardInterrupt
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **(kwargs or {}))
-
-
 class _InterruptingCheckpoint:
     """A real Checkpoint whose tensors interrupt the load on the Nth copy."""
 
     def __init__(self, ck, n):
         self._ck = ck
-        _InterruptOnCopy.countdown = n
+        InterruptOnCopy.countdown = n
 
     def __getattr__(self, name):
         return getattr(self._ck, name)
 
     def values(self, keys, section, **kw):
-        return {k: t.as_subclass(_InterruptOnCopy) for k, t in self._ck.values(keys, section, **kw).items()}
+        return {k: t.as_subclass(InterruptOnCopy) for k, t in self._ck.values(keys, section, **kw).items()}
 
 
 def stack(n=30, width=16):

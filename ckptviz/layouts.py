@@ -1,0 +1,177 @@
+"""Many-to-one layouts: several checkpoint tensors stacked or concatenated into one model tensor
+(per-expert MoE weights ``experts.{i}.w1.weight`` into a stacked ``experts.w1``), and one checkpoint
+tensor split into several model tensors (a fused ``qkv`` into ``q``, ``k``, ``v``).
+
+Each is a rule the user states (:func:`combine`, :func:`split`), checked exactly (shapes, counts)
+before anything is read or written, and recorded as an adaptation of the model row, so ``load_partial``
+loads it atomically with the rest and ``undo()`` restores it. :func:`stack_suggestions` lists the
+missing model tensors that a group of unexpected checkpoint tensors would stack into exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from .adapt import Adaptation
+from .errors import AdaptError
+from .fold import fold_keys
+from .renames import similarity
+
+if TYPE_CHECKING:
+    from .compare import Report
+
+MAX_SUGGESTION_GROUPS = 5_000  # folded groups of unexpected keys examined for stack suggestions
+
+
+def _rows(report: Report) -> tuple[pd.DataFrame, dict[str, int], dict[str, int]]:
+    frame = report.frame
+    model_at = {k: i for i, k in enumerate(frame["key"].tolist()) if isinstance(k, str)}
+    unexpected = frame["status"].to_numpy() == "unexpected"
+    ckpt_at = {k: i for i, k in zip(np.flatnonzero(unexpected).tolist(), frame.loc[unexpected, "ckpt_key"].tolist())}
+    return frame, model_at, ckpt_at
+
+
+def _saved_shapes(report: Report, keys: Sequence[str]) -> list[tuple[int, ...]]:
+    tensors = report.checkpoint.tensors(report.section)
+    missing = [k for k in keys if k not in tensors.index]
+    if missing:
+        raise AdaptError(f"{report.checkpoint.path}: no tensor {missing[:3]} in section "
+                         f"{report.section or '(top level)'}")
+    return [tuple(tensors.at[k, "shape"]) for k in keys]
+
+
+def _free_ckpt(report: Report, keys: Sequence[str], ckpt_at: dict[str, int]) -> None:
+    """Every key must be an unexpected row (not paired with anything yet)."""
+    taken = [k for k in keys if k not in ckpt_at]
+    if taken:
+        frame = report.frame
+        where = frame.loc[frame["ckpt_key"].isin(taken), ["ckpt_key", "key"]].head(3).values.tolist()
+        raise AdaptError(f"checkpoint key(s) {taken[:3]} are already paired ({where}) or not in the report; only "
+                         "unexpected checkpoint tensors can be combined or split")
+
+
+def _apply(report: Report, changes: dict[str, tuple[Adaptation, str, tuple]], consumed: Sequence[str]) -> Report:
+    """A new report: each model row in ``changes`` (key -> (adaptation, ckpt key shown, ckpt shape))
+    adapted, and the unexpected rows of ``consumed`` removed."""
+    frame, model_at, ckpt_at = _rows(report)
+    frame = frame.copy()
+    cols = {c: frame.columns.get_loc(c) for c in ("ckpt_key", "ckpt_shape", "ckpt_dtype", "ckpt_device", "status",
+                                                  "rule")}
+    done = dict(report.adaptations)
+    for key, (a, shown, shape) in changes.items():
+        i, src = model_at[key], ckpt_at[shown]
+        for c in ("ckpt_dtype", "ckpt_device"):
+            frame.iat[i, cols[c]] = frame.iat[src, cols[c]]
+        frame.iat[i, cols["ckpt_key"]] = shown
+        frame.iat[i, cols["ckpt_shape"]] = shape
+        frame.iat[i, cols["status"]] = "adapted"
+        frame.iat[i, cols["rule"]] = "adapted: " + a.text
+        done[key] = a
+    frame = frame.drop(index=frame.index[[ckpt_at[c] for c in dict.fromkeys(consumed)]]).reset_index(drop=True)
+    return report._with(frame, adaptations=done)
+
+
+def combine(report: Report, key: str, ckpt_keys: Sequence[str], how: str = "stack", dim: int = 0) -> Report:
+    """Load the model tensor ``key`` from ``ckpt_keys`` stacked (a new dimension ``dim``) or
+    concatenated (along ``dim``), in the order given. Checked exactly before anything is read."""
+    if how not in ("stack", "concat"):
+        raise AdaptError(f"how={how!r}: use 'stack' (a new dimension) or 'concat' (along an existing one)")
+    ckpt_keys = list(ckpt_keys)
+    frame, model_at, ckpt_at = _rows(report)
+    if key not in model_at:
+        raise AdaptError(f"{key!r} is not a model key of this report")
+    if len(ckpt_keys) < 2 or len(set(ckpt_keys)) < len(ckpt_keys):
+        raise AdaptError(f"give two or more distinct checkpoint keys to {how} (got {len(ckpt_keys)})")
+    _free_ckpt(report, ckpt_keys, ckpt_at)
+    shapes = _saved_shapes(report, ckpt_keys)
+    if len(set(shapes)) > 1:
+        raise AdaptError(f"the checkpoint tensors to {how} have different shapes: {sorted(set(shapes))[:4]}")
+    one, n = shapes[0], len(ckpt_keys)
+    model_shape = tuple(frame.at[model_at[key], "model_shape"])
+    if how == "stack":
+        if not 0 <= dim <= len(one):
+            raise AdaptError(f"dim={dim} is out of range for stacking {one} tensors")
+        result = (*one[:dim], n, *one[dim:])
+    else:
+        if not 0 <= dim < len(one):
+            raise AdaptError(f"dim={dim} is out of range for concatenating {one} tensors")
+        result = (*one[:dim], one[dim] * n, *one[dim + 1:])
+    if result != model_shape:
+        raise AdaptError(f"{how} of {n} × {one} along dim {dim} gives {result}, but {key!r} is {model_shape}")
+    pattern = _pattern(ckpt_keys)
+    text = f"{how} {n} × {one} along dim {dim}: {pattern}"
+    a = Adaptation(how, one, model_shape, text, {"keys": tuple(ckpt_keys), "dim": dim})
+    return _apply(report, {key: (a, ckpt_keys[0], result)}, ckpt_keys)
+
+
+def split(report: Report, ckpt_key: str, keys: Sequence[str], dim: int = 0) -> Report:
+    """Load the model tensors ``keys`` from consecutive pieces of the one checkpoint tensor
+    ``ckpt_key`` along ``dim`` (a fused ``qkv`` into ``q``, ``k``, ``v``), sized by the model's shapes."""
+    keys = list(keys)
+    frame, model_at, ckpt_at = _rows(report)
+    unknown = [k for k in keys if k not in model_at]
+    if unknown:
+        raise AdaptError(f"not model keys of this report: {unknown[:3]}")
+    _free_ckpt(report, [ckpt_key], ckpt_at)
+    (fused,) = _saved_shapes(report, [ckpt_key])
+    shapes = [tuple(frame.at[model_at[k], "model_shape"]) for k in keys]
+    if not 0 <= dim < len(fused) or any(len(s) != len(fused) for s in shapes):
+        raise AdaptError(f"split along dim {dim} needs model tensors with as many dimensions as {fused}: {shapes}")
+    if any(s[:dim] + s[dim + 1:] != fused[:dim] + fused[dim + 1:] for s in shapes):
+        raise AdaptError(f"the pieces {shapes} differ from {fused} in a dimension other than {dim}")
+    if sum(s[dim] for s in shapes) != fused[dim]:
+        raise AdaptError(f"the pieces' sizes along dim {dim} sum to {sum(s[dim] for s in shapes)}, but "
+                         f"{ckpt_key!r} has {fused[dim]}")
+    changes, offset = {}, 0
+    for k, s in zip(keys, shapes):
+        text = f"split {ckpt_key} {fused}: [{offset}:{offset + s[dim]}] along dim {dim}"
+        a = Adaptation("split", fused, s, text, {"dim": dim, "offset": offset, "source": ckpt_key})
+        changes[k] = (a, ckpt_key, fused)
+        offset += s[dim]
+    return _apply(report, changes, [ckpt_key])
+
+
+def _index_order(key: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in key.split(".") if p.isdigit())
+
+
+def _pattern(keys: Sequence[str]) -> str:
+    f = fold_keys(list(keys))
+    return f.patterns[0] if len(f) == 1 else f"{keys[0]} … {keys[-1]}"
+
+
+def stack_suggestions(report: Report) -> pd.DataFrame:
+    """Missing model tensors that a group of unexpected checkpoint tensors (keys that differ in one
+    index, all of one shape) would stack into exactly along dim 0, the closest group by name first:
+    ``key``, ``ckpt_keys``, ``how``, ``dim``, ``reason``. Nothing is applied: pass a row to
+    ``report.combine(key, ckpt_keys)``."""
+    frame, model_at, ckpt_at = _rows(report)
+    missing = frame.loc[frame["status"] == "missing", ["key", "model_shape"]]
+    columns = ["key", "ckpt_keys", "how", "dim", "reason"]
+    if missing.empty or not ckpt_at:
+        return pd.DataFrame(columns=columns)
+    ckpt_keys = list(ckpt_at)
+    folding = fold_keys(ckpt_keys)
+    shapes = frame["ckpt_shape"].to_numpy()
+    groups = []
+    for g in np.flatnonzero(folding.sizes >= 2)[:MAX_SUGGESTION_GROUPS].tolist():
+        members = sorted((ckpt_keys[i] for i in folding.members(g).tolist()), key=_index_order)
+        member_shapes = {tuple(shapes[ckpt_at[k]]) for k in members}
+        if len(member_shapes) == 1 and folding.grid[g] and folding.patterns[g].count("{") == 1:
+            groups.append((folding.patterns[g], members, member_shapes.pop()))
+    out = []
+    for key, shape in missing.itertuples(index=False):
+        fits = [(similarity(key, p.replace(".{", "{")), p, m) for p, m, one in groups
+                if shape is not None and tuple(shape) == (len(m), *one)]
+        if not fits:
+            continue
+        fits.sort(key=lambda f: -f[0])
+        if len(fits) > 1 and fits[1][0] == fits[0][0]:
+            continue  # two groups fit equally: say nothing rather than guess
+        score, pattern, members = fits[0]
+        out.append((key, members, "stack", 0, f"{len(members)} tensors {pattern} stack into {tuple(shape)}"))
+    return pd.DataFrame(out, columns=columns)

@@ -1,0 +1,102 @@
+"""Many-to-one layouts on real modules: per-expert MoE weights stacked into a fused experts tensor
+(suggested when the shapes fit exactly, applied only when asked), a fused qkv split into q, k, v; loads
+checked value by value, atomic with the rest, undone, and written by torch_code."""
+
+import pytest
+import torch
+from torch import nn
+
+import ckptviz as cv
+from ckptviz.errors import AdaptError
+
+
+class PerExpert(nn.Module):
+    """The old layout: one Linear per expert (``experts.{i}.w1.weight``)."""
+
+    def __init__(self, experts=12):
+        super().__init__()
+        self.router = nn.Linear(4, experts, bias=False)
+        self.experts = nn.ModuleList(nn.Module() for _ in range(experts))
+        for e in self.experts:
+            e.w1 = nn.Linear(4, 6, bias=False)
+
+
+class Fused(nn.Module):
+    """The new layout: one stacked (experts, 6, 4) parameter."""
+
+    def __init__(self, experts=12):
+        super().__init__()
+        self.router = nn.Linear(4, experts, bias=False)
+        self.experts = nn.Module()
+        self.experts.w1 = nn.Parameter(torch.zeros(experts, 6, 4))
+
+
+def test_per_expert_weights_are_suggested_as_a_stack_and_load_when_combined(tmp_path):
+    torch.manual_seed(0)
+    old = PerExpert()
+    path = tmp_path / "moe.pt"
+    torch.save(dict(sorted(old.state_dict().items())), path)  # keys sorted as text: experts.10 before experts.2
+    new = Fused()
+    rep = cv.compare(new, path)
+    assert rep.summary["missing"] == 1 and rep.summary["unexpected"] == 12
+    sugg = rep.stack_suggestions()
+    assert sugg["key"].tolist() == ["experts.w1"]
+    keys = sugg.iloc[0]["ckpt_keys"]
+    assert keys == [f"experts.{i}.w1.weight" for i in range(12)]  # index order, not the file's text order
+    assert "12 tensors experts.{0-11}.w1.weight stack into (12, 6, 4)" in sugg.iloc[0]["reason"]
+    assert cv.load_partial(new, rep).loaded == ["router.weight"]  # a suggestion loads nothing by itself
+
+    combined = rep.combine("experts.w1", keys)
+    row = combined.frame.set_index("key").loc["experts.w1"]
+    assert row["status"] == "adapted" and row["rule"].startswith("adapted: stack 12 × (6, 4) along dim 0")
+    assert combined.summary["unexpected"] == 0 and combined.summary["missing"] == 0
+    res = cv.load_partial(new, combined)
+    assert sorted(res.loaded) == ["experts.w1", "router.weight"]
+    for i in range(12):
+        assert torch.equal(new.experts.w1[i], old.experts[i].w1.weight)
+    code = cv.torch_code(combined)
+    other = Fused()
+    scope = {"model": other}
+    exec(code, scope)
+    assert torch.equal(other.experts.w1, new.experts.w1)
+    res.undo()
+    assert torch.equal(new.experts.w1, torch.zeros(12, 6, 4))
+
+
+def test_a_stack_that_does_not_fit_is_refused_before_anything_is_read(tmp_path):
+    old, new = PerExpert(), Fused()
+    rep = cv.compare(new, old.state_dict())
+    with pytest.raises(AdaptError, match=r"stack of 11 × \(6, 4\) along dim 0 gives \(11, 6, 4\)"):
+        rep.combine("experts.w1", [f"experts.{i}.w1.weight" for i in range(11)])
+    with pytest.raises(AdaptError, match="already paired"):
+        rep.combine("experts.w1", ["router.weight"] + [f"experts.{i}.w1.weight" for i in range(11)])
+
+
+class Attention(nn.Module):
+    def __init__(self, fused: bool, dim=8):
+        super().__init__()
+        if fused:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        else:
+            self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+
+def test_a_fused_qkv_splits_into_q_k_v():
+    torch.manual_seed(1)
+    fused, separate = Attention(True), Attention(False)
+    rep = cv.compare(separate, fused.state_dict())
+    rep = rep.split("qkv.weight", ["q.weight", "k.weight", "v.weight"]).split(
+        "qkv.bias", ["q.bias", "k.bias", "v.bias"])
+    f = rep.frame.set_index("key")
+    assert f.loc["k.weight", "rule"] == "adapted: split qkv.weight (24, 8): [8:16] along dim 0"
+    assert rep.summary["adapted"] == 6 and rep.summary["unexpected"] == 0
+    cv.load_partial(separate, rep)
+    q, k, v = fused.qkv.weight.detach().split(8)
+    assert torch.equal(separate.q.weight, q) and torch.equal(separate.k.weight, k) and torch.equal(separate.v.weight, v)
+    assert torch.equal(separate.v.bias, fused.qkv.bias.detach()[16:])
+    other = Attention(False)
+    scope = {"model": other, "state_dict": fused.state_dict()}
+    exec(cv.torch_code(rep), scope)
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), separate.state_dict().values()))
+    with pytest.raises(AdaptError, match="sum to 16"):
+        cv.compare(Attention(False), fused.state_dict()).split("qkv.weight", ["q.weight", "k.weight"])
