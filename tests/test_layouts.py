@@ -100,3 +100,23 @@ def test_a_fused_qkv_splits_into_q_k_v():
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), separate.state_dict().values()))
     with pytest.raises(AdaptError, match="sum to 16"):
         cv.compare(Attention(False), fused.state_dict()).split("qkv.weight", ["q.weight", "k.weight"])
+
+
+def test_the_inspector_offers_the_suggested_stacks_and_loads_them(tmp_path):
+    torch.manual_seed(2)
+    old = PerExpert()
+    path = tmp_path / "moe.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(old.state_dict(), path)
+    new = Fused()
+    insp = cv.CheckpointInspector(model=new, path=path)
+    panel = insp.suggestion_panel
+    assert panel.layout.display == "" and panel.combine_button.layout.display == ""
+    assert "1 missing tensor(s) are exactly a stack" in panel.info.value
+    insp.combine_suggested()
+    assert insp.report.summary["adapted"] == 1 and insp.report.summary["unexpected"] == 0
+    assert panel.combine_button.layout.display == "none" and "combined" in insp.message.value
+    res = insp.load_all()
+    assert "experts.w1" in res.loaded
+    assert all(torch.equal(new.experts.w1[i], old.experts[i].w1.weight) for i in range(12))

@@ -24,7 +24,7 @@ class SuggestionPanel(w.VBox):
     Hidden when the report has neither. The inspector gives the callbacks (``on_accept(keys)``, with
     None for all)."""
 
-    def __init__(self, on_accept: Callable[[list[str] | None], None]):
+    def __init__(self, on_accept: Callable[[list[str] | None], None], on_combine: Callable[[], None] = lambda: None):
         self.info = w.HTML()
         self.info.add_class("ckptviz-suggestion-info")
         self.accept_selected_button = w.Button(description="Accept selected", icon="check",
@@ -37,15 +37,27 @@ class SuggestionPanel(w.VBox):
         self.accept_selected_button.on_click(lambda _: on_accept([]))  # []: the inspector reads the selection
         self.accept_all_button.on_click(lambda _: on_accept(None))
         self.buttons = w.HBox([self.accept_selected_button, self.accept_all_button])
-        super().__init__([self.info, self.buttons], layout=w.Layout(display="none"))
+        self.combine_button = w.Button(description="Combine suggested stacks", icon="layer-group",
+                                       layout=w.Layout(width="auto", display="none"),
+                                       tooltip="stack per-expert checkpoint tensors into the model's stacked ones")
+        self.combine_button.add_class("ckptviz-combine-stacks")
+        self.combine_button.on_click(lambda _: on_combine())
+        self.stacks = None  # the report's stack suggestions (a DataFrame), when shown
+        super().__init__([self.info, self.buttons, self.combine_button], layout=w.Layout(display="none"))
         self.add_class("ckptviz-suggestions")
 
     def show(self, report: Report | None) -> None:
         n = len(report.suggestions) if report is not None else 0
         amb = len(report.ambiguous) if report is not None else 0
-        self.layout.display = "" if (n or amb) else "none"
+        self.stacks = stacks = _stacks(report)
+        self.layout.display = "" if (n or amb or len(stacks)) else "none"
         self.buttons.layout.display = "" if n else "none"
+        self.combine_button.layout.display = "" if len(stacks) else "none"
         parts = []
+        if len(stacks):
+            first = stacks.iloc[0]
+            parts.append(f"{len(stacks)} missing tensor(s) are exactly a stack of unexpected ones (e.g. "
+                         f"<code>{html.escape(first['key'])}</code>: {html.escape(first['reason'])}).")
         if n:
             parts.append(f"<span style='background:{STATUS_COLOURS['suggested']};padding:1px 5px;border-radius:3px'>"
                          f"{n} suggested pairing(s)</span> (same shape, a likely rename): never loaded until you "
@@ -55,6 +67,23 @@ class SuggestionPanel(w.VBox):
             parts.append(f"{amb} key(s) fit several tensors equally and stay unpaired ({keys}"
                          f"{', …' if amb > 3 else ''}): pair them with a rename rule if you know which.")
         self.info.value = "<div style='font-size:90%'>" + "<br>".join(parts) + "</div>"
+
+
+def _stacks(report: Report | None):
+    """The report's stack suggestions, looked for only where they can be: missing and unexpected rows
+    both present, and not more missing rows than a quick look allows."""
+    import pandas as pd
+
+    if report is None:
+        return pd.DataFrame(columns=["key", "ckpt_keys", "how", "dim", "reason"])
+    status = report.frame["status"]
+    missing, unexpected = int((status == "missing").sum()), int((status == "unexpected").sum())
+    if not missing or unexpected < 2 or missing > MAX_STACK_LOOK:
+        return pd.DataFrame(columns=["key", "ckpt_keys", "how", "dim", "reason"])
+    return report.stack_suggestions()
+
+
+MAX_STACK_LOOK = 10_000  # missing rows beyond which the panel does not look for stacks (rep.stack_suggestions() does)
 
 
 class AdaptPanel(w.VBox):

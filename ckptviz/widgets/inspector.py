@@ -88,7 +88,8 @@ class CheckpointInspector(Working, w.VBox):
                             (self.load_selected_button, "ckptviz-load-selected"), (self.undo_button, "ckptviz-undo")):
             button.add_class(css)
         self.result_panel = ResultPanel()
-        self.suggestion_panel = SuggestionPanel(lambda keys: self.accept(keys))
+        self.suggestion_panel = SuggestionPanel(lambda keys: self.accept(keys), lambda: self.combine_suggested())
+        self.combined: list[tuple] = []  # (model key, checkpoint keys, how, dim) combined, kept across re-compares
         self.accepted: set[str] = set()  # model keys whose suggestion was accepted (kept across re-compares)
         self.adapt_panel = AdaptPanel(lambda method: self.adapt(None, method))
         self.adapted: dict[str, tuple[str, dict]] = {}  # model key -> (method, options), kept across re-compares
@@ -223,6 +224,24 @@ class CheckpointInspector(Working, w.VBox):
             return self.report
         return None
 
+    def combine_suggested(self) -> Report | None:
+        """Stack every group the report suggests (``report.stack_suggestions()``) into its model tensor."""
+        stacks = self.suggestion_panel.stacks
+        if self.report is None or stacks is None or not len(stacks):
+            self._say("There are no stacks to combine.", error=True)
+            return None
+        with self._work("combining…"):
+            rep = self.report
+            for r in stacks.itertuples(index=False):
+                rep = rep.combine(r.key, r.ckpt_keys, r.how, r.dim)
+                self.combined.append((r.key, list(r.ckpt_keys), r.how, r.dim))
+            self.report = rep
+            self.table.show(self.report, loaded=self.table.loaded)
+            self.suggestion_panel.show(self.report)
+            self._say(f"✓ {len(stacks)} stacked tensor(s) combined: <i>Load</i> now writes them.")
+            return self.report
+        return None
+
     def undo(self) -> None:
         """Undo the last load."""
         if self.last_result is None or self.last_result.undone:
@@ -243,7 +262,7 @@ class CheckpointInspector(Working, w.VBox):
     def _busy_buttons(self) -> list[w.Button]:
         return [self.load_all_button, self.load_selected_button, self.undo_button,
                 self.suggestion_panel.accept_selected_button, self.suggestion_panel.accept_all_button,
-                self.adapt_panel.apply_button]
+                self.adapt_panel.apply_button, self.suggestion_panel.combine_button]
 
     def _done_working(self) -> None:
         super()._done_working()  # every busy button enabled again, then the load buttons as the state allows
@@ -323,7 +342,7 @@ class CheckpointInspector(Working, w.VBox):
             self._quiet = False
             self._say("Showing the checkpoint alone; pick a model (right) to compare it with.")
             return
-        self.accepted, self.adapted = set(), {}  # a new model, file or section: nothing accepted or adapted yet
+        self.accepted, self.adapted, self.combined = set(), {}, []  # a new model, file or section: none yet
         self.report = self._compare_again(section)
         self._quiet = True
         self.section.value = self.report.section
@@ -338,6 +357,8 @@ class CheckpointInspector(Working, w.VBox):
         rep = compare(self.model, self.checkpoint, section=section)
         again = [k for k in rep.suggestions["key"] if k in self.accepted]
         rep = rep.accept(again) if again else rep
+        for key, ckpt_keys, how, dim in self.combined:
+            rep = rep.combine(key, ckpt_keys, how, dim)
         mismatched = set(rep.frame.loc[rep.frame["status"] == "shape_mismatch", "key"])
         for k, (method, options) in self.adapted.items():
             if k in mismatched:
