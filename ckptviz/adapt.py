@@ -171,6 +171,11 @@ def apply_many(a: Adaptation, tensors: list[torch.Tensor]) -> torch.Tensor:
         got = [tuple(t.shape) for t in tensors][:3]
         raise AdaptError(f"the checkpoint tensors' shapes changed since the report: {got}")
     join = torch.stack if a.method == "stack" else torch.cat
+    groups = a.options.get("groups")
+    if groups:  # each group joined first (inner), then the groups
+        inner = torch.stack if a.options["inner"] == "stack" else torch.cat
+        at = dict(zip(a.options["keys"], tensors))
+        tensors = [inner([at[k] for k in g], dim=a.options["inner_dim"]) for g in groups]
     return join(list(tensors), dim=a.options["dim"])
 
 
@@ -208,6 +213,11 @@ def code(a: Adaptation, key: str) -> str:
     k = repr(key)
     if a.method in ("stack", "concat"):
         fn = "torch.stack" if a.method == "stack" else "torch.cat"
+        if a.options.get("groups"):
+            inner = "torch.stack" if a.options["inner"] == "stack" else "torch.cat"
+            groups = list(map(list, a.options["groups"]))
+            parts = f"{inner}([raw[c] for c in g], dim={a.options['inner_dim']}) for g in {groups!r}"
+            return f"sd[{k}] = {fn}([{parts}], dim={a.options['dim']})  # {a.text}\n"
         return f"sd[{k}] = {fn}([raw[c] for c in {list(a.options['keys'])!r}], dim={a.options['dim']})  # {a.text}\n"
     if a.method == "split":
         d, o = a.options["dim"], a.options["offset"]

@@ -167,13 +167,14 @@ class Report:
             frame.iat[at[k], rule_at] = "adapted: " + done[k].text
         return self._with(frame, adaptations=done)
 
-    def combine(self, key: str, ckpt_keys: Iterable[str], how: str = "stack", dim: int = 0) -> Report:
+    def combine(self, key: str, ckpt_keys, how: str = "stack", dim: int = 0, **inner) -> Report:
         """A new report in which model tensor ``key`` loads from the unexpected checkpoint tensors
         ``ckpt_keys`` stacked (``how="stack"``, a new dimension ``dim``) or concatenated (``"concat"``),
-        in the order given: per-expert MoE weights into one stacked tensor. Checked exactly first."""
+        in the order given: per-expert MoE weights into one stacked tensor; lists of lists join each
+        list first (``inner=``, ``inner_dim=``; see :func:`ckptviz.layouts.combine`). Checked exactly first."""
         from .layouts import combine
 
-        return combine(self, key, list(ckpt_keys), how, dim)
+        return combine(self, key, list(ckpt_keys), how, dim, **inner)
 
     def split(self, ckpt_key: str, keys: Iterable[str], dim: int = 0) -> Report:
         """A new report in which the model tensors ``keys`` load from consecutive pieces of the one

@@ -75,37 +75,53 @@ def _apply(report: Report, changes: dict[str, tuple[Adaptation, str, tuple]], co
     return report._with(frame, adaptations=done)
 
 
-def combine(report: Report, key: str, ckpt_keys: Sequence[str], how: str = "stack", dim: int = 0) -> Report:
-    """Load the model tensor ``key`` from ``ckpt_keys`` stacked (a new dimension ``dim``) or
-    concatenated (along ``dim``), in the order given. Checked exactly before anything is read."""
+def _joined(how: str, one: tuple[int, ...], n: int, dim: int) -> tuple[int, ...]:
+    """The shape of ``n`` tensors of shape ``one`` stacked or concatenated along ``dim``."""
     if how not in ("stack", "concat"):
         raise AdaptError(f"how={how!r}: use 'stack' (a new dimension) or 'concat' (along an existing one)")
-    ckpt_keys = list(ckpt_keys)
-    frame, model_at, ckpt_at = _rows(report)
-    if key not in model_at:
-        raise AdaptError(f"{key!r} is not a model key of this report")
-    if len(ckpt_keys) < 2 or len(set(ckpt_keys)) < len(ckpt_keys):
-        raise AdaptError(f"give two or more distinct checkpoint keys to {how} (got {len(ckpt_keys)})")
-    _free_ckpt(report, ckpt_keys, ckpt_at)
-    shapes = _saved_shapes(report, ckpt_keys)
-    if len(set(shapes)) > 1:
-        raise AdaptError(f"the checkpoint tensors to {how} have different shapes: {sorted(set(shapes))[:4]}")
-    one, n = shapes[0], len(ckpt_keys)
-    model_shape = tuple(frame.at[model_at[key], "model_shape"])
     if how == "stack":
         if not 0 <= dim <= len(one):
             raise AdaptError(f"dim={dim} is out of range for stacking {one} tensors")
-        result = (*one[:dim], n, *one[dim:])
-    else:
-        if not 0 <= dim < len(one):
-            raise AdaptError(f"dim={dim} is out of range for concatenating {one} tensors")
-        result = (*one[:dim], one[dim] * n, *one[dim + 1:])
+        return (*one[:dim], n, *one[dim:])
+    if not 0 <= dim < len(one):
+        raise AdaptError(f"dim={dim} is out of range for concatenating {one} tensors")
+    return (*one[:dim], one[dim] * n, *one[dim + 1:])
+
+
+def combine(report: Report, key: str, ckpt_keys: Sequence[str] | Sequence[Sequence[str]], how: str = "stack",
+            dim: int = 0, *, inner: str = "concat", inner_dim: int = 0) -> Report:
+    """Load the model tensor ``key`` from ``ckpt_keys`` stacked (a new dimension ``dim``) or
+    concatenated (along ``dim``), in the order given. ``ckpt_keys`` may be a list of equal-length
+    lists: each list is joined first (``inner`` along ``inner_dim``), then the results (``how`` along
+    ``dim``): transformers' fused ``experts.gate_up_proj`` is
+    ``[[f"experts.{i}.w1.weight", f"experts.{i}.w3.weight"] for i in ...]`` with the defaults.
+    Checked exactly before anything is read."""
+    nested = bool(ckpt_keys) and not isinstance(ckpt_keys[0], str)
+    groups = [list(g) for g in ckpt_keys] if nested else [[k] for k in ckpt_keys]
+    flat = [k for g in groups for k in g]
+    frame, model_at, ckpt_at = _rows(report)
+    if key not in model_at:
+        raise AdaptError(f"{key!r} is not a model key of this report")
+    if len(groups) < 2 or len(set(flat)) < len(flat) or len({len(g) for g in groups}) > 1:
+        raise AdaptError(f"give two or more distinct checkpoint keys (or equal-length lists of them) to {how}")
+    _free_ckpt(report, flat, ckpt_at)
+    shapes = _saved_shapes(report, flat)
+    if len(set(shapes)) > 1:
+        raise AdaptError(f"the checkpoint tensors to {how} have different shapes: {sorted(set(shapes))[:4]}")
+    one = shapes[0]
+    part = _joined(inner, one, len(groups[0]), inner_dim) if nested else one
+    result = _joined(how, part, len(groups), dim)
+    model_shape = tuple(frame.at[model_at[key], "model_shape"])
+    first = f"{inner} {len(groups[0])} along dim {inner_dim}, then " if nested else ""
+    what = f"{first}{how} {len(groups)} × {part} along dim {dim}"
     if result != model_shape:
-        raise AdaptError(f"{how} of {n} × {one} along dim {dim} gives {result}, but {key!r} is {model_shape}")
-    pattern = _pattern(ckpt_keys)
-    text = f"{how} {n} × {one} along dim {dim}: {pattern}"
-    a = Adaptation(how, one, model_shape, text, {"keys": tuple(ckpt_keys), "dim": dim})
-    return _apply(report, {key: (a, ckpt_keys[0], result)}, ckpt_keys)
+        raise AdaptError(f"{what} gives {result}, but {key!r} is {model_shape}")
+    text = f"{what}: {_pattern(flat)}"
+    options = {"keys": tuple(flat), "dim": dim}
+    if nested:
+        options.update(groups=tuple(map(tuple, groups)), inner=inner, inner_dim=inner_dim)
+    a = Adaptation(how, one, model_shape, text, options)
+    return _apply(report, {key: (a, flat[0], result)}, flat)
 
 
 def split(report: Report, ckpt_key: str, keys: Sequence[str], dim: int = 0) -> Report:

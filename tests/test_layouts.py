@@ -66,7 +66,7 @@ def test_per_expert_weights_are_suggested_as_a_stack_and_load_when_combined(tmp_
 def test_a_stack_that_does_not_fit_is_refused_before_anything_is_read(tmp_path):
     old, new = PerExpert(), Fused()
     rep = cv.compare(new, old.state_dict())
-    with pytest.raises(AdaptError, match=r"stack of 11 × \(6, 4\) along dim 0 gives \(11, 6, 4\)"):
+    with pytest.raises(AdaptError, match=r"stack 11 × \(6, 4\) along dim 0 gives \(11, 6, 4\)"):
         rep.combine("experts.w1", [f"experts.{i}.w1.weight" for i in range(11)])
     with pytest.raises(AdaptError, match="already paired"):
         rep.combine("experts.w1", ["router.weight"] + [f"experts.{i}.w1.weight" for i in range(11)])
@@ -120,3 +120,39 @@ def test_the_inspector_offers_the_suggested_stacks_and_loads_them(tmp_path):
     res = insp.load_all()
     assert "experts.w1" in res.loaded
     assert all(torch.equal(new.experts.w1[i], old.experts[i].w1.weight) for i in range(12))
+
+
+class GateUp(nn.Module):
+    """transformers 5's fused layout: experts.gate_up_proj = per expert cat(w1, w3), stacked."""
+
+    def __init__(self, experts=4):
+        super().__init__()
+        self.experts = nn.Module()
+        self.experts.gate_up_proj = nn.Parameter(torch.zeros(experts, 12, 4))
+
+
+class PerExpertGateUp(nn.Module):
+    def __init__(self, experts=4):
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Module() for _ in range(experts))
+        for e in self.experts:
+            e.w1, e.w3 = nn.Linear(4, 6, bias=False), nn.Linear(4, 6, bias=False)
+
+
+def test_gate_and_up_concatenated_per_expert_then_stacked():
+    torch.manual_seed(3)
+    old, new = PerExpertGateUp(), GateUp()
+    rep = cv.compare(new, old.state_dict())
+    pairs = [[f"experts.{i}.w1.weight", f"experts.{i}.w3.weight"] for i in range(4)]
+    rep = rep.combine("experts.gate_up_proj", pairs)
+    assert rep.frame.set_index("key").loc["experts.gate_up_proj", "rule"].startswith(
+        "adapted: concat 2 along dim 0, then stack 4 × (12, 4) along dim 0")
+    cv.load_partial(new, rep)
+    for i, e in enumerate(old.experts):
+        assert torch.equal(new.experts.gate_up_proj[i], torch.cat([e.w1.weight, e.w3.weight]))
+    other = GateUp()
+    scope = {"model": other, "state_dict": old.state_dict()}
+    exec(cv.torch_code(rep), scope)
+    assert torch.equal(other.experts.gate_up_proj, new.experts.gate_up_proj)
+    with pytest.raises(AdaptError, match=r"gives \(4, 6, 4\), but 'experts.gate_up_proj' is \(4, 12, 4\)"):
+        cv.compare(GateUp(), old.state_dict()).combine("experts.gate_up_proj", [p[0] for p in pairs])

@@ -397,3 +397,17 @@ print("OPTIONS:", [o for o in picker.spec.options if "config" in o])
     assert out.returncode == 0, out.stderr
     assert 'needs transformers, which is not installed: pip install "ckptviz[hf]"' in out.stdout
     assert "OPTIONS: []" in out.stdout
+
+
+def test_timm_models_build_without_weights_and_take_their_arguments():
+    timm = pytest.importorskip("timm")  # an optional extra; the test suite installs it
+    from ckptviz.models import timm_models
+
+    assert "vit_tiny_patch16_224" in timm_models() and len(timm_models()) == len(timm.list_models())
+    model = cv.build_model("timm:vit_tiny_patch16_224", "num_classes=3, img_size=64, in_chans=1")
+    assert model.head.weight.shape == (3, 192) and model.patch_embed.proj.weight.shape == (192, 1, 16, 16)
+    assert model.pos_embed.shape == (1, 17, 192)
+    with pytest.raises(cv.ModelError, match="pretrained=False and never downloads"):
+        cv.build_model("timm:resnet18", "pretrained=True")
+    with pytest.raises(cv.ModelError, match="no timm model 'resnet_18'.*resnet18"):
+        cv.build_model("timm:resnet_18")
