@@ -156,12 +156,12 @@ class Report:
         for k in keys:
             row = frame.iloc[at[k]]
             if row["status"] not in ("shape_mismatch", "adapted"):
-                raise AdaptError(f"{k!r} is {row['status']}, not a shape mismatch: only rows whose shapes differ are "
-                                 "adapted")
+                raise AdaptError(f"{self.checkpoint.path}: {k!r} is {row['status']}, not a shape mismatch: only "
+                                 "rows whose shapes differ are adapted")
             try:
                 done[k] = plan(method, row["ckpt_shape"], row["model_shape"], **options)
             except AdaptError as e:
-                raise AdaptError(f"{k!r} ({row['ckpt_key']} {tuple(row['ckpt_shape'])} -> "
+                raise AdaptError(f"{self.checkpoint.path}: {k!r} ({row['ckpt_key']} {tuple(row['ckpt_shape'])} -> "
                                  f"{tuple(row['model_shape'])}): {e}") from None
             frame.iat[at[k], status_at] = "adapted"
             frame.iat[at[k], rule_at] = "adapted: " + done[k].text

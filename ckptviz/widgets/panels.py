@@ -76,15 +76,7 @@ class TensorPanel(w.VBox):
             f"<span class='ckptviz-status-{row['status']}'>({row['status']})</span><br>"
             f"checkpoint: {_desc(row, 'ckpt')} &nbsp;|&nbsp; model: {_desc(row, 'model')}"
         )
-        table, hists = tensor_comparison(ckpt, live.detach() if live is not None else None)
-        self.header.value += nonfinite_warning(table)
-        self.output.clear_output(wait=True)
-        with self.output:
-            if len(table.columns):
-                display(table.map(_fmt))
-            if hists:
-                fig = histogram_figure(hists, title=shorten_key(title, 50))
-                display(Image(figure_to_png(fig)))
+        self._render(ckpt, live.detach() if live is not None else None, title)
 
 
     def show_checkpoint(self, ck: Checkpoint, section: str | None, key: str) -> None:
@@ -93,14 +85,18 @@ class TensorPanel(w.VBox):
         shape = tuple(info["shape"]) if isinstance(info["shape"], tuple) else info["shape"]
         self.header.value = (f"<b title='{html.escape(key)}'>{html.escape(shorten_key(key, 60))}</b><br>"
                              f"checkpoint: {shape} {info['dtype']} saved on {info['device']}")
-        table, hists = tensor_comparison(ck.tensor(key, section), None)
+        self._render(ck.tensor(key, section), None, key)
+
+    def _render(self, ckpt: torch.Tensor | None, live: torch.Tensor | None, title: str) -> None:
+        """The statistics table and histograms of the two sides, and a NaN/Inf warning in the header."""
+        table, hists = tensor_comparison(ckpt, live)
         self.header.value += nonfinite_warning(table)
         self.output.clear_output(wait=True)
         with self.output:
             if len(table.columns):
                 display(table.map(_fmt))
             if hists:
-                display(Image(figure_to_png(histogram_figure(hists, title=shorten_key(key, 50)))))
+                display(Image(figure_to_png(histogram_figure(hists, title=shorten_key(title, 50)))))
 
 
 def _desc(row, side: str) -> str:
