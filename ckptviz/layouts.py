@@ -24,6 +24,7 @@ from .renames import similarity
 if TYPE_CHECKING:
     from .compare import Report
 
+STACK_COLUMNS = ["key", "ckpt_keys", "how", "dim", "reason"]  # the columns of stack_suggestions()
 MAX_SUGGESTION_GROUPS = 5_000  # folded groups of unexpected keys examined for stack suggestions
 
 
@@ -167,7 +168,7 @@ def stack_suggestions(report: Report) -> pd.DataFrame:
     ``report.combine(key, ckpt_keys)``."""
     frame, model_at, ckpt_at = _rows(report)
     missing = frame.loc[frame["status"] == "missing", ["key", "model_shape"]]
-    columns = ["key", "ckpt_keys", "how", "dim", "reason"]
+    columns = STACK_COLUMNS
     if missing.empty or not ckpt_at:
         return pd.DataFrame(columns=columns)
     ckpt_keys = list(ckpt_at)

@@ -74,12 +74,12 @@ def _stacks(report: Report | None):
     both present, and not more missing rows than a quick look allows."""
     import pandas as pd
 
-    if report is None:
-        return pd.DataFrame(columns=["key", "ckpt_keys", "how", "dim", "reason"])
-    status = report.frame["status"]
-    missing, unexpected = int((status == "missing").sum()), int((status == "unexpected").sum())
-    if not missing or unexpected < 2 or missing > MAX_STACK_LOOK:
-        return pd.DataFrame(columns=["key", "ckpt_keys", "how", "dim", "reason"])
+    from ..layouts import STACK_COLUMNS
+
+    status = report.frame["status"] if report is not None else None
+    if status is None or not (0 < int((status == "missing").sum()) <= MAX_STACK_LOOK) or (
+            int((status == "unexpected").sum()) < 2):
+        return pd.DataFrame(columns=STACK_COLUMNS)
     return report.stack_suggestions()
 
 
