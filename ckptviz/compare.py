@@ -245,6 +245,13 @@ class Report:
         counts = ", ".join(f"{k}={v}" for k, v in self.summary.items() if v)
         return f"Report({self.checkpoint.path!r}, section={self.section!r}, {counts})"
 
+    def to_html(self, path: Any, **kw: Any) -> Any:
+        """Write this report to ``path`` as one self-contained HTML file and return its Path; ``kw``
+        as for :func:`ckptviz.html_report.write_report` (``title``, ``plots``, ``model``)."""
+        from .html_report import write_report
+
+        return write_report(self, path, **kw)
+
     def _summary_html(self) -> str:
         badges = " ".join(
             f"<span style='background:{STATUS_COLOURS[s]};padding:2px 6px;border-radius:3px'>{s}: {n}</span>"

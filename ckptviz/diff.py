@@ -114,6 +114,13 @@ class DiffReport:
         counts = ", ".join(f"{k}={v}" for k, v in self.summary.items() if v)
         return f"DiffReport({self._title()}, {counts}, values changed in {self._changed()})"
 
+    def to_html(self, path: Any, **kw: Any) -> Any:
+        """Write this diff to ``path`` as one self-contained HTML file and return its Path; ``kw``
+        as for :func:`ckptviz.html_report.write_report` (``title``, ``plots``, ``model``)."""
+        from .html_report import write_report
+
+        return write_report(self, path, **kw)
+
     def _repr_html_(self) -> str:
         badges = " ".join(
             f"<span style='background:{STATUS_COLOURS[s]};border:1px solid #ccc;padding:2px 6px;"

@@ -358,3 +358,48 @@ def figure_to_png(fig: Figure, *, dpi: float | None = None) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi or STYLE["dpi"])
     return buf.getvalue()
+
+
+@_styled
+def status_by_layer_figure(frame: pd.DataFrame, colors: Mapping[str, str], *, status: str = "status",
+                           title: str = "") -> Figure:
+    """How many keys of each status (a column of a Report's or DiffReport's frame) each layer holds, as
+    stacked bars in model order, one colour per status (``colors``, in stacking order; statuses with no
+    key are left out). A layer is a key's path up to its first numeric index (``model.layers.3``), or
+    its module. Up to ``LABELLED_MAX`` layers: horizontal and labelled; more: against the layer index."""
+    from .fold import layer_of
+
+    keys = frame["key"] if "key" in frame.columns else pd.Series(frame.index, dtype=object)
+    for other in ("key_b", "ckpt_key"):  # a row on the second side only is named by its key there
+        if other in frame.columns:
+            keys = keys.where(keys.notna(), frame[other])
+    layers = layer_of(pd.Series(keys.to_numpy(dtype=object), dtype=object))
+    counts = pd.crosstab(pd.Categorical(layers, categories=pd.unique(layers)), frame[status].to_numpy())
+    names = [s for s in colors if s in counts.columns] + [s for s in counts.columns if s not in colors]
+    names_of_layers, n = [str(k) for k in counts.index], len(counts)
+    horizontal = n <= LABELLED_MAX
+    height = max(STYLE["figsize"][1], 0.24 * n + 1.4) if horizontal else STYLE["figsize"][1] + 0.6
+    fig = Figure(figsize=(STYLE["figsize"][0] + 1.4 if horizontal else 8.0, height), dpi=STYLE["dpi"],
+                 layout="constrained")
+    ax = fig.add_subplot()
+    below = np.zeros(n)
+    for name in names:
+        values = counts[name].to_numpy(dtype=float)
+        draw = ax.barh if horizontal else ax.bar
+        extent = {"left": below} if horizontal else {"bottom": below}
+        draw(range(n), values, 0.7 if horizontal else 0.8, **extent, color=colors.get(name, "0.7"),
+             edgecolor="0.45", linewidth=0.4, label=f"{name} ({int(values.sum()):,})")
+        below = below + values
+    if n:
+        _label_layers(ax, names_of_layers, range(n), horizontal=horizontal)
+        ax.legend(loc="best")
+    else:
+        ax.text(0.5, 0.5, "no keys", transform=ax.transAxes, ha="center", va="center", color=NOTE_COLOR)
+    label = f"keys per layer ({len(frame):,} keys in {n} layers)"
+    if horizontal:
+        ax.set_xlabel("keys")
+    else:
+        ax.set_ylabel("keys")
+        ax.set_xlabel("layer index, in model order")
+    ax.set_title(title or label)
+    return fig
