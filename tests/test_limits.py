@@ -264,6 +264,7 @@ def test_a_meta_record_beyond_max_numel_is_refused(tmp_path):
 
 _PEAK = """
 import sys, ckptviz as cv
+cv.open_checkpoint, cv.CheckpointError  # import the readers (and torch) before measuring: the file is measured
 def rss(key):
     return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) // 1024
 with open("/proc/self/clear_refs", "w") as c:
