@@ -26,6 +26,6 @@ def test_cli_inspect_lists_tensors_and_fails_cleanly(tmp_path, capsys):
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 3)}, "epoch": 1}, path)
     assert cli.main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "fc.weight" in out and "(2, 3)" in out and "'epoch': 1" in out
+    assert "fc.weight" in out and "(2, 3)" in out and "epoch=1" in out
     assert cli.main(["inspect", str(tmp_path / "nope.pt")]) == 2
     assert "no such file" in capsys.readouterr().err
