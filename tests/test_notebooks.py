@@ -134,45 +134,52 @@ def test_quickstart_load_skips_the_head_and_undo_restores(quickstart):
 
 
 # ---- 02 transfer learning ----------------------------------------------------------------------------------
-ACCURACY = re.compile(r"^(head only, backbone loaded from digits 0-4|head only, random backbone|"
-                      r"whole network from scratch):\s+([01]\.\d{3})$", re.MULTILINE)
+RECIPE_LINE = re.compile(r"^K=(\d)  (.+?)\s+([01]\.\d{3}) ± (\d\.\d{3})$", re.MULTILINE)
 
 
 def test_transfer_runs_cleanly(transfer):
     assert_ran_cleanly(transfer)
 
 
-def test_transfer_loads_the_backbone_only(transfer):
-    out = text(cell(transfer, "report = cv.compare(model_b"))
+def test_transfer_source_model_learned_the_glyphs(transfer):
+    source = float(text(cell(transfer, "glyph accuracy on 2,000 held-out")).split(":")[-1])
+    assert source > 0.9  # 36 classes, chance is 0.03
+
+
+def test_transfer_adapts_the_head_by_slicing_and_loads_everything(transfer):
+    out = text(cell(transfer, "report = cv.compare(model"))
     assert ("{'match': 16, 'shape_mismatch': 2, 'dtype_mismatch': 0,"
             " 'adapted': 0, 'suggested': 0, 'missing': 0, 'unexpected': 0}") in out
-    assert "LoadResult(loaded=16, skipped=2, missing=0, unexpected=0)" in out
-    assert "'head.weight': 'shape (10, 64) in the checkpoint, (5, 64) in the model'" in out
-    source = float(text(cell(transfer, "digits 0-4 accuracy")).split(":")[-1])
-    assert source > 0.95  # the saved model really learned digits 0-4
+    assert ("{'match': 16, 'shape_mismatch': 0, 'dtype_mismatch': 0,"
+            " 'adapted': 2, 'suggested': 0, 'missing': 0, 'unexpected': 0}") in out
+    assert "LoadResult(loaded=18, skipped=0, missing=0, unexpected=0)" in out
+    zero_shot = float(re.search(r"zero-shot accuracy on all real digits: ([01]\.\d{3})", out).group(1))
+    assert zero_shot > 0.5  # the sliced head reads real handwriting before any digit label (chance: 0.1)
 
 
 def test_transfer_inspector_has_a_widget_view_and_a_static_html_fallback(transfer):
-    c = cell(transfer, "cv.CheckpointInspector(model=model_b")
+    c = cell(transfer, "cv.CheckpointInspector(model=DigitsCNN")
     assert {WIDGET_VIEW, "text/html"} <= mimetypes(c)
     html = next(o.data["text/html"] for o in c.outputs if "text/html" in o.get("data", {}))
-    assert "ckptviz-report" in html and "digits_0_4.pt" in html
+    assert "ckptviz-report" in html and "glyphs_36.pt" in html
 
 
-def test_transfer_prints_three_accuracies(transfer):
-    found = dict(ACCURACY.findall(text(cell(transfer, "transfer = head_only(model_b)"))))
-    assert len(found) == 3, found
-    acc = {k: float(v) for k, v in found.items()}
-    # Robust facts only: every recipe learns far above chance (0.2 for 5 classes). On this toy task the head-only
-    # fine-tune over the transferred backbone is NOT reliably better than over a random one (it is lower for
-    # most seeds), so no ordering between the recipes is asserted.
-    assert all(0.5 < a <= 1.0 for a in acc.values()), acc
+def test_transfer_measures_four_recipes_at_three_label_budgets(transfer):
+    found = RECIPE_LINE.findall(text(cell(transfer, "RECIPES = [")))
+    acc = {(int(k), name): float(mean) for k, name, mean, _ in found}
+    assert len(found) == 12 and {k for k, _ in acc} == {1, 2, 5}, found
+    assert all(0.1 < a <= 1.0 for a in acc.values()), acc  # every recipe learns above chance
+    # The robust facts the notebook's conclusion rests on, at one label per digit (gaps of 0.2 on this CPU,
+    # several standard deviations over the seeds): the loaded checkpoint beats both controls. At K=5 scratch
+    # catches up and no ordering is asserted.
+    assert acc[1, "head only, loaded + sliced head"] > acc[1, "head only, random backbone"] + 0.1, acc
+    assert acc[1, "fine-tune all, loaded + sliced head"] > acc[1, "whole network from scratch"] + 0.05, acc
 
 
 def test_transfer_prints_the_plain_torch_equivalent(transfer):
     out = text(cell(transfer, "print(torch_code(result))"))
-    assert 'torch.load("digits_0_4.pt", map_location="cpu", weights_only=True)' in out
-    assert '"head.weight",  # shape (10, 64) in the checkpoint, (5, 64) in the model' in out
+    assert 'torch.load("glyphs_36.pt", map_location="cpu", weights_only=True)' in out
+    assert "t[:10, :64] = sd['head.weight'][:10, :64]" in out and "slice rows 36→10" in out
     assert "load_state_dict(sd, strict=False)" in out
 
 
