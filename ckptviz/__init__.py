@@ -29,6 +29,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     **{name: ("models", name) for name in
        ("build_model", "find_models", "model_from_config", "parse_kwargs", "torchvision_models")},
     "load_optimizer": ("optim_load", "load_optimizer"),
+    "SeriesReport": ("series", "SeriesReport"), "diff_series": ("series", "diff_series"),
     "torch_code": ("snippet", "torch_code"),
     **{name: ("stats", name) for name in
        ("Histogram", "StatsCache", "histogram", "stats_frame", "summarize", "tensor_stats")},
@@ -75,6 +76,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .load import LoadResult, load_partial  # noqa: F401
     from .models import build_model, find_models, model_from_config, parse_kwargs, torchvision_models  # noqa: F401
     from .optim_load import load_optimizer  # noqa: F401
+    from .series import SeriesReport, diff_series  # noqa: F401
     from .snippet import torch_code  # noqa: F401
     from .stats import Histogram, StatsCache, histogram, stats_frame, summarize, tensor_stats  # noqa: F401
     from .widgets import CheckpointDiff, CheckpointInspector  # noqa: F401

@@ -328,7 +328,8 @@ def diff_tensors(a: torch.Tensor, b: torch.Tensor, *, block_elements: int = BLOC
         raise ValueError(f"diff_tensors needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
     if block_elements < 1:
         raise ValueError(f"block_elements must be positive, got {block_elements}")
-    return _compare([(a, b)], block_elements, None)[0]
+    got = _compare([(a, b)], block_elements, None)[0]
+    return {k: got[k] for k in DIFF_KEYS}
 
 
 def _compare(pairs: list[tuple[torch.Tensor, torch.Tensor]], block: int, tick: Tick | None,
@@ -466,17 +467,24 @@ class _Sums:
         self.aa = self.bb = self.ab = self.dd = 0.0
         self.max = 0.0
         self.changed = 0
+        self.nonfinite_a = self.nonfinite_b = 0  # NaN/Inf elements on each side (series flags use them)
+        self.fin_aa = self.fin_bb = 0.0  # sum a², sum b² over the finite elements only (diff_series' norms)
 
-    def add(self, aa: float, bb: float, ab: float, dd: float) -> None:
+    def add(self, aa: float, bb: float, ab: float, dd: float, finite: bool = True) -> None:
         self.aa, self.bb, self.ab, self.dd = self.aa + aa, self.bb + bb, self.ab + ab, self.dd + dd
+        if finite:
+            self.fin_aa, self.fin_bb = self.fin_aa + aa, self.fin_bb + bb
 
     def add_max(self, m: float) -> None:
         self.max = m if math.isnan(m) or m > self.max else self.max  # NaN sticks
 
     def merge(self, other: _Sums) -> None:
-        self.add(other.aa, other.bb, other.ab, other.dd)
+        self.add(other.aa, other.bb, other.ab, other.dd, finite=False)
+        self.fin_aa, self.fin_bb = self.fin_aa + other.fin_aa, self.fin_bb + other.fin_bb
         self.add_max(other.max)
         self.changed += other.changed
+        self.nonfinite_a += other.nonfinite_a
+        self.nonfinite_b += other.nonfinite_b
 
     def result(self, numel: int) -> dict[str, float]:
         na, nb, nd = math.sqrt(self.aa), math.sqrt(self.bb), math.sqrt(self.dd)
@@ -493,7 +501,10 @@ class _Sums:
         else:
             cos = math.nan  # one side is all zeros: no direction to compare
         return {"max_abs_diff": self.max, "rel_l2": rel, "cosine": cos,
-                "changed_frac": self.changed / numel if numel else 0.0}
+                "changed_frac": self.changed / numel if numel else 0.0,
+                # beyond DIFF_KEYS, for diff_series: the norms (of the finite values) and the NaN/Inf counts
+                "norm_a": math.sqrt(self.fin_aa), "norm_b": math.sqrt(self.fin_bb), "norm_d": nd,
+                "nonfinite_a": self.nonfinite_a, "nonfinite_b": self.nonfinite_b}
 
 
 @functools.cache
@@ -537,6 +548,7 @@ def _fold_block(pa: torch.Tensor, pb: torch.Tensor, buffers: list[torch.Tensor],
     both_nan = torch.isnan(x) & torch.isnan(y)
     same = torch.eq(x, y) | both_nan
     sums.changed += n - int(same.sum())
+    _count_nonfinite(x, y, sums)
     _fold_nonfinite(x, y, both_nan, same, sums)
     sums.add_max(float(torch.where(same, 0.0, y - x).abs().max()))
 
@@ -552,12 +564,24 @@ def _ne(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.ne(a, b)
 
 
+def _count_nonfinite(x: torch.Tensor, y: torch.Tensor, sums: _Sums) -> None:
+    """Count the elements (a complex one once) holding NaN or Inf on each side of a block."""
+    bad_x, bad_y = ~torch.isfinite(x), ~torch.isfinite(y)
+    fx, fy = torch.where(bad_x, 0.0, x).reshape(-1), torch.where(bad_y, 0.0, y).reshape(-1)
+    sums.fin_aa, sums.fin_bb = sums.fin_aa + float(torch.dot(fx, fx)), sums.fin_bb + float(torch.dot(fy, fy))
+    if x.dim() == 2:  # complex, as (re, im) rows
+        bad_x, bad_y = bad_x.any(1), bad_y.any(1)
+    sums.nonfinite_a += int(bad_x.sum())
+    sums.nonfinite_b += int(bad_y.sum())
+
+
 def _fold_nonfinite(x: torch.Tensor, y: torch.Tensor, both_nan: torch.Tensor, same: torch.Tensor,
                     sums: _Sums) -> None:
     """The sums of a block holding NaN or Inf: both-NaN places are left out, equal places differ by 0."""
     x0, y0 = torch.where(both_nan, 0.0, x), torch.where(both_nan, 0.0, y)
     d = torch.where(same, 0.0, y - x)
-    sums.add(*torch.stack([torch.dot(x0, x0), torch.dot(y0, y0), torch.dot(x0, y0), torch.dot(d, d)]).tolist())
+    sums.add(*torch.stack([torch.dot(x0, x0), torch.dot(y0, y0), torch.dot(x0, y0), torch.dot(d, d)]).tolist(),
+             finite=False)
 
 
 def _complex_block(pa: torch.Tensor, pb: torch.Tensor, sums: _Sums) -> None:
@@ -567,6 +591,7 @@ def _complex_block(pa: torch.Tensor, pb: torch.Tensor, sums: _Sums) -> None:
     both_nan = torch.isnan(x) & torch.isnan(y)
     same = torch.eq(x, y) | both_nan
     sums.changed += x.shape[0] - int(same.all(1).sum())
+    _count_nonfinite(x, y, sums)
     _fold_nonfinite(x.reshape(-1), y.reshape(-1), both_nan.reshape(-1), same.reshape(-1), sums)
     d = torch.where(same, 0.0, y - x)
     sums.add_max(float(torch.linalg.vector_norm(d, dim=1).max()))
