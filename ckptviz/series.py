@@ -54,6 +54,9 @@ def run_files(folder: str | os.PathLike) -> list[Path]:
     """The checkpoints of a run folder, naturally ordered: weight files (``.pt``, ``.ckpt``, ...) and
     sub-folders that are one checkpoint each (hub shards, DCP, DeepSpeed; e.g. ``checkpoint-500/``)."""
     folder = Path(folder)
+    if folder.is_file():
+        raise CheckpointNotFoundError(f"diff_series: {str(folder)!r} is one checkpoint file; a series needs a folder "
+                                      "of checkpoints or two or more paths")
     if not folder.is_dir():
         raise CheckpointNotFoundError(f"diff_series: {str(folder)!r} is not a folder; give a folder of "
                                       "checkpoints or a list of paths")
@@ -150,7 +153,8 @@ class SeriesReport:
             values = np.sqrt(by_group(a["norm"] ** 2, "sum"))
         elif metric == "rel_change":
             ref = self._reference_norms()
-            delta = a["rel_change"] * ref
+            with np.errstate(invalid="ignore"):  # inf (a reference of norm 0) x 0
+                delta = a["rel_change"] * ref
             both = ~np.isnan(delta) & np.isfinite(delta)
             num = by_group(np.where(both, delta ** 2, np.nan), "sum")
             den = by_group(np.where(both, ref ** 2, np.nan), "sum")

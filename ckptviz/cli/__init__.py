@@ -1,4 +1,4 @@
-"""The command line: ``ckptviz inspect | compare | diff | stats | report | app``.
+"""The command line: ``ckptviz inspect | compare | diff | series | stats | report | app``.
 
 This module only builds the argument parser (argparse, nothing heavy), so ``ckptviz --help`` starts fast;
 each verb lives in its own ``cmd_*`` module that imports torch and pandas when it runs.
@@ -20,6 +20,7 @@ examples:
   ckptviz compare ckpt.pth --model mypkg.models:Net --fail-on missing,shape_mismatch   (a CI gate)
   ckptviz compare hub_folder/ --model config --json  the folder's config.json builds the model
   ckptviz diff base.pt finetuned.pt --top 20         the 20 tensors that moved most
+  ckptviz series runs/exp1/ --fail-on nonfinite      a training run: frozen layers, exploding norms, NaN
   ckptviz stats ckpt.pt --fail-on nonfinite          exit 1 when a tensor holds NaN or Inf
   ckptviz report ckpt.pth --model mypkg:Net -o report.html
   ckptviz app runs/                                  the inspector as a page of its own, on 127.0.0.1
@@ -106,6 +107,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=None, metavar="N", help="only the N tensors that changed most")
     p.add_argument("--fail-on", default="", metavar="WHAT",
                    help="exit 1 if: changed, only_a, only_b, shape_differs, dtype_differs (comma separated)")
+    _output_options(p)
+
+    p = verb("series", "a training run checkpoint by checkpoint: frozen layers, exploding norms, NaN appearing",
+             "ckptviz series lightning_logs/version_0/checkpoints/ --fail-on nonfinite,norm_exploding")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="a folder of checkpoints (ordered by step: epoch=9 before epoch=10), or two or more files")
+    p.add_argument("--reference", choices=["previous", "first"], default="previous",
+                   help="compare each checkpoint with the previous one (default) or with the first")
+    p.add_argument("--order", choices=["natural", "metadata", "given"], default=None,
+                   help="folder: by saved global_step/epoch when distinct, else by the numbers in the names; "
+                        "files: as given")
+    p.add_argument("--explode", type=float, default=10.0, metavar="X",
+                   help="flag a norm growing more than X times between checkpoints (X² since the first)")
+    _open_options(p)
+    p.add_argument("--fail-on", default="", metavar="FLAGS",
+                   help="exit 1 if any key is flagged: frozen, norm_exploding, nonfinite (comma separated)")
     _output_options(p)
 
     p = verb("stats", "value statistics of every tensor (one streaming pass, with progress)",

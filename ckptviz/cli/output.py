@@ -114,8 +114,8 @@ def records(frame: pd.DataFrame, *, index: bool = True) -> list[dict[str, Any]]:
 
 def plain(v: Any) -> Any:
     """A JSON-safe value."""
-    if v is None or isinstance(v, (bool, str)):
-        return v
+    if v is None or v is pd.NA or isinstance(v, (bool, str)):
+        return None if v is pd.NA else v
     if isinstance(v, (tuple, list)):
         return [plain(x) for x in v]
     if isinstance(v, Mapping):
