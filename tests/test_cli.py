@@ -48,7 +48,7 @@ def test_help_lists_every_verb_with_examples_and_imports_no_torch():
     for cmd in ([sys.executable, "-m", "ckptviz", "--help"], [str(CKPTVIZ), "--help"]):
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
-        for verb in ("inspect", "compare", "diff", "stats", "report", "app"):
+        for verb in ("inspect", "compare", "diff", "series", "stats", "report", "app"):
             assert verb in r.stdout
         assert "examples:" in r.stdout and "--fail-on missing,shape_mismatch" in r.stdout
     r = subprocess.run([sys.executable, "-X", "importtime", "-m", "ckptviz", "--help"], capture_output=True,
