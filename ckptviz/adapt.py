@@ -50,16 +50,24 @@ class Adaptation:
 def applicable(ckpt_shape: tuple[int, ...] | None, model_shape: tuple[int, ...] | None, key: str = "") -> list[str]:
     """The methods that fit these two shapes, most specific first (``reinit`` always). A token grid is
     offered for resampling only when ``key`` names a position embedding (``pos_embed``, ...)."""
-    out = []
+    out, later = [], []
     for method in ("resample", "channels", "slice"):
         try:
             a = plan(method, ckpt_shape, model_shape)
         except AdaptError:
+            if method == "resample" and _token_table(ckpt_shape, model_shape) and re.search(r"pos", key, re.I):
+                later.append(method)  # a grid no square fits: offered last, it needs grid=/prefix_tokens=
             continue
         if a.method == "resample" and a.options.get("kind") == "grid" and not re.search(r"pos", key, re.IGNORECASE):
             continue
         out.append(method)
-    return [*out, "reinit"]
+    return [*out, *later, "reinit"]
+
+
+def _token_table(c, m) -> bool:
+    """Whether two shapes are ([1,] tokens, dim) tables that differ only in the number of tokens."""
+    return (c is not None and m is not None and len(c) in (2, 3) and len(c) == len(m) and c[-1] == m[-1]
+            and tuple(c[:-2]) == tuple(m[:-2]) and c[-2] != m[-2])
 
 
 def plan(method: str, ckpt_shape, model_shape, **options) -> Adaptation:

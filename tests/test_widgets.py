@@ -251,3 +251,40 @@ def test_model_picker_finds_the_config_inside_a_folder_and_forgets_it_for_anothe
     assert insp.last_result.assign and insp.last_result.still_meta == []
     assert insp.model.lm_head.weight is insp.model.model.embed_tokens.weight
     assert torch.equal(insp.model.lm_head.weight, src.lm_head.weight)
+
+
+class _PosEmbedNet(torch.nn.Module):
+    def __init__(self, tokens: int):
+        super().__init__()
+        self.pos_embed = torch.nn.Parameter(torch.zeros(1, tokens, 8))
+
+
+def test_adapt_panel_takes_resample_options_for_a_grid_it_cannot_infer(tmp_path):
+    # 1 class token + a 14x14 grid saved; the model has a 14x20 grid (a 224x320 image): no square grid fits
+    # the model's 281 tokens, so the grid must be given, in the panel as in rep.adapt(grid=...)
+    saved = torch.randn(1, 1 + 14 * 14, 8, generator=torch.Generator().manual_seed(0))
+    torch.save({"pos_embed": saved}, tmp_path / "vit.pt")
+    model = _PosEmbedNet(1 + 14 * 20)
+    insp = cv.CheckpointInspector(model=model, path=tmp_path / "vit.pt")
+    insp.table.select([insp.report.frame.index[0]])
+    panel = insp.adapt_panel
+    panel.method.value = "resample"
+    assert panel.options_box.layout.display == ""
+    assert "no square grid fits" in panel.preview.value  # auto fails, and says what to pass
+    panel.prefix_tokens.value, panel.grid.value = "1", "14x20"
+    assert "resample 14×14→14×20 grid, bicubic (1 prefix token kept)" in panel.preview.value
+    assert panel.plot.value.startswith("<img")  # the histogram of what will be written
+    panel.grid.value = "14 by 20"
+    assert "must be two numbers like 16x20" in panel.preview.value
+    panel.apply_button.click()
+    assert insp.report.summary["adapted"] == 0  # unreadable options adapt nothing
+    panel.grid.value = "14×20"
+    panel.apply_button.click()
+    assert insp.report.summary["adapted"] == 1
+    insp.load_all_button.click()
+    want = cv.compare(model, tmp_path / "vit.pt").adapt("pos_embed", "resample", prefix_tokens=1, grid=(14, 20))
+    fresh = _PosEmbedNet(1 + 14 * 20)
+    cv.load_partial(fresh, want)
+    assert torch.equal(model.pos_embed, fresh.pos_embed) and torch.equal(model.pos_embed[:, :1], saved[:, :1])
+    panel.method.value = "reinit"
+    assert panel.options_box.layout.display == "none"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from collections.abc import Callable
 
 import ipywidgets as w
@@ -91,22 +92,63 @@ class AdaptPanel(w.VBox):
     of what would be written beside the model tensor now) and *Adapt*. ``on_adapt(method)`` applies
     it to the selected rows (a row, or a folded group selected as a whole)."""
 
-    def __init__(self, on_adapt: Callable[[str], None]):
+    def __init__(self, on_adapt: Callable[..., None]):
         self.method = w.Dropdown(description="adapt", options=[], layout=w.Layout(width="auto"))
         self.method.add_class("ckptviz-adapt-method")
         self.apply_button = w.Button(description="Adapt", icon="magic", layout=w.Layout(width="auto"),
                                      tooltip="load this row through the adaptation (it stays opt-in: undo works)")
         self.apply_button.add_class("ckptviz-adapt-apply")
+        # resample's options, blank = inferred (a square grid, 0 to 8 prefix tokens)
+        self.prefix_tokens = w.Text(description="prefix tokens", placeholder="auto", layout=w.Layout(width="180px"),
+                                    style={"description_width": "auto"})
+        self.grid = w.Text(description="grid", placeholder="auto, e.g. 16x20", layout=w.Layout(width="190px"),
+                           style={"description_width": "auto"})
+        self.old_grid = w.Text(description="saved grid", placeholder="auto", layout=w.Layout(width="190px"),
+                               style={"description_width": "auto"})
+        self.options_box = w.HBox([self.prefix_tokens, self.grid, self.old_grid], layout=w.Layout(display="none"))
+        self.options_box.add_class("ckptviz-adapt-options")
         self.preview = w.HTML()
         self.preview.add_class("ckptviz-adapt-preview")
         self.plot = w.HTML()
         self.plot.add_class("ckptviz-adapt-plot")
         self._row: tuple | None = None  # (checkpoint tensor, model tensor, key)
         self.method.observe(lambda _: self._draw(), names="value")
-        self.apply_button.on_click(lambda _: on_adapt(self.method.value) if self.method.value else None)
-        super().__init__([w.HBox([self.method, self.apply_button]), self.preview, self.plot],
+        for box in (self.prefix_tokens, self.grid, self.old_grid):
+            box.observe(lambda _: self._draw(), names="value")
+
+        def apply(_) -> None:
+            if not self.method.value:
+                return
+            try:
+                options = self.options()
+            except AdaptError:
+                return  # the preview already says what is wrong
+            on_adapt(self.method.value, **options)
+
+        self.apply_button.on_click(apply)
+        super().__init__([w.HBox([self.method, self.apply_button]), self.options_box, self.preview, self.plot],
                          layout=w.Layout(display="none"))
         self.add_class("ckptviz-adapt")
+
+    def options(self) -> dict:
+        """The chosen method's options from the fields (only ``resample`` has any); AdaptError if unreadable."""
+        if self.method.value != "resample":
+            return {}
+        out: dict = {}
+        text = self.prefix_tokens.value.strip()
+        if text:
+            if not text.isdigit():
+                raise AdaptError(f"prefix tokens must be a whole number (or blank for auto), not {text!r}")
+            out["prefix_tokens"] = int(text)
+        for name, box in (("grid", self.grid), ("old_grid", self.old_grid)):
+            text = box.value.strip()
+            if text:
+                parts = [p for p in re.split(r"[x×, ]+", text) if p]
+                if len(parts) != 2 or not all(p.isdigit() for p in parts):
+                    raise AdaptError(f"{box.description} must be two numbers like 16x20 (or blank for auto), "
+                                     f"not {text!r}")
+                out[name] = (int(parts[0]), int(parts[1]))
+        return out
 
     def show(self, report: Report | None, model: nn.Module | None, label: int | None) -> None:
         """Offer the adaptations for the frame row ``label`` (hidden unless its shapes differ)."""
@@ -130,8 +172,9 @@ class AdaptPanel(w.VBox):
         if self._row is None or not self.method.value:
             return
         report, row, live = self._row
+        self.options_box.layout.display = "" if self.method.value == "resample" else "none"
         try:
-            a = plan(self.method.value, row["ckpt_shape"], row["model_shape"])
+            a = plan(self.method.value, row["ckpt_shape"], row["model_shape"], **self.options())
         except AdaptError as e:
             self.preview.value = f"<span style='color:#b00020'>{html.escape(str(e))}</span>"
             self.plot.value = ""

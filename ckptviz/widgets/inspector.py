@@ -91,7 +91,7 @@ class CheckpointInspector(Working, w.VBox):
         self.suggestion_panel = SuggestionPanel(lambda keys: self.accept(keys), lambda: self.combine_suggested())
         self.combined: list[tuple] = []  # (model key, checkpoint keys, how, dim) combined, kept across re-compares
         self.accepted: set[str] = set()  # model keys whose suggestion was accepted (kept across re-compares)
-        self.adapt_panel = AdaptPanel(lambda method: self.adapt(None, method))
+        self.adapt_panel = AdaptPanel(lambda method, **options: self.adapt(None, method, **options))
         self.adapted: dict[str, tuple[str, dict]] = {}  # model key -> (method, options), kept across re-compares
 
         self.files.register_callback(lambda picker: self.open_file(picker.selected))
