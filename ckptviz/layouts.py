@@ -24,7 +24,11 @@ from .renames import similarity
 if TYPE_CHECKING:
     from .compare import Report
 
-STACK_COLUMNS = ["key", "ckpt_keys", "how", "dim", "reason"]  # the columns of stack_suggestions()
+# the columns of stack_suggestions(); inner/inner_dim are set (and ckpt_keys is a list of lists) for a fused layout
+STACK_COLUMNS = ["key", "ckpt_keys", "how", "dim", "inner", "inner_dim", "reason"]
+# per-expert names of Mixtral-style checkpoints, as the role a fused model tensor's name spells out
+ROLE_ALIASES = {"w1": "gate", "w3": "up", "w2": "down", "wq": "q", "wk": "k", "wv": "v"}
+MAX_FUSED = 3  # groups concatenated into one fused tensor (gate+up: 2, q+k+v: 3)
 MAX_SUGGESTION_GROUPS = 5_000  # folded groups of unexpected keys examined for stack suggestions
 
 
@@ -163,9 +167,12 @@ def _pattern(keys: Sequence[str]) -> str:
 
 def stack_suggestions(report: Report) -> pd.DataFrame:
     """Missing model tensors that a group of unexpected checkpoint tensors (keys that differ in one
-    index, all of one shape) would stack into exactly along dim 0, the closest group by name first:
-    ``key``, ``ckpt_keys``, ``how``, ``dim``, ``reason``. Nothing is applied: pass a row to
-    ``report.combine(key, ckpt_keys)``."""
+    index, all of one shape) would stack into exactly along dim 0, the closest group by name first;
+    or, two-level, that two or three such groups fill when each index's tensors are concatenated first
+    (a fused ``experts.gate_up_proj`` from ``experts.{i}.gate_proj`` and ``up_proj``, in the order the
+    name spells): ``key``, ``ckpt_keys`` (a list of lists when two-level), ``how``, ``dim``, ``inner``,
+    ``inner_dim``, ``reason``. Nothing is applied: pass a row to ``report.combine(key, ckpt_keys, how, dim,
+    inner=..., inner_dim=...)``."""
     frame, model_at, ckpt_at = _rows(report)
     missing = frame.loc[frame["status"] == "missing", ["key", "model_shape"]]
     columns = STACK_COLUMNS
@@ -185,10 +192,61 @@ def stack_suggestions(report: Report) -> pd.DataFrame:
         fits = [(similarity(key, p.replace(".{", "{")), p, m) for p, m, one in groups
                 if shape is not None and tuple(shape) == (len(m), *one)]
         if not fits:
+            fused = _fused(key, tuple(shape), groups) if shape is not None else None
+            if fused is not None:
+                out.append(fused)
             continue
         fits.sort(key=lambda f: -f[0])
         if len(fits) > 1 and fits[1][0] == fits[0][0]:
             continue  # two groups fit equally: say nothing rather than guess
         score, pattern, members = fits[0]
-        out.append((key, members, "stack", 0, f"{len(members)} tensors {pattern} stack into {tuple(shape)}"))
-    return pd.DataFrame(out, columns=columns)
+        out.append((key, members, "stack", 0, None, None,
+                    f"{len(members)} tensors {pattern} stack into {tuple(shape)}"))
+    frame = pd.DataFrame(out, columns=columns, dtype=object)  # None stays None (not NaN) in inner, inner_dim
+    frame["dim"] = frame["dim"].astype(np.int64)
+    return frame
+
+
+def _role(pattern: str) -> str:
+    """The name part of a per-index pattern after its index, without ``weight``/``proj`` (``experts.{0-7}.
+    gate_proj.weight`` -> ``gate``; ``w1`` -> its alias ``gate``)."""
+    tail = pattern.split("}", 1)[1].strip(".").split(".")
+    words = [w for part in tail for w in part.split("_") if w and w not in ("weight", "proj", "bias")]
+    return "_".join(ROLE_ALIASES.get(w, w) for w in words)
+
+
+def _fused(key: str, shape: tuple, groups: list) -> tuple | None:
+    """A two-level suggestion for the missing ``key``: two or three per-index groups under ``key``'s parent,
+    of one shape and index set, whose roles ``key``'s own name spells in order (``gate_up_proj`` from
+    ``gate_proj`` and ``up_proj``, or Mixtral's ``w1`` and ``w3``), each index's tensors concatenated and the
+    results stacked into ``shape`` exactly. None when no such reading is unique: a wrong load is worse."""
+    parent, leaf = key.rsplit(".", 1) if "." in key else ("", key)
+    words = [w for w in leaf.split("_") if w not in ("proj", "weight")]
+    found = []
+    for inner_dim in range(len(shape) - 1):
+        candidates = {}
+        for pattern, members, one in groups:
+            if pattern.split(".{", 1)[0] != parent or len(members) != shape[0] or len(one) != len(shape) - 1:
+                continue
+            role = _role(pattern)
+            if role in words:
+                candidates.setdefault(role, []).append((pattern, members, one))
+        if any(len(v) > 1 for v in candidates.values()):
+            return None  # two groups claim one role
+        chosen = [candidates[w][0] for w in words if w in candidates]
+        if not 2 <= len(chosen) <= MAX_FUSED or len(chosen) != len(words):
+            continue
+        one = chosen[0][2]
+        if any(c[2] != one for c in chosen) or any(_index_order(a) != _index_order(b) for a, b in
+                                                   zip(chosen[0][1], chosen[1][1])):
+            continue
+        part = _joined("concat", one, len(chosen), inner_dim)
+        if (shape[0], *part) == shape:
+            found.append((inner_dim, chosen))
+    if len(found) != 1:
+        return None
+    inner_dim, chosen = found[0]
+    keys = [list(ks) for ks in zip(*(c[1] for c in chosen))]
+    names = ", ".join(c[0] for c in chosen)
+    return (key, keys, "stack", 0, "concat", inner_dim,
+            f"{len(keys)} × ({names}) concatenated along dim {inner_dim}, stacked into {shape}")

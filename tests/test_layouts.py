@@ -156,3 +156,78 @@ def test_gate_and_up_concatenated_per_expert_then_stacked():
     assert torch.equal(other.experts.gate_up_proj, new.experts.gate_up_proj)
     with pytest.raises(AdaptError, match=r"gives \(4, 6, 4\), but 'experts.gate_up_proj' is \(4, 12, 4\)"):
         cv.compare(GateUp(), old.state_dict()).combine("experts.gate_up_proj", [p[0] for p in pairs])
+
+
+class PerExpertMLP(nn.Module):
+    """Per-expert MLPs as older checkpoints save them: experts.{i}.gate_proj / up_proj / down_proj."""
+
+    def __init__(self, experts=4, hidden=4, inter=3, names=("gate_proj", "up_proj", "down_proj")):
+        super().__init__()
+        self.experts = nn.ModuleList()
+        for _ in range(experts):
+            e = nn.Module()
+            setattr(e, names[0], nn.Linear(hidden, inter, bias=False))
+            setattr(e, names[1], nn.Linear(hidden, inter, bias=False))
+            setattr(e, names[2], nn.Linear(inter, hidden, bias=False))
+            self.experts.append(e)
+
+
+class FusedMLP(nn.Module):
+    """transformers 5's fused experts: gate_up_proj (E, 2I, H) = cat(gate, up) per expert, down_proj (E, H, I)."""
+
+    def __init__(self, experts=4, hidden=4, inter=3, leaf="gate_up_proj"):
+        super().__init__()
+        self.experts = nn.Module()
+        self.experts.register_parameter(leaf, nn.Parameter(torch.zeros(experts, 2 * inter, hidden)))
+        self.experts.down_proj = nn.Parameter(torch.zeros(experts, hidden, inter))
+
+
+@pytest.mark.parametrize("names", [("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")])
+def test_fused_gate_up_is_suggested_two_level_in_the_order_its_name_spells(tmp_path, names):
+    torch.manual_seed(0)
+    old = PerExpertMLP(names=names)
+    path = tmp_path / "moe.pt"
+    torch.save(dict(sorted(old.state_dict().items())), path)
+    new = FusedMLP()
+    rep = cv.compare(new, path)
+    sugg = rep.stack_suggestions().set_index("key")
+    assert sorted(sugg.index) == ["experts.down_proj", "experts.gate_up_proj"]
+    fused = sugg.loc["experts.gate_up_proj"]
+    assert fused["ckpt_keys"] == [[f"experts.{i}.{names[0]}.weight", f"experts.{i}.{names[1]}.weight"]
+                                  for i in range(4)]  # gate before up, as in the name; experts in index order
+    assert (fused["how"], fused["dim"], fused["inner"], fused["inner_dim"]) == ("stack", 0, "concat", 0)
+    assert "concatenated along dim 0, stacked into (4, 6, 4)" in fused["reason"]
+    assert sugg.loc["experts.down_proj"]["inner"] is None
+    assert cv.load_partial(new, rep).loaded == []  # suggestions load nothing by themselves
+
+    for key, r in sugg.iterrows():
+        inner = {"inner": r["inner"], "inner_dim": r["inner_dim"]} if r["inner"] is not None else {}
+        rep = rep.combine(key, r["ckpt_keys"], r["how"], r["dim"], **inner)
+    assert rep.summary["missing"] == 0 and rep.summary["unexpected"] == 0
+    res = cv.load_partial(new, rep)
+    assert sorted(res.loaded) == ["experts.down_proj", "experts.gate_up_proj"]
+    for i, e in enumerate(old.experts):
+        gate, up, down = (getattr(e, n).weight for n in names)
+        assert torch.equal(new.experts.gate_up_proj[i], torch.cat([gate, up], 0))
+        assert torch.equal(new.experts.down_proj[i], down)
+
+
+def test_fused_layout_stays_unsuggested_when_the_name_does_not_say_the_order(tmp_path):
+    old = PerExpertMLP()
+    path = tmp_path / "moe.pt"
+    torch.save(old.state_dict(), path)
+    rep = cv.compare(FusedMLP(leaf="fused"), path)  # gate then up, or up then gate? nothing says
+    assert "experts.fused" not in set(rep.stack_suggestions()["key"])
+
+
+def test_inspector_combines_a_two_level_suggestion(tmp_path):
+    old = PerExpertMLP()
+    torch.save(old.state_dict(), tmp_path / "moe.pt")
+    new = FusedMLP()
+    insp = cv.CheckpointInspector(model=new, path=tmp_path / "moe.pt")
+    assert "2 missing tensor(s) are exactly a stack" in insp.suggestion_panel.info.value
+    insp.suggestion_panel.combine_button.click()
+    assert insp.report.summary["adapted"] == 2 and insp.report.summary["unexpected"] == 0
+    insp.load_all_button.click()
+    assert torch.equal(new.experts.gate_up_proj[2], torch.cat([old.experts[2].gate_proj.weight,
+                                                               old.experts[2].up_proj.weight]))

@@ -89,7 +89,7 @@ class CheckpointInspector(Working, w.VBox):
             button.add_class(css)
         self.result_panel = ResultPanel()
         self.suggestion_panel = SuggestionPanel(lambda keys: self.accept(keys), lambda: self.combine_suggested())
-        self.combined: list[tuple] = []  # (model key, checkpoint keys, how, dim) combined, kept across re-compares
+        self.combined: list[tuple] = []  # (model key, ckpt keys, how, dim, inner options), kept across re-compares
         self.accepted: set[str] = set()  # model keys whose suggestion was accepted (kept across re-compares)
         self.adapt_panel = AdaptPanel(lambda method, **options: self.adapt(None, method, **options))
         self.adapted: dict[str, tuple[str, dict]] = {}  # model key -> (method, options), kept across re-compares
@@ -233,8 +233,9 @@ class CheckpointInspector(Working, w.VBox):
         with self._work("combining…"):
             rep = self.report
             for r in stacks.itertuples(index=False):
-                rep = rep.combine(r.key, r.ckpt_keys, r.how, r.dim)
-                self.combined.append((r.key, list(r.ckpt_keys), r.how, r.dim))
+                inner = {"inner": r.inner, "inner_dim": int(r.inner_dim)} if isinstance(r.inner, str) else {}
+                rep = rep.combine(r.key, r.ckpt_keys, r.how, r.dim, **inner)
+                self.combined.append((r.key, list(r.ckpt_keys), r.how, r.dim, inner))
             self.report = rep
             self.table.show(self.report, loaded=self.table.loaded)
             self.suggestion_panel.show(self.report)
@@ -357,8 +358,8 @@ class CheckpointInspector(Working, w.VBox):
         rep = compare(self.model, self.checkpoint, section=section)
         again = [k for k in rep.suggestions["key"] if k in self.accepted]
         rep = rep.accept(again) if again else rep
-        for key, ckpt_keys, how, dim in self.combined:
-            rep = rep.combine(key, ckpt_keys, how, dim)
+        for key, ckpt_keys, how, dim, inner in self.combined:
+            rep = rep.combine(key, ckpt_keys, how, dim, **inner)
         mismatched = set(rep.frame.loc[rep.frame["status"] == "shape_mismatch", "key"])
         for k, (method, options) in self.adapted.items():
             if k in mismatched:
