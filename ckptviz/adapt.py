@@ -263,12 +263,13 @@ def code(a: Adaptation, key: str) -> str:
     return f"sd.pop({k}, None)  # {a.text}\n"
 
 
-def preview(report, model, key: str) -> dict[str, torch.Tensor]:
-    """For an adapted row of ``report``: ``{"checkpoint": saved tensor, "model now": the model's tensor,
+def preview(report, model, key: str, adaptation: Adaptation | None = None) -> dict[str, torch.Tensor]:
+    """For an adapted row of ``report`` (or a row whose shapes differ, with an ``adaptation`` from
+    :func:`plan` not applied yet): ``{"checkpoint": saved tensor, "model now": the model's tensor,
     "will be written": what ``load_partial`` would write}`` (nothing is written), to compare before loading."""
     from .compare import model_tensors
 
-    a = report.adaptations.get(key)
+    a = adaptation if adaptation is not None else report.adaptations.get(key)
     if a is None:
         raise AdaptError(f"{key!r} is not adapted in this report; call report.adapt({key!r}, method) first")
     row = report.frame.loc[report.frame["key"] == key].iloc[0]

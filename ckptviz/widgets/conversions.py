@@ -12,8 +12,7 @@ from collections.abc import Callable
 import ipywidgets as w
 from torch import nn
 
-from ..adapt import applicable, plan
-from ..adapt import apply as adapt_apply
+from ..adapt import applicable, plan, preview
 from ..compare import STATUS_COLOURS, Report, model_tensors
 from ..errors import AdaptError
 from ..plots import figure_to_png, histogram_figure, shorten_key
@@ -111,7 +110,7 @@ class AdaptPanel(w.VBox):
         self.preview.add_class("ckptviz-adapt-preview")
         self.plot = w.HTML()
         self.plot.add_class("ckptviz-adapt-plot")
-        self._row: tuple | None = None  # (checkpoint tensor, model tensor, key)
+        self._row: tuple | None = None  # (report, frame row, model)
         self.method.observe(lambda _: self._draw(), names="value")
         for box in (self.prefix_tokens, self.grid, self.old_grid):
             box.observe(lambda _: self._draw(), names="value")
@@ -161,7 +160,7 @@ class AdaptPanel(w.VBox):
         if live is None:
             self.layout.display = "none"
             return
-        self._row = (report, row, live)
+        self._row = (report, row, model)
         methods = applicable(row["ckpt_shape"], row["model_shape"], row["key"])
         self.method.options = methods
         self.method.value = methods[0]
@@ -171,7 +170,7 @@ class AdaptPanel(w.VBox):
     def _draw(self) -> None:
         if self._row is None or not self.method.value:
             return
-        report, row, live = self._row
+        report, row, model = self._row
         self.options_box.layout.display = "" if self.method.value == "resample" else "none"
         try:
             a = plan(self.method.value, row["ckpt_shape"], row["model_shape"], **self.options())
@@ -182,15 +181,14 @@ class AdaptPanel(w.VBox):
         self.preview.value = (f"<div style='font-size:90%'><b>{html.escape(a.text)}</b><br>checkpoint "
                               f"{tuple(row['ckpt_shape'])} → model {tuple(row['model_shape'])}</div>")
         self.plot.value = ""
-        if not a.loads or live.is_meta:
+        if not a.loads or model_tensors(model)[row["key"]].is_meta:
             return
         try:
-            src = report.checkpoint.tensor(row["ckpt_key"], report.section)
-            written = adapt_apply(a, src, live.detach())
+            got = preview(report, model, row["key"], a)
         except AdaptError as e:
             self.preview.value += f"<span style='color:#b00020'>{html.escape(str(e))}</span>"
             return
-        now = live.detach().float()
+        now, written = got["model now"].float(), got["will be written"]
         if not now.numel() or not written.numel():
             return
         lo, hi = (float(min(now.min(), written.float().min())), float(max(now.max(), written.float().max())))
