@@ -268,12 +268,13 @@ def _values(ck_a: Checkpoint, na: str, ck_b: Checkpoint, nb: str, jobs: list[tup
             bar.close()
 
 
-def _groups(jobs: list, sizes: list[int]) -> Iterator[list]:
-    """``jobs`` in order, cut into runs of at most ``GROUP_BYTES`` (a larger job runs alone): the values
-    are owned copies, so memory holds one group at a time, not both checkpoints."""
+def _groups(jobs: list, sizes: list[int], limit: int | None = None) -> Iterator[list]:
+    """``jobs`` in order, cut into runs of at most ``limit`` bytes (default ``GROUP_BYTES``; a larger job
+    runs alone): the values are owned copies, so memory holds one group at a time, not both checkpoints."""
+    limit = GROUP_BYTES if limit is None else limit
     group, held = [], 0
     for job, n in zip(jobs, sizes):
-        if group and held + n > GROUP_BYTES:
+        if group and held + n > limit:
             yield group
             group, held = [], 0
         group.append(job)

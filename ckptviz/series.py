@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -394,7 +394,7 @@ def _match_keys(tables: list) -> tuple[list[str], np.ndarray]:
 
 
 def _measure(cks, sections, tables, labels, steps, keys, names, reference, explode, progress) -> SeriesReport:
-    from .diff import _compare, _data_bytes
+    from .diff import _compare, _data_bytes, _groups
 
     k, n = len(keys), len(cks)
     arrays = {m: np.full((k, n), np.nan) for m in METRICS}
@@ -416,7 +416,7 @@ def _measure(cks, sections, tables, labels, steps, keys, names, reference, explo
 
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="series")
     try:
-        for group in _groups(size):
+        for group in _groups(list(range(k)), size.tolist(), GROUP_BYTES):
             ref: dict[int, torch.Tensor] = {}  # key -> its reference tensor (previous or first present)
             ref_meta: dict[int, tuple] = {}
             for j in range(n):
@@ -460,19 +460,6 @@ def _measure(cks, sections, tables, labels, steps, keys, names, reference, explo
             bar.close()
     return SeriesReport(cks, sections, labels, steps, keys, names, arrays, status, reference, shapes, dtypes,
                         explode, floating)
-
-
-def _groups(size: np.ndarray) -> Iterable[list[int]]:
-    """Key positions in order, cut into runs of at most ``GROUP_BYTES`` (a larger key alone)."""
-    group, held = [], 0
-    for i, nbytes in enumerate(size.tolist()):
-        if group and held + nbytes > GROUP_BYTES:
-            yield group
-            group, held = [], 0
-        group.append(i)
-        held += nbytes
-    if group:
-        yield group
 
 
 def _norm(t: torch.Tensor) -> tuple[float, float]:
