@@ -419,47 +419,56 @@ def _measure(cks, sections, tables, labels, steps, keys, names, reference, explo
         for group in _groups(list(range(k)), size.tolist(), GROUP_BYTES):
             ref: dict[int, torch.Tensor] = {}  # key -> its reference tensor (previous or first present)
             ref_meta: dict[int, tuple] = {}
+            pending: dict[int, int] = {}  # key -> column of its reference whose norm the next pair gives (norm_a)
             for j in range(n):
                 here = [i for i in group if names[i, j] is not None]
                 if not here:
                     continue
                 values = cks[j].values([names[i, j] for i in here], sections[j])
-                pairs, slots, lone = [], [], []
+                pairs, slots = [], []
                 for i in here:
                     t = values[names[i, j]]
-                    meta = (tuple(t.shape), t.dtype)
                     old = ref_meta.get(i)
-                    if old is None:
-                        status[i, j] = 0
-                        lone.append((i, t))
-                    elif old[0] != meta[0] or old[1] != meta[1]:
-                        status[i, j] = 2 if old[0] != meta[0] else 3
-                        lone.append((i, t))
-                    else:
+                    if old is not None and old == (tuple(t.shape), t.dtype):
                         status[i, j] = 0
                         pairs.append((ref[i], t))
                         slots.append(i)
+                    else:  # a first appearance, or a new shape or dtype: no pair, its norm comes later
+                        status[i, j] = 0 if old is None else 2 if old[0] != tuple(t.shape) else 3
+                        if i in pending:
+                            _fill_norm(arrays, i, pending.pop(i), ref[i])
                 for i, got in zip(slots, _compare(pairs, 1 << 18, None) if pairs else []):
+                    if i in pending:  # the reference's own norm, from the same pass
+                        jp = pending.pop(i)
+                        arrays["norm"][i, jp] = got.get("norm_a", math.nan)
+                        arrays["nonfinite"][i, jp] = got.get("nonfinite_a", math.nan)
                     arrays["norm"][i, j] = got.get("norm_b", math.nan)
                     arrays["nonfinite"][i, j] = got.get("nonfinite_b", math.nan)
                     arrays["rel_change"][i, j] = got["rel_l2"]
                     arrays["max_abs_change"][i, j] = got["max_abs_diff"]
                     arrays["changed_frac"][i, j] = got["changed_frac"]
                     arrays["cosine"][i, j] = got["cosine"]
-                for i, t in lone:
-                    arrays["norm"][i, j], arrays["nonfinite"][i, j] = _norm(t)
+                paired = set(slots)
                 for i in here:
                     t = values[names[i, j]]
-                    if reference == "previous" or i not in ref or status[i, j] != 0:
+                    if i not in paired:
+                        pending[i] = j
+                    if reference == "previous" or i not in paired:
                         ref[i], ref_meta[i] = t, (tuple(t.shape), t.dtype)
                 if bar is not None:
                     bar.update(sum(info[j][names[i, j]][2] for i in here))
                 del values, pairs
+            for i, jp in pending.items():  # seen once (or last seen after a change): measured alone
+                _fill_norm(arrays, i, jp, ref[i])
     finally:
         if bar is not None:
             bar.close()
     return SeriesReport(cks, sections, labels, steps, keys, names, arrays, status, reference, shapes, dtypes,
                         explode, floating)
+
+
+def _fill_norm(arrays: dict, i: int, j: int, t: torch.Tensor) -> None:
+    arrays["norm"][i, j], arrays["nonfinite"][i, j] = _norm(t)
 
 
 def _norm(t: torch.Tensor) -> tuple[float, float]:

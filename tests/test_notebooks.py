@@ -74,6 +74,11 @@ def adapting(kernel_dir, tmp_path_factory) -> nbformat.NotebookNode:
     return execute("05_adapting_checkpoints.ipynb", kernel_dir, tmp_path_factory.mktemp("nb05"))
 
 
+@pytest.fixture(scope="module")
+def training_run(kernel_dir, tmp_path_factory) -> nbformat.NotebookNode:
+    return execute("06_training_run.ipynb", kernel_dir, tmp_path_factory.mktemp("nb06"))
+
+
 # ---- reading outputs ---------------------------------------------------------------------------------------
 def cell(nb: nbformat.NotebookNode, snippet: str) -> nbformat.NotebookNode:
     """The one code cell whose source contains ``snippet``."""
@@ -303,6 +308,73 @@ def test_adapting_each_case_is_shown_previewed_loaded_and_undone(adapting):
     assert "conv.weight_g" in d and "LayerNorm.gamma" in d and "'match': 7" in d
     d = text(cell(adapting, "res = cv.load_partial(modern, rep)"))
     assert "7 tensors loaded; same outputs as the old model: True" in d and "undone: True" in d
+
+
+# ---- 06 a training run -----------------------------------------------------------------------------------------
+RUN_LABELS = [f"epoch={e}.ckpt" for e in range(1, 13)]
+TRAINED = ["model.features.1.weight", "model.features.3.weight", "model.features.4.bias", "model.classifier.1.weight",
+           "model.head.weight", "model.head.bias"]  # trained tensors (the frozen first convolution is features.0)
+
+
+def flag_rows(nb: nbformat.NotebookNode) -> dict[str, dict[str, str]]:
+    """{flag: {key: label}} as the notebook prints them, one line per (flag, label)."""
+    out: dict[str, dict[str, str]] = {}
+    printed = text(cell(nb, 'for flag in ("frozen", "norm_exploding", "nonfinite"):'))
+    for flag, label, count, keys in re.findall(r"^(\w+) \((.+?)\): (\d+) tensors: (.*)$", printed, re.MULTILINE):
+        names = keys.split(", ")
+        assert len(names) == int(count), (flag, label, count, keys)
+        out.setdefault(flag, {}).update(dict.fromkeys(names, label))
+    return out
+
+
+def test_training_run_runs_cleanly(training_run):
+    assert_ran_cleanly(training_run)
+
+
+def test_training_run_orders_checkpoints_naturally(training_run):
+    out = text(cell(training_run, 'series = cv.diff_series("run")'))
+    # a plain sort puts epoch=10 right after epoch=1; the series does not
+    assert "sorted file names: ['epoch=1.ckpt', 'epoch=10.ckpt', 'epoch=11.ckpt', 'epoch=12.ckpt'] ..." in out
+    assert f"labels: {RUN_LABELS}" in out
+    assert f"steps:  {[29 * e for e in range(1, 13)]}" in out  # 1,797 digits in batches of 64: 29 steps an epoch
+    assert "natural order agrees: True" in out
+    assert ("SeriesReport(12 checkpoints 'epoch=1.ckpt' .. 'epoch=12.ckpt', 18 keys, reference='previous', "
+            "frozen=2, norm_exploding=") in out
+    assert "'checkpoints': 12, 'keys': 18, 'frozen': 2," in out
+
+
+def test_training_run_flags_each_staged_problem_at_its_checkpoint(training_run):
+    flags = flag_rows(training_run)
+    assert flags["frozen"] == {"model.features.0.weight": "the whole run", "model.features.0.bias": "the whole run"}
+    exploding, nonfinite = flags["norm_exploding"], flags["nonfinite"]
+    # the learning rate jumps to 10 in epoch 10: every trained tensor's norm explodes there, nothing before
+    assert set(exploding.values()) == {"epoch=10.ckpt"}, exploding
+    assert set(TRAINED) <= set(exploding), exploding
+    # the NaN pixel of epoch 11 reaches every trained tensor and the running statistics, not the frozen conv
+    assert set(nonfinite.values()) == {"epoch=11.ckpt"}, nonfinite
+    assert set(TRAINED) | {"model.features.1.running_mean", "model.features.4.running_var"} <= set(nonfinite)
+    assert not {"model.features.0.weight", "model.features.0.bias"} & set(nonfinite)
+    assert len(nonfinite) == 14  # every floating tensor but the frozen convolution's two
+    assert "text/html" in mimetypes(cell(training_run, "series.flags  #"))
+
+
+def test_training_run_pair_is_the_diff_where_the_norms_exploded(training_run):
+    c = cell(training_run, "pair = series.pair(exploded_at)")
+    out = text(c)
+    assert "norms exploded at epoch=10.ckpt (position 9 in the series)" in out
+    assert "DiffReport('run/epoch=9.ckpt' [state_dict] vs 'run/epoch=10.ckpt' [state_dict], both=18" in out
+    assert "text/html" in mimetypes(c)
+    out = text(cell(training_run, 'since_first = cv.diff_series("run", reference="first")'))
+    assert "reference='first', frozen=2" in out
+
+
+def test_training_run_displays_its_figures_and_tables(training_run):
+    for snippet in ("series.heatmap()", "series.norms_plot()", "since_first.heatmap("):
+        assert "image/png" in mimetypes(cell(training_run, snippet)), snippet
+    nan_counts = text(cell(training_run, 'series.matrix("nonfinite")'))
+    assert "epoch=9.ckpt" in nan_counts and "epoch=12.ckpt" in nan_counts
+    head = text(cell(training_run, 'series.frame[series.frame["key"] == "model.head.weight"]'))
+    assert len(re.findall(r"epoch=\d+\.ckpt", head)) == 12
 
 
 def test_notebooks_are_stored_without_outputs():
