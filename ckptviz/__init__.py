@@ -35,6 +35,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
        ("Histogram", "StatsCache", "histogram", "stats_frame", "summarize", "tensor_stats")},
     # the widgets import ipywidgets: loaded only when asked for, so the core stays headless
     "CheckpointInspector": ("widgets", "CheckpointInspector"), "CheckpointDiff": ("widgets", "CheckpointDiff"),
+    "CheckpointSeries": ("widgets", "CheckpointSeries"),
 }
 
 __all__ = sorted(_EXPORTS)
@@ -79,4 +80,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .series import SeriesReport, diff_series  # noqa: F401
     from .snippet import torch_code  # noqa: F401
     from .stats import Histogram, StatsCache, histogram, stats_frame, summarize, tensor_stats  # noqa: F401
-    from .widgets import CheckpointDiff, CheckpointInspector  # noqa: F401
+    from .widgets import CheckpointDiff, CheckpointInspector, CheckpointSeries  # noqa: F401

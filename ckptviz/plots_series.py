@@ -18,6 +18,7 @@ MAX_ROWS = 60  # heatmap rows drawn; more are merged, neighbours together
 MAX_COLUMN_LABELS = 24
 FROZEN_COLOR = "#d9d9d9"  # a cell whose value is exactly 0 (nothing changed)
 NOTE_COLOR = "#666666"
+INF_COLOR = "#b2182b"
 METRIC_LABELS = {"rel_change": "relative change ||b - a|| / ||a||", "max_abs_change": "max |b - a|",
                  "norm": "L2 norm", "changed_frac": "fraction of elements changed", "nonfinite": "NaN/Inf elements"}
 
@@ -40,6 +41,31 @@ def merge_rows(matrix: pd.DataFrame, max_rows: int = MAX_ROWS) -> pd.DataFrame:
     return pd.DataFrame(rows, index=pd.Index(labels, name=matrix.index.name), columns=matrix.columns)
 
 
+def heat_norm(values: np.ndarray, log: bool | None = None) -> tuple[Normalize, bool]:
+    """The colour scale of a heatmap of ``values`` and whether it is logarithmic (``log`` None: when the
+    finite values span more than two decades)."""
+    finite = values[np.isfinite(values)]
+    positive = finite[finite > 0]
+    use_log = bool(log if log is not None else _auto_log(finite)) and positive.size > 0
+    if use_log:
+        return LogNorm(vmin=float(positive.min()), vmax=float(positive.max())), True
+    return Normalize(vmin=0.0, vmax=float(finite.max()) if finite.size and finite.max() > 0 else 1.0), False
+
+
+def cell_colors(values: np.ndarray, log: bool | None = None) -> tuple[np.ndarray, Normalize, bool]:
+    """Hex colours of a heatmap's cells as :func:`series_heatmap_figure` paints them (exact zeros grey,
+    infinities red, NaN ``""``: blank), with the colour scale and whether it is logarithmic."""
+    from matplotlib.colors import to_hex
+
+    norm, use_log = heat_norm(values, log)
+    rgba = _cmap()(norm(np.where(np.isfinite(values) & ((values > 0) | (not use_log)), values, np.nan)))
+    out = np.array([to_hex(c) for c in rgba.reshape(-1, 4)], dtype=object).reshape(values.shape)
+    out[values == 0] = FROZEN_COLOR
+    out[np.isinf(values)] = INF_COLOR
+    out[np.isnan(values)] = ""
+    return out, norm, use_log
+
+
 @_styled
 def series_heatmap_figure(matrix: pd.DataFrame, *, metric: str = "rel_change", title: str = "",
                           log: bool | None = None, max_rows: int = MAX_ROWS) -> Figure:
@@ -52,13 +78,7 @@ def series_heatmap_figure(matrix: pd.DataFrame, *, metric: str = "rel_change", t
     fig = Figure(figsize=(min(12.0, 3.2 + 0.32 * cols), min(14.0, 1.6 + 0.2 * rows)), dpi=STYLE["dpi"],
                  layout="constrained")
     ax = fig.add_subplot()
-    finite = values[np.isfinite(values)]
-    positive = finite[finite > 0]
-    use_log = log if log is not None else _auto_log(finite)
-    if use_log and positive.size:
-        norm = LogNorm(vmin=float(positive.min()), vmax=float(positive.max()))
-    else:
-        norm = Normalize(vmin=0.0, vmax=float(finite.max()) if finite.size and finite.max() > 0 else 1.0)
+    norm, use_log = heat_norm(values, log)
     cmap = _cmap()
     masked = np.ma.masked_where(~np.isfinite(values) | ((values <= 0) if use_log else np.zeros_like(values, bool)),
                                 values)
@@ -68,7 +88,7 @@ def series_heatmap_figure(matrix: pd.DataFrame, *, metric: str = "rel_change", t
     image = ax.imshow(masked, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     inf = np.argwhere(np.isinf(values))
     if inf.size:
-        ax.scatter(inf[:, 1], inf[:, 0], marker="x", color="#b2182b", s=12, label="infinite")
+        ax.scatter(inf[:, 1], inf[:, 0], marker="x", color=INF_COLOR, s=12, label="infinite")
     fig.colorbar(image, ax=ax, label=METRIC_LABELS.get(metric, metric), shrink=0.8)
     ax.set_yticks(range(rows), [shorten_key(str(k), 44) for k in shown.index])
     step = max(1, int(np.ceil(cols / MAX_COLUMN_LABELS)))

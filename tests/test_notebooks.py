@@ -377,6 +377,14 @@ def test_training_run_displays_its_figures_and_tables(training_run):
     assert len(re.findall(r"epoch=\d+\.ckpt", head)) == 12
 
 
+def test_training_run_widget_reads_the_run_and_exports_its_flags(training_run):
+    c = cell(training_run, 'series_widget = cv.CheckpointSeries("run")')
+    data = next(o.data for o in c.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {}))
+    html = data["text/html"]  # what a static export shows: the report's flags
+    assert "SeriesReport(12 checkpoints &#x27;epoch=1.ckpt&#x27; .. &#x27;epoch=12.ckpt&#x27;, 18 keys" in html
+    assert html.count("norm_exploding") >= 2 and "frozen" in html
+
+
 def test_notebooks_are_stored_without_outputs():
     for path in sorted(NOTEBOOKS.glob("*.ipynb")):
         nb = nbformat.read(path, as_version=4)
