@@ -1,4 +1,4 @@
-"""``ckptviz app``: the inspector and the diff view as a page of their own, served by Voilà on 127.0.0.1.
+"""``ckptviz app``: the inspector, the diff view and the series view as a page of their own, served by Voilà.
 
 A small notebook is written to a temporary folder and served with Voilà (the optional extra ``app``): the
 page shows the widgets only, never code, and runs in a kernel started in the working directory of the
@@ -25,7 +25,8 @@ class AppError(CheckpointError):
 
 
 def app_notebook(path: str | os.PathLike | None, cwd: str | os.PathLike) -> dict:
-    """The notebook the app serves: an inspector (opening ``path`` when given) and a diff view, in tabs."""
+    """The notebook the app serves: an inspector (opening ``path`` when given), a diff view and a series view
+    (a folder ``path`` typed in as its run), in tabs."""
     cwd = os.path.abspath(cwd)
     target = None if path is None else os.path.abspath(os.path.join(cwd, path))
     code = f"""\
@@ -39,9 +40,12 @@ path = {target!r}
 inspector = cv.CheckpointInspector(path=path if path and not os.path.isdir(path) else None,
                                    start_dir=path if path and os.path.isdir(path) else {cwd!r})
 diff = cv.CheckpointDiff(start_dir=path if path and os.path.isdir(path) else {cwd!r})
-tabs = w.Tab([inspector, diff])
+series = cv.CheckpointSeries()
+series.path.value = path if path and os.path.isdir(path) else ""
+tabs = w.Tab([inspector, diff, series])
 tabs.set_title(0, "Inspect and load")
 tabs.set_title(1, "Compare two checkpoints")
+tabs.set_title(2, "A training run")
 tabs.add_class("ckptviz-app")
 display(w.HTML("<h2 style='margin:4px 0'>ckptviz</h2>"), tabs)
 """

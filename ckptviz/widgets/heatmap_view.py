@@ -73,9 +73,9 @@ _CSS = r"""
 .ckptviz-heatmap-table { border-collapse: collapse; font-size: 11px; }
 .ckptviz-heatmap-row { text-align: right; font-weight: normal; padding: 0 6px 0 0; white-space: nowrap;
   max-width: 340px; overflow: hidden; text-overflow: ellipsis; }
-.ckptviz-heatmap-col { height: 80px; vertical-align: bottom; font-weight: normal; padding: 0; }
+.ckptviz-heatmap-col { height: 112px; vertical-align: bottom; font-weight: normal; padding: 0; }
 .ckptviz-heatmap-col span { display: inline-block; writing-mode: vertical-rl; transform: rotate(180deg);
-  white-space: nowrap; max-height: 80px; overflow: hidden; text-overflow: ellipsis; }
+  white-space: nowrap; max-height: 110px; overflow: hidden; text-overflow: ellipsis; }
 .ckptviz-heatmap-cell { width: 16px; min-width: 16px; height: 14px; border: 1px solid #fff; cursor: pointer;
   padding: 0; }
 .ckptviz-heatmap-cell:hover { outline: 2px solid #0969da; }

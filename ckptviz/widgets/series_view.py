@@ -115,7 +115,7 @@ class CheckpointSeries(Working, w.VBox):
                                          value=reference, style={"button_width": "auto"})
         self.reference.add_class("ckptviz-series-reference")
         self.metric = w.Dropdown(options=[(METRIC_LABELS.get(m, m), m) for m in HEAT_METRICS], value=metric,
-                                 description="colour", layout=w.Layout(width="auto"))
+                                 description="colour", layout=w.Layout(width="380px"))
         self.metric.add_class("ckptviz-series-metric")
         self.read_button = w.Button(description="Read run", button_style="primary", icon="line-chart",
                                     layout=w.Layout(width="auto"))

@@ -1,6 +1,6 @@
 """``ckptviz app`` end to end: the real command serves the inspector with Voilà on 127.0.0.1; Chromium opens the
 page, sees the checkpoint given on the command line, picks a model class by name, loads, sees the result, then
-opens the diff tab and compares two checkpoints."""
+opens the diff tab and compares two checkpoints, then the training-run tab: reads a run folder and opens one pair."""
 
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ def app(tmp_path: Path):
     sd = torch.load(tmp_path / "digits_cnn.pth.tar", weights_only=True)["model_state_dict"]
     sd["module.head.bias"] = sd["module.head.bias"] + 1.0
     torch.save(sd, tmp_path / "moved.pt")
+    (tmp_path / "run").mkdir()
+    for epoch in range(1, 4):  # a run of three epochs: the head moves a little each time
+        sd["module.head.bias"] = sd["module.head.bias"] + 0.5
+        torch.save({"epoch": epoch, "state_dict": sd}, tmp_path / "run" / f"epoch={epoch}.ckpt")
     port = free_port()
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter-runtime")}
     proc = subprocess.Popen([sys.executable, "-m", "ckptviz", "app", "digits_cnn.pth.tar", "--port", str(port),
@@ -89,4 +93,20 @@ def test_app_opens_the_file_picks_a_model_loads_and_diffs(app, page, page_log):
     expect(diff.locator(".ckptviz-diff-message")).to_contain_text("keys compared", timeout=TIMEOUT_MS)
     expect(diff.locator(DIFF_ROWS).first).to_contain_text("head.bias", timeout=TIMEOUT_MS)  # most changed first
     save_screenshot(page, "app-diff", full_page=False)
+
+    page.locator(".ckptviz-app .lm-TabBar-tab", has_text="A training run").click()
+    series = page.locator(".ckptviz-app .ckptviz-series").first
+    expect(series).to_be_visible()
+    series.locator(".ckptviz-series-path input").fill("run")
+    series.locator(".ckptviz-series-read").click()
+    expect(series.locator(".ckptviz-series-message")).to_contain_text("3 checkpoints × 18 keys", timeout=TIMEOUT_MS)
+    row = series.locator(".ckptviz-heatmap-row").filter(has_text="module.head.bias")
+    expect(row).to_have_count(1)
+    index = int(row.evaluate("(th) => th.parentElement.rowIndex")) - 1  # below the header row
+    series.locator(f".ckptviz-heatmap-cell[data-row='{index}'][data-col='2']").click()
+    expect(series.locator(".ckptviz-series-pair-header")).to_contain_text("epoch=3.ckpt against epoch=2.ckpt",
+                                                                          timeout=TIMEOUT_MS)
+    selected = series.locator(".ckptviz-diff-table tbody tr.selected td")
+    expect(selected.first).to_have_text("module.head.bias", timeout=TIMEOUT_MS)
+    save_screenshot(page, "app-series", full_page=False)
     assert not page_log.page_errors, page_log.page_errors
