@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from series_runs import save_run
 
 import ckptviz as cv
 from ckptviz import series as series_mod
-from ckptviz.demo import DigitsCNN, digits, train
+from ckptviz.demo import DigitsCNN
 from ckptviz.errors import CheckpointNotFoundError, SectionError
 
 EPOCHS = 11  # epoch=10 and epoch=11 sort after epoch=9 only naturally
@@ -28,21 +29,7 @@ EPOCHS = 11  # epoch=10 and epoch=11 sort after epoch=9 only naturally
 def run(tmp_path_factory) -> tuple[Path, list[dict[str, torch.Tensor]]]:
     """A real short training run: the first conv frozen, the head blown up at epoch 9 and a NaN at epoch 10."""
     folder = tmp_path_factory.mktemp("run")
-    x, y = digits()
-    x, y = x[:256], y[:256]
-    torch.manual_seed(0)
-    model = DigitsCNN(10)
-    model.features[0].requires_grad_(False)
-    saved = []
-    for epoch in range(1, EPOCHS + 1):
-        train(model, x, y, epochs=1, params=[p for p in model.parameters() if p.requires_grad], seed=epoch)
-        sd = {k: v.clone() for k, v in model.state_dict().items()}
-        if epoch >= 9:
-            sd["head.weight"] *= 50.0
-        if epoch == 10:
-            sd["head.bias"][3] = float("nan")
-        saved.append(sd)
-        torch.save({"epoch": epoch, "global_step": 4 * epoch, "state_dict": sd}, folder / f"epoch={epoch}.ckpt")
+    saved = save_run(folder, EPOCHS, blow_up_from=9, nan_at=10)
     (folder / "notes.txt").write_text("not a checkpoint")
     return folder, saved
 

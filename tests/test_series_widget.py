@@ -11,36 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from series_runs import save_run
 
 import ckptviz as cv
-from ckptviz.demo import DigitsCNN, digits, train
 from ckptviz.plots_series import FROZEN_COLOR, MAX_ROWS, cell_colors
 from ckptviz.widgets.series_view import CheckpointSeries
 
 EPOCHS = 5
 
 
-def make_run(folder: Path) -> Path:
-    """Five epochs of the digits model: features.0 frozen, the head x50 at epoch 4, a NaN at epoch 5."""
-    x, y = digits()
-    x, y = x[:128], y[:128]
-    torch.manual_seed(0)
-    model = DigitsCNN(10)
-    model.features[0].requires_grad_(False)
-    for epoch in range(1, EPOCHS + 1):
-        train(model, x, y, epochs=1, params=[p for p in model.parameters() if p.requires_grad], seed=epoch)
-        sd = {k: v.clone() for k, v in model.state_dict().items()}
-        if epoch >= 4:
-            sd["head.weight"] *= 50.0
-        if epoch == 5:
-            sd["head.bias"][2] = float("nan")
-        torch.save({"epoch": epoch, "global_step": 2 * epoch, "state_dict": sd}, folder / f"epoch={epoch}.ckpt")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp("series-widget"))
+    """Five epochs: features.0 frozen, the head x50 from epoch 4, a NaN at epoch 5."""
+    folder = tmp_path_factory.mktemp("series-widget")
+    save_run(folder, EPOCHS, blow_up_from=4, nan_at=5, samples=128, steps_per_epoch=2)
+    return folder
 
 
 def test_reads_a_folder_and_draws_the_reports_numbers(run):

@@ -7,13 +7,9 @@ from __future__ import annotations
 import anywidget
 import traitlets as t
 
-_ESM = r"""
-function el(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
-}
+from .paged_view import EL_JS
+
+_ESM = EL_JS + r"""
 function render({ model, el: root }) {
   root.classList.add("ckptviz-heatmap");
   const legend = el("div", "ckptviz-heatmap-legend");

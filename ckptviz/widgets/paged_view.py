@@ -7,13 +7,17 @@ from __future__ import annotations
 import anywidget
 import traitlets as t
 
-_ESM = r"""
+# the DOM helper every ckptviz anywidget starts with
+EL_JS = r"""
 function el(tag, cls, text) {
   const e = document.createElement(tag);
   if (cls) e.className = cls;
   if (text !== undefined) e.textContent = text;
   return e;
 }
+"""
+
+_ESM = EL_JS + r"""
 function render({ model, el: root }) {
   root.classList.add("ckptviz-paged");
   const bar = el("div", "ckptviz-paged-bar");
