@@ -61,6 +61,8 @@ class ReportParts:
     formats: dict[str, Callable[[Any], str]] = field(default_factory=dict)
     figures: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)
     folding: Folding | None = None
+    show_rules: bool = True  # the "rename rules applied" section (reports that align keys)
+    table_title: str = "Keys"
 
 
 def register(cls: type | str, builder: Builder) -> None:
@@ -135,13 +137,14 @@ def render(parts: ReportParts, *, title: str | None = None, plots: bool = True) 
     notes = "".join(f"<p class='note'>{esc(n)}</p>" for n in parts.notes)
     body = [
         f"<header><h1>{esc(heading)}</h1><dl class='meta'>{meta}</dl></header>",
-        f"<section id='counts'><h2>Counts by status ({len(parts.frame):,} rows)</h2><ul class='counts'>{counts}"
-        f"</ul>{notes}</section>",
-        f"<section id='rules'><h2>Rename rules applied</h2><ul>{rules}</ul></section>",
+        f"<section id='counts'><h2>Counts by {esc(parts.status)} ({len(parts.frame):,} rows)</h2>"
+        f"<ul class='counts'>{counts}</ul>{notes}</section>",
     ]
+    if parts.show_rules:
+        body.append(f"<section id='rules'><h2>Rename rules applied</h2><ul>{rules}</ul></section>")
     if plots and parts.figures:
         body.append(f"<section id='plots'><h2>Figures</h2>{_figures(parts.figures)}</section>")
-    body.append(f"<section id='table'><h2>Keys</h2>{_table_section(parts)}</section>")
+    body.append(f"<section id='table'><h2>{esc(parts.table_title)}</h2>{_table_section(parts)}</section>")
     body.append(f"<footer>Written by ckptviz; self-contained: no scripts, no network requests. "
                 f"{esc(parts.kind)} report.</footer>")
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
@@ -347,5 +350,29 @@ def _diff_parts(rep: Any) -> ReportParts:
                  ("keys of each status per layer, in model order", lambda: status_by_layer_figure(frame, colours))])
 
 
+def _series_parts(rep: Any) -> ReportParts:
+    from .series import FLAG_COLOURS, FLAGS
+
+    flags = rep.flags
+    frame = pd.DataFrame({"key": flags["key"], "flag": flags["flag"], "checkpoint": flags["label"],
+                          "detail": flags["detail"]})
+    paths = [str(ck.path) for ck in rep.checkpoints if ck.path]
+    run = os.path.commonpath(paths) if len(paths) == len(rep.checkpoints) else "checkpoints given in code"
+    s = rep.summary
+    meta = [("run", run), ("checkpoints", f"{s['checkpoints']}: {rep.labels[0]} .. {rep.labels[-1]}"),
+            ("keys", f"{s['keys']:,}"), ("reference", f"each checkpoint against the {rep.reference} one"),
+            ("norm_exploding", f"x{rep.explode:g} from one checkpoint to the next, or x{rep.explode ** 2:g} "
+                               "since the first")]
+    return ReportParts(
+        kind="series", title=f"ckptviz series: {run}", meta=meta + _common_meta(),
+        counts={f: s[f] for f in FLAGS}, colours=dict(FLAG_COLOURS), frame=frame.reset_index(drop=True),
+        problem=np.ones(len(frame), dtype=bool), keys=frame["key"].tolist(), status="flag", show_rules=False,
+        table_title="Flags (where each first holds)",
+        notes=[f"{s['checkpoints']} checkpoints x {s['keys']:,} keys, each file read once"],
+        figures=[("relative change per layer (rows, model order) and checkpoint (columns)", rep.heatmap),
+                 ("norm of each layer over the run", rep.norms_plot)])
+
+
 register("ckptviz.compare.Report", _compare_parts)
 register("ckptviz.diff.DiffReport", _diff_parts)
+register("ckptviz.series.SeriesReport", _series_parts)

@@ -96,7 +96,7 @@ def series_heatmap_figure(matrix: pd.DataFrame, *, metric: str = "rel_change", t
                   rotation_mode="anchor")
     ax.grid(False)
     merged = f"; {len(matrix)} rows merged into {rows}" if rows < len(matrix) else ""
-    ax.set_xlabel(f"checkpoint ({cols}){merged}; grey: unchanged, blank: not compared")
+    ax.set_xlabel(f"checkpoint ({cols}){merged}\ngrey: unchanged, blank: not compared")
     ax.set_title(title or METRIC_LABELS.get(metric, metric) + " per layer")
     return fig
 

@@ -30,6 +30,7 @@ EXPLODE = 10.0  # a norm this many times its first value is flagged
 METRICS = ("norm", "rel_change", "max_abs_change", "changed_frac", "cosine", "nonfinite")
 STATUSES = ("present", "absent", "shape_differs", "dtype_differs")
 FLAGS = ("frozen", "norm_exploding", "nonfinite")
+FLAG_COLOURS = {"frozen": "#d9d9d9", "norm_exploding": "#f4a582", "nonfinite": "#fbd9d7"}  # tables, badges, HTML
 STEP_KEYS = ("global_step", "step", "iteration", "epoch")  # metadata that orders a run, best first
 _STEP_IN_NAME = re.compile(r"(?:global_step|step|epoch|iter(?:ation)?|checkpoint|ckpt)[=_\-]?(\d+)", re.IGNORECASE)
 _DIGITS = re.compile(r"(\d+)")
@@ -268,6 +269,13 @@ class SeriesReport:
                     section_b=self.sections[checkpoint], **kw)
 
     # ---- display -----------------------------------------------------------------------------
+    def to_html(self, path: str | os.PathLike, **kw: Any) -> Path:
+        """Write this run (flags, heatmap, norms) to ``path`` as one self-contained HTML file and return
+        its Path; ``kw`` as for :func:`ckptviz.html_report.write_report` (``title``, ``plots``)."""
+        from .html_report import write_report
+
+        return write_report(self, path, **kw)
+
     def __repr__(self) -> str:
         s = self.summary
         flags = ", ".join(f"{f}={s[f]}" for f in FLAGS if s[f])

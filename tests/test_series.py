@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -224,3 +225,22 @@ def test_cli_series_gates_on_flags_and_prints_json(run):
     assert "features.0.weight" in r.stdout and "\x1b[" not in r.stdout  # no colour when piped
     r = cli(str(folder / "epoch=1.ckpt"))
     assert r.returncode == 2 and "is one checkpoint file" in r.stderr and "Traceback" not in r.stderr
+    r = cli(str(folder), "--html", str(folder.parent / "run-report.html"), "--quiet")
+    assert r.returncode == 0 and (folder.parent / "run-report.html").is_file(), r.stderr
+    assert "wrote" in r.stderr and "run-report.html" in r.stderr
+    r = cli(str(folder), "--html", str(folder.parent / "run.txt"))
+    assert r.returncode == 2 and "should end in .html" in r.stderr and not (folder.parent / "run.txt").exists()
+
+
+def test_html_report_of_a_run_holds_its_flags_and_figures(run, series, tmp_path):
+    from test_html_report import Page, assert_self_contained
+
+    text = series.to_html(tmp_path / "run.html").read_text()
+    assert_self_contained(text)
+    page = Page(text)
+    assert "ckptviz series: " + str(run[0]) in text and "Rename rules" not in text
+    body = [r for r in page.rows if len(r) == 4 and r[0] != "key"]
+    assert [(r[0], r[1], r[2]) for r in body] == [(k, f, "—" if pd.isna(lab) else lab) for k, f, lab in
+                                                 series.flags[["key", "flag", "label"]].itertuples(index=False)]
+    assert len([a for a in page.named("img") if a["src"].startswith("data:image/png;base64,")]) == 2
+    assert "x10 from one checkpoint to the next" in text

@@ -123,6 +123,8 @@ def parser() -> argparse.ArgumentParser:
     _open_options(p)
     p.add_argument("--fail-on", default="", metavar="FLAGS",
                    help="exit 1 if any key is flagged: frozen, norm_exploding, nonfinite (comma separated)")
+    p.add_argument("--html", default=None, metavar="FILE",
+                   help="also write the run (flags, heatmap, norms) as one self-contained HTML report")
     _output_options(p)
 
     p = verb("stats", "value statistics of every tensor (one streaming pass, with progress)",

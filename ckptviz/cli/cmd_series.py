@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import FAIL_CODE
+from . import FAIL_CODE, UsageError
 from .output import Output, fail_statuses, records
 
 CONDITIONS = ("frozen", "norm_exploding", "nonfinite")
@@ -18,6 +18,8 @@ def run(args: Any) -> int:
     from ..series import diff_series
 
     fail = fail_statuses(args.fail_on, CONDITIONS)
+    if args.html and not str(args.html).lower().endswith((".html", ".htm")):
+        raise UsageError(f"--html {args.html!r} should end in .html (the report is one HTML page)")
     source: Any = args.paths[0] if len(args.paths) == 1 else args.paths
     out = Output(args)
     series = diff_series(source, reference=args.reference, section=args.section, order=args.order,
@@ -39,6 +41,9 @@ def run(args: Any) -> int:
         if len(flags):
             out.table(flags.set_index("key")[["flag", "label", "detail"]], "flags", styles={"flag": _flag_style})
         out.table(moved, "layers, most moved over the run first")
+    if args.html:
+        written = series.to_html(args.html)
+        out.note(f"ckptviz series: wrote {written}")
     if failed:
         out.note(f"ckptviz series: --fail-on {args.fail_on}: " + ", ".join(f"{summary[c]:,} {c}" for c in failed))
         return FAIL_CODE

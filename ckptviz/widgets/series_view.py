@@ -21,7 +21,7 @@ from ..diff import DiffReport
 from ..errors import CheckpointError, UnsafeCheckpointError
 from ..plots import figure_to_png
 from ..plots_series import MAX_ROWS, METRIC_LABELS, cell_colors, merge_rows
-from ..series import FLAGS, SeriesReport, diff_series
+from ..series import FLAG_COLOURS, FLAGS, SeriesReport, diff_series
 from .diff_view import CheckpointDiff, number
 from .heatmap_view import HeatmapView
 from .pager import TableSource
@@ -31,7 +31,6 @@ from .working import Working
 
 HEAT_METRICS = ("rel_change", "max_abs_change", "changed_frac", "norm", "nonfinite")
 FOLDABLE = ("rel_change", "max_abs_change", "norm", "nonfinite")  # what SeriesReport.folded() aggregates
-FLAG_COLOURS = {"frozen": "#d9d9d9", "norm_exploding": "#f4a582", "nonfinite": "#fbd9d7"}
 PICK_HINT = "<i>click a cell of the heatmap (or a flag) to compare that checkpoint with its reference</i>"
 
 

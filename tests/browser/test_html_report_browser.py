@@ -79,3 +79,27 @@ def test_big_diff_report_folds_and_opens_on_click(browser, tmp_path):
         assert not console, console
     finally:
         page.context.close()
+
+
+def test_series_report_renders_offline(browser, tmp_path):
+    from series_runs import save_run
+
+    save_run(tmp_path, 4, blow_up_from=3, nan_at=4, samples=64, steps_per_epoch=1)
+    path = cv.diff_series(tmp_path).to_html(tmp_path / "run.html")
+    page, requests, console = open_offline(browser, path)
+    try:
+        expect(page.locator("h1")).to_contain_text("ckptviz series")
+        expect(page.locator("li[data-status='frozen']")).to_contain_text("2")
+        expect(page.locator("li[data-status='nonfinite']")).to_contain_text("1")
+        expect(page.locator("#rules")).to_have_count(0)  # a series aligns no keys of its own
+        rows = page.locator("table.rows tbody tr")
+        expect(rows).to_have_count(4)  # 2 frozen, the head exploding, the NaN
+        expect(page.locator("table.rows")).to_contain_text("epoch=4.ckpt")
+        images = page.locator("figure img")
+        expect(images).to_have_count(2)  # heatmap and norms
+        assert min(images.evaluate_all("imgs => imgs.map(i => i.complete && i.naturalWidth)")) > 100
+        save_screenshot(page, "html-report-series")
+        assert requests == [path.resolve().as_uri()], requests
+        assert not console, console
+    finally:
+        page.context.close()
