@@ -63,6 +63,8 @@ def test_click_opens_that_pair_with_the_key_selected(run):
     assert [pair.frame.loc[i, "key"] for i in table.selected] == ["head.weight"]
     assert widget.pair_view.row_panel.figure is not None  # its histograms are drawn
     assert "epoch=4.ckpt</b> against <b>epoch=3.ckpt" in widget.pair_header.value
+    widget._on_click(widget.heatmap, {"type": "click", "row": -1, "col": 2}, [])  # a column's header
+    assert widget.pair.b.path.endswith("epoch=3.ckpt") and widget.heatmap.selected == []
 
 
 def test_first_column_has_no_reference_and_says_so(run):

@@ -33,7 +33,8 @@ function render({ model, el: root }) {
     columns.forEach((c, j) => {
       const th = el("th", "ckptviz-heatmap-col");
       const span = el("span", "", c);
-      th.title = c; th.dataset.col = String(j);
+      th.title = c + " (click: the whole checkpoint against its reference)"; th.dataset.col = String(j);
+      th.addEventListener("click", () => model.send({ type: "click", row: -1, col: j }));
       th.appendChild(span);
       head.appendChild(th);
     });
@@ -69,7 +70,7 @@ _CSS = r"""
 .ckptviz-heatmap-table { border-collapse: collapse; font-size: 11px; }
 .ckptviz-heatmap-row { text-align: right; font-weight: normal; padding: 0 6px 0 0; white-space: nowrap;
   max-width: 340px; overflow: hidden; text-overflow: ellipsis; }
-.ckptviz-heatmap-col { height: 112px; vertical-align: bottom; font-weight: normal; padding: 0; }
+.ckptviz-heatmap-col { height: 112px; vertical-align: bottom; font-weight: normal; padding: 0; cursor: pointer; }
 .ckptviz-heatmap-col span { display: inline-block; writing-mode: vertical-rl; transform: rotate(180deg);
   white-space: nowrap; max-height: 110px; overflow: hidden; text-overflow: ellipsis; }
 .ckptviz-heatmap-cell { width: 16px; min-width: 16px; height: 14px; border: 1px solid #fff; cursor: pointer;
@@ -82,7 +83,8 @@ _CSS = r"""
 
 class HeatmapView(anywidget.AnyWidget):
     """Rows x columns of coloured cells (``cells``: hex colours, ``""`` blank; ``titles``: hover text);
-    clicks arrive as ``{"type": "click", "row": i, "col": j}`` messages; ``selected`` marks a cell."""
+    clicks arrive as ``{"type": "click", "row": i, "col": j}`` messages (``row`` -1: a column's header);
+    ``selected`` marks a cell."""
 
     _esm = _ESM
     _css = _CSS

@@ -3,7 +3,8 @@
 at epoch 10 and a NaN at epoch 11), then the test reads the widget: a heatmap of 18 layers x 12 checkpoints,
 the flags table and the norms figure; clicks the head's cell at epoch=10 and sees that pair's detailed diff open
 below with the head selected and its histograms drawn; clicks the first column and is told there is nothing
-before it; recolours by norm; filters the flags to NaN/Inf and opens the checkpoint where it appeared.
+before it; clicks a column header to open that checkpoint; recolours by norm; filters the flags to NaN/Inf and
+opens the checkpoint where it appeared.
 
 Screenshots go to ``test-artifacts/`` (``series.png`` is the whole widget with a pair open)."""
 
@@ -60,7 +61,7 @@ def test_series_user_journey(jupyter_lab, page, page_log):
     expect(heat.locator(".ckptviz-heatmap-col")).to_have_count(CHECKPOINTS)
     expect(heat.locator(".ckptviz-heatmap-cell")).to_have_count(KEYS * CHECKPOINTS)
     expect(heat.locator(".ckptviz-heatmap-row").nth(head_row)).to_have_text(HEAD)
-    expect(heat.locator(".ckptviz-heatmap-col").last).to_have_attribute("title", "epoch=12.ckpt")
+    expect(heat.locator(".ckptviz-heatmap-col").last).to_have_attribute("title", re.compile(r"^epoch=12\.ckpt "))
     expect(cell(heat, head_row, 0)).to_have_class(re.compile(r"ckptviz-heatmap-blank"))  # nothing before epoch=1
     expect(cell(heat, head_row, 9)).to_have_attribute("title", re.compile(r"epoch=10\.ckpt: relative change"))
     frozen = heat.locator(".ckptviz-heatmap-row").filter(has_text=re.compile(r"^model\.features\.0\.weight$"))
@@ -98,12 +99,17 @@ def test_series_user_journey(jupyter_lab, page, page_log):
     expect(header).to_contain_text("first checkpoint of the run", timeout=ACTION_TIMEOUT_MS)
     expect(pair).to_be_hidden()
 
-    # 4. colour by norm instead: recoloured in place, no reading again
+    # 4. a column's header opens that checkpoint against its reference, no key selected
+    heat.locator(".ckptviz-heatmap-col").nth(4).click()
+    expect(header).to_contain_text("epoch=5.ckpt against epoch=4.ckpt", timeout=ACTION_TIMEOUT_MS)
+    expect(pair).to_be_visible()
+
+    # 5. colour by norm instead: recoloured in place, no reading again
     widget.locator(".ckptviz-series-metric select").select_option(label="L2 norm")
     expect(widget.locator(".ckptviz-heatmap-legend")).to_contain_text("L2 norm", timeout=ACTION_TIMEOUT_MS)
     expect(cell(heat, head_row, 0)).not_to_have_class(re.compile(r"ckptviz-heatmap-blank"))  # a norm at epoch=1
 
-    # 5. the NaN flags: filter, select the first, the checkpoint where NaN appeared opens
+    # 6. the NaN flags: filter, select the first, the checkpoint where NaN appeared opens
     widget.locator(".ckptviz-series-filter button").filter(has_text=re.compile(r"^\s*nonfinite\s*$")).click()
     expect(flag_rows).to_have_count(min(15, n_nonfinite), timeout=ACTION_TIMEOUT_MS)
     first = flag_rows.first.locator("td")
