@@ -6,6 +6,7 @@ import warnings
 
 import matplotlib as mpl
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torchvision
@@ -165,6 +166,26 @@ def test_diff_bars_many_layers_on_an_index_axis():
     assert ax.get_xlabel().startswith(f"layer index, in model order ({n} keys)")
     assert f"{zero_in_base} infinite: zero in a, not in b" in ax.get_xlabel()
     assert ax.get_ylabel().startswith("relative change")
+
+
+def test_diff_bars_of_ten_thousand_keys_are_lines_at_their_values():
+    n = 10_000
+    rel = np.linspace(1e-4, 1.0, n)
+    rel[7] = 0.0  # unchanged
+    rel[9] = np.nan  # not compared
+    frame = pd.DataFrame({"key": [f"layers.{i}.weight" for i in range(n)], "rel_l2": rel})
+    for log in (False, True):
+        fig = diff_bar_figure(frame, log=log)
+        render(fig)
+        (ax,) = fig.axes
+        assert bars(ax) == 0 and len(ax.collections) == 1
+        segments = ax.collections[0].get_segments()
+        assert len(segments) == n - 1  # the NaN has no line
+        tops = np.array([seg[1] for seg in segments])
+        expected_x = np.delete(np.arange(n), 9)
+        np.testing.assert_array_equal(tops[:, 0], expected_x)
+        np.testing.assert_allclose(tops[:, 1], np.delete(rel, 9))
+        assert "1 not compared" in ax.get_xlabel() and f"({n} keys)" in ax.get_xlabel()
 
 
 def test_overlay_and_difference_has_two_axes_and_legends():
