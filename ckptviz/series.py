@@ -99,6 +99,7 @@ class SeriesReport:
         self.shapes, self.dtypes, self.explode = shapes, dtypes, explode
         self.floating = floating  # per key: floating or complex (counters never "explode")
         self._frame: pd.DataFrame | None = None
+        self._flags: pd.DataFrame | None = None  # found once: the report never changes
 
     # ---- tables ------------------------------------------------------------------------------
     @property
@@ -191,6 +192,14 @@ class SeriesReport:
         ``norm_exploding``: a floating tensor's norm grew more than ``explode`` times from one checkpoint
         to the next, or ``explode``² times since its first, or overflowed; ``nonfinite``: NaN or Inf
         appeared), the checkpoint where it first holds (None for ``frozen``), its label and a detail."""
+        return self._found_flags().copy()
+
+    def _found_flags(self) -> pd.DataFrame:
+        if self._flags is None:
+            self._flags = self._find_flags()
+        return self._flags
+
+    def _find_flags(self) -> pd.DataFrame:
         rows = []
         a, present = self.arrays, self.status != 1
         for i, key in enumerate(self.keys):
@@ -225,7 +234,7 @@ class SeriesReport:
 
     @property
     def summary(self) -> dict[str, int]:
-        counts = self.flags["flag"].value_counts()
+        counts = self._found_flags()["flag"].value_counts()
         return {"checkpoints": len(self.labels), "keys": len(self.keys),
                 **{f: int(counts.get(f, 0)) for f in FLAGS}}
 
