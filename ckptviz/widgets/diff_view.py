@@ -26,7 +26,7 @@ from ..plots import diff_bar_figure, figure_to_png, overlay_and_difference_figur
 from ..stats import summarize
 from .files import FilePicker, human_size
 from .pager import TableSource
-from .panels import STAT_ROWS, _fmt, show_png, tensor_comparison
+from .panels import STAT_ROWS, _fmt, card, show_png, tensor_comparison
 from .table import KeyTable, _shape
 from .working import Working
 
@@ -316,16 +316,12 @@ class CheckpointDiff(Working, w.VBox):
         self.table.register_callback(lambda _: self._on_select())
         self._quiet = False
 
-        def card(title: str, child: w.Widget, width: str = "100%") -> w.VBox:
-            return w.VBox([w.HTML(f"<b>{title}</b>"), child],
-                          layout=w.Layout(border="1px solid #ddd", padding="6px", margin="2px", width=width))
-
         super().__init__([
             w.HBox([self.side_a, self.side_b], layout=w.Layout(width="100%")),
             w.HBox([self.compare_button, self.message], layout=w.Layout(align_items="center")),
             card("Keys, most changed first", self.table),
-            w.HBox([card("Relative change per layer, in model order", self.bars, "40%"),
-                     card("Selected key", self.row_panel, "60%")], layout=w.Layout(width="100%")),
+            w.HBox([card("Relative change per layer, in model order", self.bars, width="40%"),
+                     card("Selected key", self.row_panel, width="60%")], layout=w.Layout(width="100%")),
         ])
         self.add_class("ckptviz-diff")
         self.add_class("ckptviz-diff-widget")

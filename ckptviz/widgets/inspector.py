@@ -19,7 +19,7 @@ from ..load import LoadResult, load_partial
 from .conversions import AdaptPanel, SuggestionPanel
 from .files import FilePicker, human_size
 from .model_picker import ModelPicker, describe_model
-from .panels import DevicePanel, ResultPanel, ScanPanel, SizePanel, TensorPanel
+from .panels import DevicePanel, ResultPanel, ScanPanel, SizePanel, TensorPanel, card
 from .table import ReportTable
 from .working import Working
 
@@ -33,13 +33,6 @@ def _user_namespace() -> Mapping[str, Any]:
         shell = None
     return shell.user_ns if shell is not None else {}
 
-
-def _card(title: str, *children: w.Widget, css: str = "") -> w.VBox:
-    box = w.VBox([w.HTML(f"<b>{title}</b>"), *children],
-                 layout=w.Layout(border="1px solid #ddd", padding="6px", margin="2px", width="100%"))
-    if css:
-        box.add_class(css)
-    return box
 
 
 class CheckpointInspector(Working, w.VBox):
@@ -106,16 +99,16 @@ class CheckpointInspector(Working, w.VBox):
         self._quiet = False
 
         top = w.HBox([
-            _card("Checkpoint", self.files, self.trust, w.HBox([self.section]), self.meta, self.sizes,
+            card("Checkpoint", self.files, self.trust, w.HBox([self.section]), self.meta, self.sizes,
                   css="ckptviz-file-card"),
-            _card("Model", self.model_picker, self.devices, css="ckptviz-model-card"),
+            card("Model", self.model_picker, self.devices, css="ckptviz-model-card"),
         ], layout=w.Layout(width="100%"))
         actions = w.HBox([self.load_all_button, self.load_selected_button, self.undo_button])
         bottom = w.HBox([
-            _card("Tensor", self.tensor_panel, self.adapt_panel),
-            _card("Load", actions, self.suggestion_panel, self.result_panel, css="ckptviz-load-card"),
+            card("Tensor", self.tensor_panel, self.adapt_panel),
+            card("Load", actions, self.suggestion_panel, self.result_panel, css="ckptviz-load-card"),
         ], layout=w.Layout(width="100%"))
-        super().__init__([top, self.message, self.progress, _card("Keys", self.table, self.scan_panel), bottom])
+        super().__init__([top, self.message, self.progress, card("Keys", self.table, self.scan_panel), bottom])
         self.add_class("ckptviz-inspector")
         self._update_buttons()
         if model is not None:

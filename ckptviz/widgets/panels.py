@@ -30,6 +30,15 @@ CODE_STYLE = ("background:#f6f8fa;padding:6px;user-select:text;white-space:pre-w
 STAT_ROWS = ["numel", "mean", "std", "min", "max", "abs_max", "l2", "zero_frac", "nan", "inf"]
 
 
+def card(title: str, *children: w.Widget, css: str = "", width: str = "100%") -> w.VBox:
+    """A titled, bordered box: how every ckptviz widget groups its parts."""
+    box = w.VBox([w.HTML(f"<b>{title}</b>"), *children],
+                 layout=w.Layout(border="1px solid #ddd", padding="6px", margin="2px", width=width))
+    if css:
+        box.add_class(css)
+    return box
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"

@@ -25,7 +25,7 @@ from ..series import FLAG_COLOURS, FLAGS, SeriesReport, diff_series
 from .diff_view import CheckpointDiff, number
 from .heatmap_view import HeatmapView
 from .pager import TableSource
-from .panels import show_png
+from .panels import card, show_png
 from .table import KeyTable
 from .working import Working
 
@@ -144,18 +144,15 @@ class CheckpointSeries(Working, w.VBox):
         self.heatmap.on_msg(self._on_click)
         self.flags_table.register_callback(lambda _: self._on_flag())
 
-        def card(title: str, child: w.Widget, width: str = "100%") -> w.VBox:
-            return w.VBox([w.HTML(f"<b>{title}</b>"), child],
-                          layout=w.Layout(border="1px solid #ddd", padding="6px", margin="2px", width=width))
-
         super().__init__([
             w.HBox([self.path, self.reference, self.read_button], layout=w.Layout(align_items="center",
                                                                                     flex_flow="row wrap")),
             self.trust, self.message, self.progress,
-            card("Layers × checkpoints (click a cell to open that pair)", w.VBox([self.metric, self.heatmap])),
-            w.HBox([card("Flags", self.flags_table, "55%"), card("Norm of each layer over the run", self.norms, "45%")],
+            card("Layers × checkpoints (click a cell to open that pair)", self.metric, self.heatmap),
+            w.HBox([card("Flags", self.flags_table, width="55%"),
+                    card("Norm of each layer over the run", self.norms, width="45%")],
                    layout=w.Layout(width="100%")),
-            card("Checkpoint vs its reference", w.VBox([self.pair_header, self.pair_view])),
+            card("Checkpoint vs its reference", self.pair_header, self.pair_view),
         ])
         self.add_class("ckptviz-series")
         if run is not None:
